@@ -1,0 +1,1 @@
+"""Data set generators and cached data: the synthetic speech corpus (text, audio, fbank features)."""

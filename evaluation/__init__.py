@@ -1,0 +1,1 @@
+"""Accuracy evaluation of engine pairs: CER/WER, CTC search, attention rescoring, the hackathon output check."""

@@ -1,0 +1,1 @@
+"""Calibrators, quantizers, QAT and the precision search."""

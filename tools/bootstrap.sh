@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Idempotent setup shared by build.sh and test.sh: Debian speech tools, then a project venv.
+# Sourced, not executed: it exports WB_PY (the venv's python) for the caller.
+set -euo pipefail
+WB_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+WB_VENV="${WB_VENV:-$WB_ROOT/.venv}"
+
+wb_log() { printf '[setup] %s\n' "$*" >&2; }
+
+wb_need_debs() {
+    local missing=()
+    command -v espeak-ng >/dev/null 2>&1 || missing+=(espeak-ng)
+    command -v flite >/dev/null 2>&1 || missing+=(flite)
+    [ -e /usr/share/games/fortunes/fortunes ] || missing+=(fortunes fortunes-min)
+    [ ${#missing[@]} -eq 0 ] && return 0
+    local sudo=""
+    if [ "$(id -u)" -ne 0 ]; then
+        if command -v sudo >/dev/null 2>&1; then sudo="sudo"; else
+            wb_log "missing Debian packages: ${missing[*]} (not root and no sudo: install them, then run again)"; return 1
+        fi
+    fi
+    if ! command -v apt-get >/dev/null 2>&1; then
+        wb_log "missing ${missing[*]} and no apt-get: install espeak-ng, flite and the fortunes corpus by hand"; return 1
+    fi
+    wb_log "installing Debian packages: ${missing[*]}"
+    $sudo apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+wb_need_venv() {
+    local stamp="$WB_VENV/.wb-stamp" want
+    want="$(cat "$WB_ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
+    if [ -x "$WB_VENV/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then return 0; fi
+    local py="${PYTHON:-python3}"
+    [ -x "$WB_VENV/bin/python" ] || { wb_log "creating venv $WB_VENV"; "$py" -m venv "$WB_VENV"; }
+    local pip=("$WB_VENV/bin/python" -m pip -q --disable-pip-version-check)
+    if ! "$WB_VENV/bin/python" -c 'import torch' >/dev/null 2>&1; then
+        # A pinned torch first: on these machines pip takes a local CPU wheel for it; elsewhere the registry's build.
+        wb_log "installing torch ${WB_TORCH_SPEC:-torch==2.13.0}"
+        "${pip[@]}" install "${WB_TORCH_SPEC:-torch==2.13.0}" 2> >(grep -v 'is ignored' >&2)
+    fi
+    wb_log "installing the project (editable) and its dependencies"
+    "${pip[@]}" install -e "$WB_ROOT[dev]" 2> >(grep -v 'is ignored' >&2)
+    echo "$want" > "$stamp"
+}
+
+wb_need_debs
+wb_need_venv
+export WB_PY="$WB_VENV/bin/python"

@@ -1,0 +1,180 @@
+"""`wb`: a thin command line over the library (each subcommand parses, calls one library function, prints)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .errors import WorkbenchError
+
+
+def _sizes(text: str) -> dict[str, int]:
+    out = {}
+    for part in text.split(","):
+        name, _, n = part.partition("=")
+        if not n.isdigit():
+            raise argparse.ArgumentTypeError(f"expected split=count[,split=count], got {part!r}")
+        out[name.strip()] = int(n)
+    return out
+
+
+def cmd_data(args) -> None:
+    from calibration_data.corpus import DEFAULT_SIZES, ensure_corpus
+
+    sizes = {**DEFAULT_SIZES, **(args.sizes or {})}
+    if args.splits:
+        sizes = {k: v for k, v in sizes.items() if k in args.splits.split(",")}
+    path = ensure_corpus(args.cache, sizes, seed=args.seed, workers=args.workers)
+    print(f"corpus ready in {path}: " + ", ".join(f"{k}={v}" for k, v in sizes.items()))
+
+
+def _model(args):
+    from models.weights import default_model, load_model
+
+    if args.weights:
+        return load_model(args.weights), True
+    return default_model(args.config)
+
+
+def cmd_export(args) -> None:
+    from models.export import export_onnx
+
+    model, trained = _model(args)
+    enc, dec = export_onnx(model, args.out, opset=args.opset, ctc_weight=args.ctc_weight)
+    print(f"exported {'trained' if trained else 'RANDOM-INIT'} {model.cfg.name} model: {enc}, {dec}")
+
+
+def cmd_evaluate(args) -> None:
+    from calibration_data.corpus import load_split
+    from calibration_data.text import DEFAULT_VOCAB
+    from evaluation.asr import evaluate
+    from evaluation.runners import OrtRunner
+
+    split = load_split(args.cache, args.split)
+    n = min(len(split), args.limit) if args.limit else len(split)
+    feats = [split.features(i) for i in range(n)]
+    enc = OrtRunner(args.encoder, kind="encoder", threads=args.threads)
+    dec = OrtRunner(args.decoder, kind="decoder", threads=args.threads)
+    t0 = time.time()
+    res = evaluate(enc, dec, feats, split.texts[:n], DEFAULT_VOCAB, batch_size=args.batch_size)
+    summary = {k: v for k, v in res.items() if k != "utterances"} | {"split": args.split, "wall_s": round(time.time() - t0, 1)}
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        from .fsutil import write_json
+        write_json(args.json, summary | {"utterances": res["utterances"]})
+
+
+def cmd_check(args) -> None:
+    from calibration_data.corpus import load_split
+    from evaluation.hackathon import format_table, make_cases, run_check
+    from evaluation.runners import OrtRunner
+
+    split = load_split(args.cache, args.split)
+    pool = [split.features(i) for i in range(min(len(split), 64))]
+    ref_e, ref_d = OrtRunner(args.ref_encoder, kind="encoder"), OrtRunner(args.ref_decoder, kind="decoder")
+    cand_e, cand_d = OrtRunner(args.encoder, kind="encoder"), OrtRunner(args.decoder, kind="decoder")
+    rows = run_check(ref_e, ref_d, cand_e, cand_d, make_cases(ref_e, pool))
+    print(format_table(rows))
+    if args.json:
+        from .fsutil import write_json
+        write_json(args.json, rows)
+
+
+def cmd_train(args) -> None:
+    from calibration_data.corpus import cmvn_stats, load_split
+    from models.config import get_config
+    from models.train import TrainConfig, train
+    from models.weights import save_weights
+
+    tcfg = TrainConfig(steps=args.steps, seed=args.seed, time_limit_s=args.time_limit,
+                       max_frames_per_batch=args.max_frames, peak_lr=args.lr, warmup_steps=args.warmup,
+                       eval_every=args.eval_every, ckpt_every=args.eval_every, workers=args.workers,
+                       init_weights=str(args.init or ""), lr_step_offset=args.lr_step_offset)
+    tr, val = load_split(args.cache, "train"), load_split(args.cache, "calib")
+    model = train(get_config(args.config), tr, val, args.out, tcfg, cmvn_stats(tr), device=args.device)
+    save_weights(model.cpu(), Path(args.out) / f"{args.config}.safetensors")
+    print(f"weights written to {Path(args.out) / (args.config + '.safetensors')}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="wb", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    cache = dict(default=None, type=Path, help="corpus cache directory (default: $WB_CACHE/corpus or .cache/corpus)")
+
+    s = sub.add_parser("data", help="generate (or reuse) the synthetic speech corpus")
+    s.add_argument("--cache", **cache)
+    s.add_argument("--sizes", type=_sizes, help="e.g. train=20000,calib=512,test=500")
+    s.add_argument("--splits", help="only these splits, e.g. calib,test")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--workers", type=int, default=None)
+    s.set_defaults(func=cmd_data)
+
+    def model_args(s):
+        s.add_argument("--weights", type=Path, help="a .safetensors written by `wb train` (default: shipped weights)")
+        s.add_argument("--config", default="small", help="config when no weights are given: tiny|small")
+
+    s = sub.add_parser("export", help="export encoder.onnx and decoder.onnx with WeNet's GPU interface")
+    model_args(s)
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--opset", type=int, default=13, help="13 as WeNet (decomposed LayerNorm), 17+ native")
+    s.add_argument("--ctc-weight", type=float, default=0.5, help="rescoring weight baked into the decoder")
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("evaluate", help="CER/WER of an encoder+decoder pair on a corpus split (ONNX Runtime)")
+    s.add_argument("--encoder", type=Path, required=True)
+    s.add_argument("--decoder", type=Path, required=True)
+    s.add_argument("--cache", **cache)
+    s.add_argument("--split", default="test")
+    s.add_argument("--limit", type=int, default=0)
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--json", type=Path)
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("check", help="the hackathon output check of a candidate pair against a reference pair")
+    s.add_argument("--ref-encoder", type=Path, required=True)
+    s.add_argument("--ref-decoder", type=Path, required=True)
+    s.add_argument("--encoder", type=Path, required=True)
+    s.add_argument("--decoder", type=Path, required=True)
+    s.add_argument("--cache", **cache)
+    s.add_argument("--split", default="calib")
+    s.add_argument("--json", type=Path)
+    s.set_defaults(func=cmd_check)
+
+    s = sub.add_parser("train", help="train a model config on the corpus (GPU if present)")
+    s.add_argument("--config", default="small")
+    s.add_argument("--cache", **cache)
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--steps", type=int, default=6000)
+    s.add_argument("--lr", type=float, default=1.5e-3)
+    s.add_argument("--warmup", type=int, default=800)
+    s.add_argument("--max-frames", type=int, default=60000)
+    s.add_argument("--eval-every", type=int, default=500)
+    s.add_argument("--time-limit", type=float, default=0.0, help="seconds; checkpoint and stop when reached")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default=None)
+    s.add_argument("--workers", type=int, default=6, help="data-loader worker processes (0: in-process)")
+    s.add_argument("--init", type=Path, help="continue from these weights (fresh optimizer)")
+    s.add_argument("--lr-step-offset", type=int, default=0, help="steps already done by --init weights")
+    s.set_defaults(func=cmd_train)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "cache", None) is None and hasattr(args, "cache"):
+        from calibration_data.corpus import default_cache_dir
+        args.cache = default_cache_dir()
+    try:
+        args.func(args)
+    except WorkbenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
