@@ -1,0 +1,1 @@
+"""CLI subcommands contributed by the library packages: each module has `register(subparsers)`."""
