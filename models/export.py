@@ -8,19 +8,19 @@ import onnx
 import torch
 from torch import nn
 
+from evaluation import interface
 from workbench.fsutil import atomic_path
 
 from .asr_model import ASRModel
 from .layers import make_pad_mask
 
-BEAM = 10
-HYPS_LEN = 64  # the hackathon fixed hyps_pad_sos_eos to [B, 10, 64]
+BEAM = interface.BEAM
+HYPS_LEN = interface.MAX_HYP_PAD  # the hackathon fixed hyps_pad_sos_eos to [B, 10, 64]
 
-ENCODER_INPUTS = ["speech", "speech_lengths"]
-ENCODER_OUTPUTS = ["encoder_out", "encoder_out_lens", "ctc_log_probs", "beam_log_probs", "beam_log_probs_idx"]
-DECODER_INPUTS = ["encoder_out", "encoder_out_lens", "hyps_pad_sos_eos", "hyps_lens_sos", "r_hyps_pad_sos_eos",
-                  "ctc_score"]
-DECODER_OUTPUTS = ["decoder_out", "best_index"]
+ENCODER_INPUTS = [s.name for s in interface.ENCODER_INPUTS]
+ENCODER_OUTPUTS = [s.name for s in interface.ENCODER_OUTPUTS]
+DECODER_INPUTS = [s.name for s in interface.DECODER_INPUTS]
+DECODER_OUTPUTS = ["decoder_out", "best_index"]  # export_onnx_gpu.py's order with --decoder_fastertransformer
 
 
 class EncoderForExport(nn.Module):

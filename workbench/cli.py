@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
-import os
+import pkgutil
 import sys
 import time
 from pathlib import Path
@@ -72,9 +73,15 @@ def cmd_check(args) -> None:
     from evaluation.hackathon import format_table, make_cases, run_check
     from evaluation.runners import OrtRunner
 
+    if args.ref_encoder and args.ref_decoder:
+        ref_e, ref_d = OrtRunner(args.ref_encoder, kind="encoder"), OrtRunner(args.ref_decoder, kind="decoder")
+    else:  # the PyTorch model itself is the FP32 reference
+        from models.runner import TorchRunner
+
+        model, _ = _model(args)
+        ref_e, ref_d = TorchRunner(model, "encoder"), TorchRunner(model, "decoder")
     split = load_split(args.cache, args.split)
     pool = [split.features(i) for i in range(min(len(split), 64))]
-    ref_e, ref_d = OrtRunner(args.ref_encoder, kind="encoder"), OrtRunner(args.ref_decoder, kind="decoder")
     cand_e, cand_d = OrtRunner(args.encoder, kind="encoder"), OrtRunner(args.decoder, kind="decoder")
     rows = run_check(ref_e, ref_d, cand_e, cand_d, make_cases(ref_e, pool))
     print(format_table(rows))
@@ -135,8 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("check", help="the hackathon output check of a candidate pair against a reference pair")
-    s.add_argument("--ref-encoder", type=Path, required=True)
-    s.add_argument("--ref-decoder", type=Path, required=True)
+    model_args(s)
+    s.add_argument("--ref-encoder", type=Path, help="reference ONNX (default: the PyTorch model itself)")
+    s.add_argument("--ref-decoder", type=Path)
     s.add_argument("--encoder", type=Path, required=True)
     s.add_argument("--decoder", type=Path, required=True)
     s.add_argument("--cache", **cache)
@@ -160,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--init", type=Path, help="continue from these weights (fresh optimizer)")
     s.add_argument("--lr-step-offset", type=int, default=0, help="steps already done by --init weights")
     s.set_defaults(func=cmd_train)
+
+    # Subcommands contributed by the library packages (calibrate, quantize, build/bench, ...).
+    from . import commands
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        importlib.import_module(f"{commands.__name__}.{info.name}").register(sub)
     return p
 
 
