@@ -1,0 +1,177 @@
+"""Precision search: the fastest per-layer precision mix that passes the accuracy criterion.
+
+The caller supplies the expensive full-split metric, the criterion, a latency measurement and a cheap per-node
+sensitivity signal; this module decides which plans to evaluate, with few full evaluations:
+
+1. all-INT8 (the start); if it passes, only latency work remains;
+2. otherwise bisection over k, the number of most-sensitive nodes reverted to the fallback precision: the
+   smallest passing k is found in about log2(N) full evaluations (k = N, everything reverted, must pass, or the
+   search reports failure; the criterion is never relaxed);
+3. refinement: re-quantize the least sensitive of the reverted nodes in halving chunks while the plan still
+   passes (a step back whenever a chunk fails);
+4. latency: every passing plan is timed; latency-only probes revert groups of INT8 nodes whose quantization may
+   only add Q/DQ overhead, and a probe that is faster is validated with a full evaluation before it may win.
+
+Every evaluation is cached by plan hash (EvalCache), so an interrupted search resumes without redoing work.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Callable
+
+from tqdm import tqdm
+
+from .evalcache import EvalCache
+
+Plan = dict[str, str]  # node key -> "int8" | "fp16" | "fp32"
+
+
+def plan_hash(plan: Plan) -> str:
+    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class SearchProblem:
+    nodes: list[str]
+    fallback: str  # precision of reverted nodes: "fp32", or "fp16" where the backend has it
+    accuracy: Callable[[Plan], dict]  # the full-split metric (expensive)
+    passes: Callable[[dict], bool]
+    latency: Callable[[Plan], dict]  # must contain "objective_ms" (lower is better)
+    sensitivity: dict[str, float]  # cheap signal per node, higher = more harmful in INT8
+    groups: dict[str, list[str]] = field(default_factory=dict)  # latency-probe groups (e.g. by op kind)
+    max_full_evals: int = 12
+
+
+@dataclass
+class SearchResult:
+    status: str  # "passed" or "no_passing_plan"
+    best: dict | None
+    trace: list[dict]
+    plans: dict[str, Plan]
+    n_full_evals: int
+    n_cache_hits: int
+
+
+class _Search:
+    def __init__(self, problem: SearchProblem, cache: EvalCache, progress: bool):
+        self.p = problem
+        self.cache = cache
+        self.trace: list[dict] = []
+        self.plans: dict[str, Plan] = {}
+        self.full_evals = 0
+        self.bar = tqdm(total=problem.max_full_evals, desc="search (full evaluations)", disable=not progress)
+        # Most sensitive first; ties broken by name so the order is reproducible.
+        self.order = sorted(problem.nodes, key=lambda n: (-problem.sensitivity.get(n, 0.0), n))
+
+    def plan_with(self, reverted: set[str]) -> Plan:
+        return {n: (self.p.fallback if n in reverted else "int8") for n in self.p.nodes}
+
+    def budget_left(self) -> int:
+        return self.p.max_full_evals - self.full_evals
+
+    def evaluate(self, plan: Plan, stage: str, label: str) -> dict:
+        h = plan_hash(plan)
+        self.plans[h] = plan
+        for rec in self.trace:
+            if rec["plan_hash"] == h and rec["accuracy"] is not None:
+                return rec
+        cached = f"acc:{h}" in self.cache
+        acc = self.cache.get_or_compute(f"acc:{h}", lambda: self.p.accuracy(plan))
+        self.full_evals += 1
+        self.bar.update(1)
+        rec = {"label": label, "stage": stage, "plan_hash": h,
+               "n_int8": sum(v == "int8" for v in plan.values()),
+               "n_fallback": sum(v != "int8" for v in plan.values()),
+               "accuracy": acc, "passed": bool(self.p.passes(acc)), "latency": None, "cached": cached}
+        self.trace.append(rec)
+        return rec
+
+    def time_plan(self, plan: Plan) -> dict:
+        h = plan_hash(plan)
+        self.plans[h] = plan
+        return self.cache.get_or_compute(f"lat:{h}", lambda: self.p.latency(plan))
+
+    def time_record(self, rec: dict) -> dict:
+        rec["latency"] = self.time_plan(self.plans[rec["plan_hash"]])
+        return rec["latency"]
+
+    def run(self) -> SearchResult:
+        nodes = self.order
+        start = self.evaluate(self.plan_with(set()), "start", "all-int8")
+        reverted: set[str] = set()
+        if not start["passed"]:
+            top = self.evaluate(self.plan_with(set(nodes)), "bisect", f"all-{self.p.fallback}")
+            if not top["passed"]:
+                return self.finish("no_passing_plan")
+            lo, hi = 0, len(nodes)  # plan(lo) fails, plan(hi) passes
+            while hi - lo > 1 and self.budget_left() > 0:
+                mid = (lo + hi) // 2
+                rec = self.evaluate(self.plan_with(set(nodes[:mid])), "bisect", f"revert top {mid}")
+                lo, hi = (lo, mid) if rec["passed"] else (mid, hi)
+            reverted = set(nodes[:hi])
+            self.refine(reverted)
+        best = self.pick_fastest()
+        self.probe_overheads(best)
+        return self.finish("passed")
+
+    def refine(self, reverted: set[str]) -> None:
+        """Re-quantize reverted nodes that turn out harmless, least sensitive first, in halving chunks."""
+        pool = [n for n in reversed(self.order) if n in reverted]  # least sensitive first
+        chunk = max(1, len(pool) // 2)
+        while pool and chunk >= 1 and self.budget_left() > 1:  # keep one evaluation for the latency probe
+            trial = reverted - set(pool[:chunk])
+            rec = self.evaluate(self.plan_with(trial), "refine", f"re-quantize {chunk} of {len(reverted)}")
+            if rec["passed"]:
+                reverted.clear()
+                reverted.update(trial)
+                pool = pool[chunk:]
+            else:
+                if chunk == 1:
+                    pool = pool[1:]  # this node must stay reverted: step back and move on
+                chunk = max(1, chunk // 2) if chunk > 1 else 1
+
+    def pick_fastest(self) -> dict | None:
+        passing = [r for r in self.trace if r["passed"]]
+        for rec in passing:
+            self.time_record(rec)
+        return min(passing, key=lambda r: r["latency"]["objective_ms"], default=None)
+
+    def probe_overheads(self, best: dict | None) -> None:
+        """Revert one group of INT8 nodes at a time on the best plan: a group whose INT8 only adds Q/DQ
+        overhead makes the plan faster when reverted. Faster probes are validated before they may win."""
+        if best is None:
+            return
+        base_plan = self.plans[best["plan_hash"]]
+        base_ms = best["latency"]["objective_ms"]
+        faster = []
+        for name, members in sorted(self.p.groups.items()):
+            int8_members = [n for n in members if base_plan.get(n) == "int8"]
+            if not int8_members:
+                continue
+            probe = {**base_plan, **{n: self.p.fallback for n in int8_members}}
+            lat = self.time_plan(probe)
+            self.trace.append({"label": f"probe: {name} -> {self.p.fallback}", "stage": "latency-probe",
+                               "plan_hash": plan_hash(probe), "n_int8": sum(v == "int8" for v in probe.values()),
+                               "n_fallback": sum(v != "int8" for v in probe.values()), "accuracy": None,
+                               "passed": None, "latency": lat, "cached": False})
+            if lat["objective_ms"] < base_ms:
+                faster.append((lat["objective_ms"], name, int8_members))
+        if faster:  # merge every group that helped, validate once
+            merged = dict(base_plan)
+            for _, _, members in faster:
+                merged.update({n: self.p.fallback for n in members})
+            if self.budget_left() > 0:
+                rec = self.evaluate(merged, "latency-validate", "revert " + ", ".join(n for _, n, _ in faster))
+                if rec["passed"]:
+                    self.time_record(rec)
+
+    def finish(self, status: str) -> SearchResult:
+        self.bar.close()
+        best = self.pick_fastest() if status == "passed" else None
+        return SearchResult(status, best, self.trace, self.plans, self.full_evals, self.cache.hits)
+
+
+def search(problem: SearchProblem, cache: EvalCache, progress: bool = True) -> SearchResult:
+    return _Search(problem, cache, progress).run()

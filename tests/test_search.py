@@ -1,0 +1,75 @@
+"""Precision search on synthetic problems with a known answer."""
+import pytest
+
+from quant.evalcache import EvalCache
+from quant.search import SearchProblem, plan_hash, search
+
+NODES = [f"n{i:02d}" for i in range(20)]
+DAMAGE = {n: 0.01 for n in NODES} | {"n03": 1.0, "n07": 0.5}  # planted sensitive layers
+INT8_OVERHEAD = {"n15"}  # INT8 here only adds Q/DQ overhead
+
+
+def make_problem(calls, threshold=0.2, sensitivity=None, groups=None):
+    def accuracy(plan):
+        calls.append(plan_hash(plan))
+        return {"error": round(sum(DAMAGE[n] for n, p in plan.items() if p == "int8"), 6)}
+
+    def latency(plan):
+        ms = 100.0
+        for n, p in plan.items():
+            if p == "int8":
+                ms += 0.5 if n in INT8_OVERHEAD else -1.0
+        return {"objective_ms": ms}
+
+    # The cheap signal is noisy but ranks the planted layers first.
+    sens = sensitivity or {n: DAMAGE[n] + 0.001 * i for i, n in enumerate(NODES)}
+    return SearchProblem(nodes=NODES, fallback="fp32", accuracy=accuracy,
+                         passes=lambda acc: acc["error"] <= threshold, latency=latency, sensitivity=sens,
+                         groups={"slow-op": ["n15"], "other": ["n01", "n02"]} if groups is None else groups)
+
+
+def test_finds_planted_sensitive_layers_and_drops_overhead_int8(tmp_path):
+    calls = []
+    res = search(make_problem(calls), EvalCache(tmp_path / "cache.jsonl"), progress=False)
+    assert res.status == "passed"
+    best = res.plans[res.best["plan_hash"]]
+    assert {n for n, p in best.items() if p != "int8"} == {"n03", "n07", "n15"}
+    assert res.best["passed"] and res.n_full_evals <= 12
+    assert len(calls) == res.n_full_evals
+
+
+def test_resume_reuses_cached_evaluations(tmp_path):
+    cache_path = tmp_path / "cache.jsonl"
+    first = []
+    r1 = search(make_problem(first), EvalCache(cache_path), progress=False)
+    with open(cache_path, "a") as f:
+        f.write('{"key": "acc:trunc')  # a line cut short by a kill
+    second = []
+    r2 = search(make_problem(second), EvalCache(cache_path), progress=False)
+    assert second == []  # nothing recomputed
+    assert r2.n_cache_hits >= r1.n_full_evals
+    assert r2.best["plan_hash"] == r1.best["plan_hash"]
+
+
+def test_failing_criterion_is_reported_not_relaxed(tmp_path):
+    calls = []
+    res = search(make_problem(calls, threshold=-1.0), EvalCache(tmp_path / "c.jsonl"), progress=False)
+    assert res.status == "no_passing_plan" and res.best is None
+    assert all(not r["passed"] for r in res.trace if r["passed"] is not None)
+
+
+def test_all_int8_passing_needs_one_full_evaluation(tmp_path):
+    calls = []
+    res = search(make_problem(calls, threshold=10.0, groups={}), EvalCache(tmp_path / "c.jsonl"), progress=False)
+    assert res.status == "passed" and res.n_full_evals == 1
+    assert set(res.plans[res.best["plan_hash"]].values()) == {"int8"}
+
+
+@pytest.mark.parametrize("budget", [3, 5])
+def test_budget_is_respected(tmp_path, budget):
+    calls = []
+    prob = make_problem(calls)
+    prob.max_full_evals = budget
+    res = search(prob, EvalCache(tmp_path / "c.jsonl"), progress=False)
+    assert res.n_full_evals <= budget + 1  # the k = N check is the only evaluation beyond a tiny budget
+    assert res.best is None or res.best["passed"]
