@@ -1,0 +1,75 @@
+"""Experiment configuration: TOML files layered over experiments/configs/default.toml, validated."""
+from __future__ import annotations
+
+import copy
+import tomllib
+from pathlib import Path
+
+from workbench.errors import WorkbenchError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "experiments" / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "default.toml"
+
+_CHOICES = {
+    ("quantize", "recipe"): {"onnxruntime", "tensorrt"},
+    ("quantize", "fallback"): {"fp32", "fp16"},
+    ("backend", "name"): {"auto", "onnxruntime", "tensorrt"},
+    ("criterion", "kind"): {"absolute", "relative", "hackathon"},
+    ("criterion", "metric"): {"cer_rescore", "cer_greedy", "cer_prefix", "wer_rescore"},
+}
+_METHODS = {"max", "percentile", "entropy", "mse"}
+
+
+def _read(path: Path) -> dict:
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise WorkbenchError(f"experiment config not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise WorkbenchError(f"{path} is not valid TOML: {exc}") from None
+
+
+def _merge(base: dict, over: dict, where: str) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if key not in base:
+            raise WorkbenchError(f"unknown config key {where}{key!r} (known: {sorted(base)})")
+        if isinstance(base[key], dict):
+            if not isinstance(value, dict):
+                raise WorkbenchError(f"config key {where}{key!r} must be a table")
+            out[key] = _merge(base[key], value, f"{where}{key}.")
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(*paths: str | Path) -> dict:
+    """default.toml, then each of `paths` on top (later wins). Unknown keys and bad values are errors."""
+    cfg = _read(DEFAULT_CONFIG)
+    for p in paths:
+        cfg = _merge(cfg, _read(Path(p)), "")
+    for (section, key), allowed in _CHOICES.items():
+        if cfg[section][key] not in allowed:
+            raise WorkbenchError(f"config {section}.{key} = {cfg[section][key]!r}; choose one of {sorted(allowed)}")
+    bad = set(cfg["calibration"]["methods"]) - _METHODS
+    if bad or not cfg["calibration"]["methods"]:
+        raise WorkbenchError(f"config calibration.methods: unknown {sorted(bad)}; choose from {sorted(_METHODS)}")
+    for key in ("calib_utts", "eval_utts", "ranking_utts"):
+        if int(cfg["data"][key]) < 1:
+            raise WorkbenchError(f"config data.{key} must be at least 1")
+    if cfg["budget"]["max_full_evals"] < 2:
+        raise WorkbenchError("config budget.max_full_evals must be at least 2 (all-INT8 and the fallback plan)")
+    return cfg
+
+
+def criterion_threshold(cfg: dict, reference: float) -> dict:
+    """The pass rule as data: metric <= threshold (absolute or relative to the FP32 reference)."""
+    c = cfg["criterion"]
+    if c["kind"] == "absolute":
+        thr, text = reference + c["delta"], f"{c['metric']} <= FP32 {c['metric']} + {c['delta']:g} (absolute)"
+    elif c["kind"] == "relative":
+        thr, text = reference * (1 + c["delta"]), f"{c['metric']} <= FP32 {c['metric']} x (1 + {c['delta']:g})"
+    else:
+        thr, text = None, "every case of the hackathon output check passes"
+    return {"metric": c["metric"], "kind": c["kind"], "delta": c["delta"], "reference": reference,
+            "threshold": thr, "text": text}

@@ -1,0 +1,30 @@
+import pytest
+
+from quant.experiment import CONFIG_DIR, criterion_threshold, load_config
+from workbench.errors import WorkbenchError
+
+
+def test_quick_layers_over_default():
+    base, quick = load_config(), load_config(CONFIG_DIR / "quick.toml")
+    assert base["data"]["eval_utts"] == 500 and quick["data"]["eval_utts"] == 100
+    assert quick["criterion"] == base["criterion"]  # the quick run relaxes data, never the criterion
+
+
+def test_criterion_threshold_absolute_and_relative():
+    cfg = load_config()
+    assert criterion_threshold(cfg, 0.05)["threshold"] == pytest.approx(0.053)
+    cfg["criterion"].update(kind="relative", delta=0.1)
+    assert criterion_threshold(cfg, 0.05)["threshold"] == pytest.approx(0.055)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("[data]\nevel_utts = 3\n", "unknown config key data.'evel_utts'"),
+    ("[quantize]\nrecipe = 'tvm'\n", "quantize.recipe"),
+    ("[calibration]\nmethods = ['kl']\n", "calibration.methods"),
+    ("[data\n", "not valid TOML"),
+])
+def test_bad_configs_are_clear_errors(tmp_path, text, match):
+    p = tmp_path / "bad.toml"
+    p.write_text(text)
+    with pytest.raises(WorkbenchError, match=match):
+        load_config(p)
