@@ -1,0 +1,236 @@
+"""Run report (markdown, self-contained HTML, plots) and the SQLite run index, on synthetic run.json files."""
+import copy
+import json
+import re
+
+import pytest
+
+from workbench.errors import WorkbenchError
+from workbench.report import write_report
+from workbench.runs import compare_runs, index_run, list_runs, reindex
+
+GRID = [(bs, sl) for bs in (1, 4, 16) for sl in (16, 64, 256)]
+METRIC = "cer_rescore"
+
+
+def latency(factor, objective):
+    """FP32 per-case medians times `factor`: encoder 1 + 0.01*bs*sl ms, decoder 0.2 + 0.002*bs*sl ms."""
+    cases = []
+    for model, base, per in (("encoder", 1.0, 0.01), ("decoder", 0.2, 0.002)):
+        for bs, sl in GRID:
+            ms = (base + per * bs * sl) * factor
+            cases.append({"model": model, "bs": bs, "sl": sl, "median_ms": ms, "p90_ms": ms * 1.08,
+                          "throughput": bs * sl / ms * 1000})
+    return {"objective_ms": objective, "cases": cases}
+
+
+def acc(cer):
+    return {"cer_rescore": cer, "cer_greedy": cer + 0.002, "wer_rescore": cer * 2.9}
+
+
+NODES = ([f"encoder:/encoder/encoders.{i}/self_attn/linear_{p}/MatMul" for i in range(4) for p in "qkv"]
+         + [f"encoder:/encoder/encoders.{i}/conv_module/depthwise_conv/Conv" for i in range(4)]
+         + [f"encoder:/encoder/encoders.{i}/feed_forward/w_1/MatMul" for i in range(4)]
+         + [f"decoder:/decoder/decoders.{i}/src_attn/linear_out/MatMul" for i in range(6)]
+         + ["encoder:/encoder/embed/conv/conv.0/Conv", "encoder:/encoder/embed/conv/conv.2/Conv",
+            "encoder:/encoder/embed/out/out.0/MatMul", "decoder:/decoder/output_layer/MatMul"])
+FALLBACK = ["encoder:/encoder/embed/conv/conv.0/Conv", "decoder:/decoder/output_layer/MatMul",
+            "encoder:/encoder/encoders.0/self_attn/linear_q/MatMul", "encoder:/encoder/encoders.3/feed_forward/w_1/MatMul"]
+
+
+def make_run(run_id="20261124-0512-ab12cd", created="2026-11-24T05:12:00Z"):
+    hk = {"passed": 18, "total": 18}
+    baselines = [
+        {"label": "FP32", "precision": "fp32", "calibrator": None, "accuracy": acc(0.0789), "passed": True,
+         "hackathon": hk, "latency": latency(1.0, 120.0)},
+        {"label": "FP16", "precision": "fp16", "calibrator": None, "accuracy": acc(0.0791), "passed": True,
+         "hackathon": hk, "latency": latency(0.6, 72.0)},
+        {"label": "INT8 all (max)", "precision": "int8", "calibrator": "max", "accuracy": acc(0.1204),
+         "passed": False, "hackathon": {"passed": 9, "total": 18}, "latency": latency(0.35, 42.0)},
+        {"label": "INT8 all (entropy)", "precision": "int8", "calibrator": "entropy", "accuracy": acc(0.0957),
+         "passed": False, "hackathon": {"passed": 12, "total": 18}, "latency": latency(0.36, 43.2)},
+        {"label": "INT8 all (percentile)", "precision": "int8", "calibrator": "percentile", "accuracy": acc(0.0911),
+         "passed": False, "hackathon": {"passed": 14, "total": 18}, "latency": latency(0.36, 43.5)},
+    ]
+    selected = {"label": "selected mix", "plan_hash": "9f3c2a1b", "n_int8": 26, "n_fallback": 4,
+                "fallback_nodes": FALLBACK, "accuracy": acc(0.0812), "passed": True,
+                "hackathon": {"passed": 17, "total": 18}, "latency": latency(0.4, 48.0)}
+    sens = {n: round(0.002 + 0.0015 * ((i * 7) % 30), 5) for i, n in enumerate(NODES)}
+    for i, n in enumerate(FALLBACK[:3]):
+        sens[n] = 0.09 - 0.02 * i  # the most harmful layers are the ones kept out of INT8
+    t = lambda label, stage, h, n8, nfb, cer, passed, obj, cached=False: {  # noqa: E731
+        "label": label, "stage": stage, "plan_hash": h, "n_int8": n8, "n_fallback": nfb,
+        "accuracy": None if cer is None else {"cer_rescore": cer}, "passed": passed,
+        "latency": None if obj is None else {"objective_ms": obj}, "cached": cached}
+    trace = [
+        t("all-int8", "start", "a0", 30, 0, 0.0911, False, 43.5),
+        t("probe: depthwise -> fp32", "latency-probe", "p1", 26, 4, None, None, 44.1),
+        t("bisect: top 15 -> fp32", "bisect", "b1", 15, 15, 0.0801, True, 70.2),
+        t("bisect: top 8 -> fp32", "bisect", "b2", 22, 8, 0.0806, True, 56.3),
+        t("bisect: top 4 -> fp32", "bisect", "9f3c2a1b", 26, 4, 0.0812, True, 48.0),
+        t("bisect: top 2 -> fp32", "bisect", "b4", 28, 2, 0.0869, False, 45.9),
+        t("refine: drop conv.2", "refine", "r1", 27, 3, 0.0833, False, None),
+        t("bisect: top 4 -> fp32", "refine", "9f3c2a1b", 26, 4, 0.0812, True, 48.0, True),
+    ]
+    return {"format": "wb-run/1", "id": run_id, "created": created, "model": "wenet-small",
+            "backend": "onnxruntime", "device": "CPU: 2 cores (synthetic test)", "status": "passed",
+            "criterion": {"metric": METRIC, "kind": "absolute", "delta": 0.003, "reference": 0.0789,
+                          "threshold": 0.0819, "text": "CER <= FP32 CER + 0.3 points"},
+            "baselines": baselines, "selected": selected, "sensitivity": sens, "trace": trace,
+            "n_full_evals": 7, "n_cache_hits": 1, "wall_s": 812.3}
+
+
+def save(run, directory):
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "run.json").write_text(json.dumps(run, indent=1))
+    return directory
+
+
+def failing_run(run_id="20261125-0900-ff00aa", created="2026-11-25T09:00:00Z"):
+    run = make_run(run_id, created)
+    run["status"], run["selected"] = "no_passing_plan", None
+    run["baselines"] = [b for b in run["baselines"] if b["precision"] != "fp16"]  # no FP16 baseline
+    run["baselines"][-1]["latency"] = None  # a baseline that was never timed
+    for c in run["trace"]:
+        if c["accuracy"]:
+            c["accuracy"]["cer_rescore"] += 0.01
+            c["passed"] = False
+    return run
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    run_dir = save(make_run(), tmp_path_factory.mktemp("runs") / "20261124-0512-ab12cd")
+    return run_dir, write_report(run_dir)
+
+
+def table_row(md, label):
+    rows = [ln for ln in md.splitlines() if ln.startswith(f"| {label} |") or ln.startswith(f"| **{label}** |")]
+    assert rows, f"no table row for {label!r}"
+    return rows
+
+
+def test_all_files_written_and_html_self_contained(report):
+    run_dir, paths = report
+    for name in ("report.md", "report.html", "sensitivity.png", "pareto.png", "calibrators.png", "latency.png"):
+        assert (run_dir / name).stat().st_size > 1000, name
+    assert set(paths) == {"markdown", "html", "sensitivity", "pareto", "calibrators", "latency"}
+    assert not list(run_dir.glob(".*.tmp"))  # no leftovers from the atomic writes
+    page = (run_dir / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 4
+    assert not re.search(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:|//)""", page, re.I)
+    assert "http" not in page.lower() and "<link" not in page and "<script" not in page
+    assert "<style>" in page and "FAILED" not in page
+
+
+def test_markdown_tables_and_speedups(report):
+    run_dir, _ = report
+    md = (run_dir / "report.md").read_text()
+    # The main table: FP32 objective 120 ms, selected 48 ms -> 2.50x; CER 8.12 %, 17/18 hackathon cases.
+    sel = table_row(md, "selected mix")[0]
+    assert "8.12 %" in sel and "17/18" in sel and "48.00" in sel and "2.50×" in sel
+    assert "1.67×" in table_row(md, "FP16")[0]  # 120 / 72
+    assert "2.86×" in table_row(md, "INT8 all (max)")[0]  # 120 / 42
+    fp32 = table_row(md, "FP32")[0]
+    assert "7.89 %" in fp32 and "18/18" in fp32 and "1.00×" in fp32
+    # Per case: encoder bs=16 sl=256 is 1 + 0.01*16*256 = 41.96 ms in FP32 and 0.4 * 41.96 = 16.78 ms selected.
+    enc_sel = table_row(md, "selected mix")[1]
+    assert "16.78 (2.50×)" in enc_sel
+    assert "| bs=16 sl=256 |" in md
+    # Criterion in words, evaluations, what was measured where.
+    assert "at most 8.19 %" in md and "0.30 percentage points" in md
+    assert "7 full accuracy evaluations" in md
+    assert "`onnxruntime` on CPU: 2 cores (synthetic test)" in md
+    # The search trace lists every candidate, the cached one included.
+    trace_rows = [ln for ln in md.splitlines() if re.match(r"^\| (\*\*)?\d+(\*\*)? \|", ln)]
+    assert len(trace_rows) == 8
+    assert "latency-probe" in md and trace_rows[-1].rstrip(" |*").endswith("yes")
+    for node in FALLBACK:
+        assert node in md
+
+
+def test_pngs_are_valid_images(report):
+    import matplotlib.image as mpimg
+
+    _, paths = report
+    for name in ("sensitivity", "pareto", "calibrators", "latency"):
+        img = mpimg.imread(paths[name])
+        assert img.ndim == 3 and img.shape[0] >= 200 and img.shape[1] >= 400, (name, img.shape)
+        assert img[..., :3].std() > 0.05, name  # not a blank canvas
+
+
+def test_failing_run_has_banner_and_tolerates_missing_pieces(tmp_path):
+    run_dir = save(failing_run(), tmp_path / "failed")
+    paths = write_report(run_dir)
+    md, page = paths["markdown"].read_text(), paths["html"].read_text()
+    assert "> **FAILED (status: no_passing_plan)" in md
+    assert 'class="banner failed">FAILED' in page
+    assert "| selected mix |" not in md and "None: no plan passed the criterion." in md
+    assert "| FP16 |" not in md
+    percentile = table_row(md, "INT8 all (percentile)")[0]
+    assert percentile.count("—") >= 2  # no objective, no speedup
+    for name in ("sensitivity", "pareto", "calibrators", "latency"):
+        assert paths[name].stat().st_size > 1000
+
+
+def test_index_list_compare_reindex_roundtrip(tmp_path, capsys):
+    from workbench.cli import main
+
+    root = tmp_path / "runs"
+    a = save(make_run(), root / "a")
+    b = save(failing_run(), root / "b")
+    assert index_run(a, root)["speedup"] == pytest.approx(2.5)
+    row_b = index_run(b, root)
+    assert row_b["status"] == "no_passing_plan" and row_b["selected_metric"] is None and row_b["speedup"] is None
+    index_run(a, root)  # upsert, not a duplicate
+    runs = list_runs(root)
+    assert [r["id"] for r in runs] == ["20261125-0900-ff00aa", "20261124-0512-ab12cd"]  # newest first
+    assert runs[1]["fp32_objective_ms"] == 120.0 and runs[1]["selected_objective_ms"] == 48.0
+    assert runs[1]["n_full_evals"] == 7 and runs[1]["path"] == str(a.resolve())
+
+    c = compare_runs(root, "20261124", "20261125")  # unique prefixes work
+    fields = {s["field"]: (s["a"], s["b"]) for s in c["summary"]}
+    assert fields["status"] == ("passed", "no_passing_plan")
+    rows = {r["label"]: r for r in c["rows"]}
+    assert rows["FP16"]["b"] is None and rows["selected mix"]["b"] is None
+    assert rows["selected mix"]["a"]["speedup"] == pytest.approx(2.5)
+    assert c["rows"][-1]["label"] == "selected mix"
+    with pytest.raises(WorkbenchError, match="ambiguous"):
+        compare_runs(root, "2026112", "20261125")
+
+    (root / "index.sqlite").unlink()
+    assert sorted(reindex(root)["indexed"]) == sorted(r["id"] for r in runs)
+    assert [r["id"] for r in list_runs(root)] == [r["id"] for r in runs]
+
+    assert main(["runs", "list", "--root", str(root)]) == 0
+    assert main(["runs", "compare", "20261124-0512-ab12cd", "20261125-0900-ff00aa", "--root", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "20261124-0512-ab12cd" in out and "2.50×" in out and "no_passing_plan" in out
+    assert main(["runs", "report", str(b), "--root", str(root)]) == 0
+    assert (b / "report.html").is_file()
+
+
+def test_corrupt_or_missing_run_json_is_a_clear_error(tmp_path, capsys):
+    from workbench.cli import main
+
+    root = tmp_path / "runs"
+    bad = root / "bad"
+    bad.mkdir(parents=True)
+    (bad / "run.json").write_text('{"format": "wb-run/1", "id": "x", "baseli')  # cut short
+    for call in (lambda: write_report(bad), lambda: index_run(bad, root)):
+        with pytest.raises(WorkbenchError, match=re.escape(str(bad / "run.json"))):
+            call()
+    with pytest.raises(WorkbenchError, match=r"missing run file .*nowhere"):
+        write_report(tmp_path / "nowhere")
+    wrong = copy.deepcopy(make_run("20261126-0000-000000"))
+    del wrong["criterion"]
+    save(wrong, root / "wrong")
+    with pytest.raises(WorkbenchError, match="criterion.metric"):
+        write_report(root / "wrong")
+    save(make_run(), root / "good")
+    with pytest.raises(WorkbenchError) as err:  # good runs are indexed, the bad ones named
+        reindex(root)
+    assert str(bad / "run.json") in str(err.value) and str(root / "wrong" / "run.json") in str(err.value)
+    assert [r["id"] for r in list_runs(root)] == ["20261124-0512-ab12cd"]
+    assert main(["runs", "report", str(bad), "--root", str(root)]) == 2
+    assert "corrupt run file" in capsys.readouterr().err
