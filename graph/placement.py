@@ -1,0 +1,302 @@
+"""Placement recipes: FP32 ONNX + calibration table + precision plan -> quantized ONNX.
+
+`tensorrt` (explicit quantization, TensorRT's Q/DQ placement rules).  This recipe is checked by our
+validator (graph.validate) and executed by ONNX Runtime's CPU EP in the tests — never by TensorRT, which
+cannot be installed on this machine; whether TensorRT fuses every placement as intended is unverified.
+  * every int8 Conv/ConvTranspose/MatMul/Gemm gets DequantizeLinear on all its inputs: activations
+    per-tensor (scale = amax/127 from the table, zero point int8 0), weights per-channel (Conv axis 0,
+    ConvTranspose axis 1, MatMul [K,N] axis 1, Gemm axis 0 with transB else 1); biases stay FP32;
+  * weights are stored pre-quantized, INT8 initializer -> DequantizeLinear (as ModelOpt's `dq_only`
+    export): TensorRT constant-folds a weight Q anyway, the file is 4x smaller for weights, and the stored
+    integers are exactly what the engine uses (no second rounding of FP32 weights at build time);
+  * an activation tensor gets one Q/DQ pair, shared by all its int8 consumers; its fp32/fp16 consumers
+    keep reading the unquantized tensor;
+  * no Q/DQ on outputs; BatchNorm/ReLU folding is not simulated;
+  * residual Adds: when one input of an Add comes from an int8 GEMM/Conv (directly or through its bias Add
+    or a constant-scale Mul), the other (residual) input gets Q/DQ so that TensorRT can fuse the add into
+    the GEMM epilogue (plan option "residual_add", default on);
+  * LayerNorm and Softmax inputs get no Q/DQ (an int8 MatMul *consuming* a softmax output, e.g. attention
+    AV in the plan, is quantized on its own input as any int8 node);
+  * fp16 nodes: the graph is FP16-typed first (graph.fp16, keep-FP32 rules, Casts at the boundaries);
+    int8 nodes stay FP32-typed there so that their Q/DQ take float32 scales (opset < 19).
+
+`onnxruntime`: ONNX Runtime's own QDQ quantizer (`QDQQuantizer`, what `quantize_static` runs after
+calibration) fed with OUR ranges (tensors_range built from the table, scale/zero point forced through
+`TensorQuantOverrides`) and `nodes_to_quantize` = the plan's int8 nodes.  It also quantizes the outputs of
+int8 nodes, which ORT needs to fuse QLinearConv/QLinearMatMul, so the table must cover those tensors too.
+Activations are uint8 (U8S8, scale amax/127, zero point 128) by default: on x86 the CPU EP fuses every
+Conv and MatMul (attention and depthwise included) with U8S8, while with S8S8 it leaves activation MatMuls
+and depthwise Convs as DQ->float kernels (measured: tiny encoder 34/34 vs 23/34 integer kernels;
+trained small encoder 64/64 vs 43/64, decoder 30/30 vs 18/30, and U8S8 was the faster of the two).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from workbench.errors import WorkbenchError
+from workbench.fsutil import atomic_path
+
+from .analysis import Analysis, GraphIndex, analyze, prepare_model
+from .calib import QMAX, CalibTable, load_table
+from .fp16 import convert_fp16, toposort
+from .plan import create_plan, validate_plan
+
+RECIPES = ("tensorrt", "onnxruntime")
+WEIGHT_SUFFIX = "_quantized"
+
+
+@dataclass
+class Placement:
+    model: onnx.ModelProto
+    plan: dict
+    recipe: str
+    report: dict = field(default_factory=dict)
+
+
+def _trace_table_name(idx: GraphIndex, t: str, table: CalibTable) -> str:
+    """The table key of tensor `t`, following back through Casts inserted by FP16 typing."""
+    cur = t
+    for _ in range(4):
+        if cur in table.amax:
+            return cur
+        p = idx.producer.get(cur)
+        if p is None or p.op_type != "Cast":
+            break
+        cur = p.input[0]
+    return t
+
+
+def _weight_amax(w: np.ndarray, axis: int, source: str, table: CalibTable) -> np.ndarray:
+    if source in table.weights:
+        ax, am = table.weights[source]
+        if ax == axis and len(am) == w.shape[axis]:
+            return np.asarray(am, np.float32)
+    red = tuple(d for d in range(w.ndim) if d != axis)
+    return np.max(np.abs(w.astype(np.float32)), axis=red)
+
+
+def quantize_weight(w: np.ndarray, axis: int, amax: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-channel INT8: scale = amax/127 (strictly positive: a zero channel gets a tiny scale and
+    quantizes to 0), q = clip(round_half_even(w/scale), -128, 127)."""
+    amax = np.asarray(amax, np.float32)
+    scale = np.where(amax > 0, amax / QMAX, np.float32(1e-8)).astype(np.float32)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    q = np.clip(np.rint(w.astype(np.float32) / scale.reshape(shape)), -128, 127).astype(np.int8)
+    return q, scale
+
+
+def required_tensors(analysis: Analysis, plan: dict, recipe: str = "tensorrt") -> dict[str, str]:
+    """{tensor: node that needs it}: the activation tensors a calibration table must cover for `plan`."""
+    nodes = plan["nodes"]
+    need: dict[str, str] = {}
+    for q in analysis.quantizable:
+        if nodes.get(q.id) != "int8":
+            continue
+        for t in q.act_inputs:
+            need.setdefault(t, q.id)
+    if recipe == "tensorrt" and plan.get("options", {}).get("residual_add", True):
+        for p in analysis.patterns_of("residual_add"):
+            if nodes.get(p.gemm) == "int8":
+                need.setdefault(p.residual_input, p.nodes[0])
+    return need
+
+
+def _prune(g: onnx.GraphProto) -> None:
+    """Drop initializers and weight-path nodes (Constant/Identity/Transpose/Cast) nothing reads anymore."""
+    while True:
+        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+        dead = [n for n in g.node if n.op_type in ("Constant", "Identity", "Transpose", "Cast")
+                and not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            g.node.remove(n)
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    keep = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+
+
+def _place_tensorrt(model: onnx.ModelProto, analysis: Analysis, plan: dict, table: CalibTable) -> dict:
+    g = model.graph
+    idx = GraphIndex(model)
+    by_name = {n.name: n for n in g.node}
+    nodes = plan["nodes"]
+    new_nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+    act_dq: dict[str, str] = {}
+    w_dq: dict[tuple[str, int], str] = {}
+    report = {"activation_qdq": 0, "weight_dq": 0, "residual_qdq": 0}
+
+    def act(t: str, needed_by: str) -> str:
+        if t in act_dq:
+            return act_dq[t]
+        key = _trace_table_name(idx, t, table)
+        scale = table.scale(key, needed_by)
+        base = t
+        s_name, z_name = f"{base}_scale", f"{base}_zero_point"
+        inits.append(numpy_helper.from_array(np.array(scale, np.float32), s_name))
+        inits.append(numpy_helper.from_array(np.array(0, np.int8), z_name))
+        qo, dqo = f"{base}_QuantizeLinear_Output", f"{base}_DequantizeLinear_Output"
+        new_nodes.append(helper.make_node("QuantizeLinear", [t, s_name, z_name], [qo], name=f"{base}_QuantizeLinear"))
+        new_nodes.append(helper.make_node("DequantizeLinear", [qo, s_name, z_name], [dqo],
+                                          name=f"{base}_DequantizeLinear"))
+        act_dq[t] = dqo
+        report["activation_qdq"] += 1
+        return dqo
+
+    def weight(q) -> str:
+        key = (q.weight, q.weight_axis)
+        if key in w_dq:
+            return w_dq[key]
+        resolved = idx.resolve_weight(q.weight)
+        if resolved is None:
+            raise WorkbenchError(f"node {q.id!r}: weight {q.weight!r} is not constant")
+        src, _, w = resolved
+        if w.dtype != np.float32:
+            w = w.astype(np.float32)
+        q8, scale = quantize_weight(w, q.weight_axis, _weight_amax(w, q.weight_axis, src, table))
+        base = q.weight
+        qi, s_name, z_name = f"{base}{WEIGHT_SUFFIX}", f"{base}_weight_scale", f"{base}_weight_zero_point"
+        inits.append(numpy_helper.from_array(q8, qi))
+        inits.append(numpy_helper.from_array(scale, s_name))
+        inits.append(numpy_helper.from_array(np.zeros(scale.shape, np.int8), z_name))
+        dqo = f"{base}_DequantizeLinear_Output"
+        new_nodes.append(helper.make_node("DequantizeLinear", [qi, s_name, z_name], [dqo],
+                                          name=f"{base}_DequantizeLinear", axis=q.weight_axis))
+        w_dq[key] = dqo
+        report["weight_dq"] += 1
+        return dqo
+
+    for q in analysis.quantizable:
+        if nodes[q.id] != "int8":
+            continue
+        n = by_name[q.id]
+        for k, i in enumerate(n.input):
+            if i in q.act_inputs:
+                n.input[k] = act(i, q.id)
+        if q.weight is not None:
+            n.input[q.weight_input_index] = weight(q)
+    if plan["options"].get("residual_add", True):
+        for p in analysis.patterns_of("residual_add"):
+            if nodes.get(p.gemm) != "int8":
+                continue
+            add = by_name[p.nodes[0]]
+            if add.input[p.residual_input_index] != p.residual_input:
+                continue
+            before = len(act_dq)
+            add.input[p.residual_input_index] = act(p.residual_input, add.name)
+            report["residual_qdq"] += 1 if len(act_dq) > before else 0
+    g.initializer.extend(inits)
+    all_nodes = list(g.node) + new_nodes
+    del g.node[:]
+    g.node.extend(toposort(all_nodes, g))
+    _prune(g)
+    return report
+
+
+def _place_onnxruntime(model: onnx.ModelProto, analysis: Analysis, plan: dict, table: CalibTable,
+                       activation_type: str = "u8") -> tuple[onnx.ModelProto, dict]:
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
+    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+
+    int8 = [q for q in analysis.quantizable if plan["nodes"][q.id] == "int8"]
+    if not int8:
+        return model, {"int8_nodes": 0}
+    idx = GraphIndex(model)
+    # ORT quantizes inputs and outputs of the int8 nodes: every such tensor needs a range from the table
+    need: dict[str, str] = {}
+    for q in int8:
+        for t in q.act_inputs:
+            need.setdefault(t, q.id)
+        out = next(n for n in model.graph.node if n.name == q.id).output[0]
+        need.setdefault(out, q.id)
+    u8 = activation_type == "u8"
+    zp = np.array(128, np.uint8) if u8 else np.array(0, np.int8)
+    ranges, overrides = {}, {}
+    for t, who in need.items():
+        s = table.scale(t, who)
+        a = s * QMAX
+        ranges[t] = TensorData(lowest=np.float32(-a), highest=np.float32(a))
+        overrides[t] = [{"scale": np.array(s, np.float32), "zero_point": zp}]
+    for t, a in table.amax.items():  # other covered tensors: harmless extra ranges
+        if t not in ranges and a > 0 and t in idx.producer:
+            ranges[t] = TensorData(lowest=np.float32(-a), highest=np.float32(a))
+    ops = sorted({q.op for q in int8})
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # numpy overflow/NaN warnings on zero points of unused ranges
+        quantizer = QDQQuantizer(model, True, False, QuantType.QInt8, QuantType.QUInt8 if u8 else QuantType.QInt8,
+                                 TensorsData(CalibrationMethod.MinMax, ranges), [q.id for q in int8],
+                                 [q.id for q in analysis.quantizable if plan["nodes"][q.id] != "int8"], ops,
+                                 {"ActivationSymmetric": not u8, "WeightSymmetric": True,
+                                  "TensorQuantOverrides": overrides})
+        quantizer.quantize_model()
+    out = quantizer.model.model
+    ordered = toposort(list(out.graph.node), out.graph)  # the quantizer appends its nodes at the end
+    del out.graph.node[:]
+    out.graph.node.extend(ordered)
+    return out, {"int8_nodes": len(int8), "activation_type": activation_type}
+
+
+def quantize(model: str | Path | onnx.ModelProto, table, plan: dict | None = None, recipe: str = "tensorrt",
+             default_plan: str = "int8", out: str | Path | None = None, activation_type: str = "u8") -> Placement:
+    """Apply `plan` (or a default plan of `default_plan`) with calibration `table` (path, table dict or
+    {tensor: amax}).  Everything is checked before anything is written; `out` is written atomically."""
+    if recipe not in RECIPES:
+        raise WorkbenchError(f"unknown recipe {recipe!r}: use one of {', '.join(RECIPES)}")
+    m = prepare_model(model)
+    original_io = _io_signature(m)
+    analysis = analyze(m)
+    plan = (create_plan(analysis, default_plan) if plan is None else
+            validate_plan(plan, analysis, node_ops={n.name: n.op_type for n in m.graph.node}))
+    table = load_table(table)
+    nodes = plan["nodes"]
+    if recipe == "onnxruntime":
+        bad = [n for n, p in nodes.items() if p == "fp16"]
+        if bad:
+            raise WorkbenchError(f"the onnxruntime recipe has no fp16 (the CPU EP computes FP16 by casting to "
+                                 f"FP32): node {bad[0]!r} is fp16 in the plan; use fp32 or int8")
+    # check the table covers everything before doing any work
+    for t, who in required_tensors(analysis, plan, recipe).items():
+        table.scale(t, who)
+    report: dict = {"recipe": recipe, "plan_hash": plan["hash"]}
+    if recipe == "tensorrt":
+        if "fp16" in nodes.values():
+            m = convert_fp16(m, analysis, nodes, table, float(plan["options"]["fp16_overflow_threshold"]))
+            analysis_now = _reanalyze(m, analysis)
+        else:
+            analysis_now = analysis
+        if "int8" in nodes.values():
+            report |= _place_tensorrt(m, analysis_now, plan, table)
+    else:
+        m, r = _place_onnxruntime(m, analysis, plan, table, activation_type)
+        report |= r
+    if _io_signature(m) != original_io:
+        raise WorkbenchError("internal error: the graph inputs/outputs changed during placement")
+    if out is not None:
+        with atomic_path(out) as tmp:
+            onnx.save(m, str(tmp))
+    return Placement(m, plan, recipe, report)
+
+
+def _reanalyze(m: onnx.ModelProto, before: Analysis) -> Analysis:
+    """Analysis of the FP16-typed graph: same node ids, act inputs now possibly Cast outputs."""
+    a = analyze(m)
+    missing = set(before.ids) - set(a.ids)
+    if missing:
+        raise WorkbenchError(f"node {sorted(missing)[0]!r} is no longer quantizable after FP16 typing")
+    return a
+
+
+def _io_signature(m: onnx.ModelProto):
+    def sig(vs):
+        return [(v.name, v.type.tensor_type.elem_type) for v in vs]
+    return sig(m.graph.input), sig(m.graph.output)

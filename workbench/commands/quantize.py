@@ -1,0 +1,47 @@
+"""`wb quantize`: FP32 ONNX + calibration table + precision plan -> quantized ONNX (graph.placement)."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    s = subparsers.add_parser("quantize", help="place Q/DQ (and FP16 typing) from a calibration table and a "
+                                               "precision plan")
+    s.add_argument("--model", type=Path, required=True, help="FP32 ONNX model")
+    s.add_argument("--table", type=Path, required=True, help="calibration table JSON (wb-calibration-table/1 "
+                                                             "or {tensor: amax})")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--plan", type=Path, help="precision plan JSON (wb-precision-plan/1)")
+    g.add_argument("--default-plan", choices=["int8", "fp16", "fp32"], default="int8",
+                   help="without --plan: every quantizable node at this precision (default int8; attention "
+                        "activation MatMuls stay fp32 in an int8 plan)")
+    s.add_argument("--recipe", choices=["tensorrt", "onnxruntime"], default="tensorrt",
+                   help="tensorrt: TensorRT explicit-quantization Q/DQ (checked by our validator and ONNX "
+                        "Runtime, not by TensorRT); onnxruntime: placement fused by ORT's CPU EP")
+    s.add_argument("--out", type=Path, required=True, help="quantized ONNX to write")
+    s.add_argument("--write-plan", type=Path, help="also write the resolved plan here")
+    s.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from graph.analysis import analyze, prepare_model
+    from graph.placement import quantize
+    from graph.plan import counts, create_plan, load_plan, save_plan
+    from graph.validate import check_or_raise
+
+    model = prepare_model(args.model)
+    analysis = analyze(model)
+    plan = load_plan(args.plan, analysis) if args.plan else create_plan(analysis, args.default_plan)
+    # quantize -> validate -> write: nothing is written unless both succeed
+    res = quantize(model, args.table, plan, recipe=args.recipe)
+    check_or_raise(res.model, res.plan, args.recipe, original=model)
+    import onnx
+    from workbench.fsutil import atomic_path
+    with atomic_path(args.out) as tmp:
+        onnx.save(res.model, str(tmp))
+    if args.write_plan:
+        save_plan(res.plan, args.write_plan)
+    print(json.dumps({"out": str(args.out), "recipe": args.recipe, "plan": counts(res.plan)} | res.report,
+                     indent=2))
