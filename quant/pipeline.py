@@ -1,0 +1,366 @@
+"""The whole experiment: FP32 export -> calibration -> baselines -> sensitivity -> precision search -> final
+engines -> run.json (+ report). One function per stage; each stage's expensive results are cached in the run
+directory, so a killed run resumes where it stopped when started again on the same directory."""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from tqdm import tqdm
+
+import engines
+from calibration_data.corpus import ensure_corpus, load_split
+from calibration_data.text import DEFAULT_VOCAB
+from engines.cases import bench_cases
+from evaluation.asr import decoder_feeds, evaluate, only_inputs_of, pad_batch, prefix_beam_batch
+from evaluation.hackathon import make_cases, run_check
+from graph.analysis import analyze
+from graph.placement import quantize
+from graph.plan import create_plan, edit_plan, save_plan
+from workbench.errors import WorkbenchError
+from workbench.fsutil import write_json
+
+from .calibrate import calibrate
+from .evalcache import EvalCache
+from .experiment import criterion_threshold
+from .search import SearchProblem, plan_hash, search
+
+KINDS = ("encoder", "decoder")
+# Engine shape ranges (min, opt, max) of the time axis: wide enough for every test utterance and for the
+# hackathon decoder case sl=256, whose encoder input has 4*256+3 frames.
+TIME_RANGES = {"encoder": (7, 256, 2048), "decoder": (1, 64, 512)}
+METRICS = ("cer_rescore", "cer_greedy", "cer_prefix", "wer_rescore")
+
+
+def _key(kind: str, node: str) -> str:
+    return f"{kind}:{node}"
+
+
+def _split_plan(flat: dict[str, str], kind: str) -> dict[str, str]:
+    prefix = f"{kind}:"
+    return {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+
+
+class Workspace:
+    """Quantized models and engines of the run, cached on disk by (kind, table, sub-plan hash)."""
+
+    def __init__(self, run_dir: Path, cfg: dict, fp32: dict[str, Path]):
+        self.dir, self.cfg, self.fp32 = run_dir, cfg, fp32
+        self.analysis = {k: analyze(str(p)) for k, p in fp32.items()}
+        self.tables: dict[str, dict[str, Path]] = {}  # method -> kind -> table path
+        self._runners: dict[Path, object] = {}
+
+    def base_plan(self, kind: str, default: str) -> dict:
+        return create_plan(self.analysis[kind], default=default)
+
+    def int8_nodes(self, kind: str) -> list[str]:
+        return [n for n, p in self.base_plan(kind, "int8")["nodes"].items() if p == "int8"]
+
+    def model(self, kind: str, nodes: dict[str, str], method: str, default: str = "fp32") -> Path:
+        """The ONNX model of `kind` with `nodes` ({id: precision}) over a `default` plan."""
+        if all(p == "fp32" for p in nodes.values()) and default == "fp32":
+            return self.fp32[kind]
+        plan = edit_plan(self.base_plan(kind, default), set_nodes=nodes)
+        recipe = self.cfg["quantize"]["recipe"]
+        if any(p == "fp16" for p in plan["nodes"].values()):
+            recipe = "tensorrt"  # the ONNX Runtime recipe has no FP16; the TensorRT one writes FP16-typed graphs
+        tag = hashlib.sha256(json.dumps([plan["hash"], method, recipe]).encode()).hexdigest()[:16]
+        out = self.dir / "models" / kind / f"{tag}.onnx"
+        if not out.is_file():
+            quantize(str(self.fp32[kind]), str(self.tables[method][kind]), plan=plan, recipe=recipe, out=out)
+            save_plan(plan, out.with_suffix(".plan.json"))
+        return out
+
+    def runner(self, model: Path):
+        if model not in self._runners:
+            kind = "decoder" if model.parent.name == "decoder" or model.stem == "decoder" else "encoder"
+            shapes = engines.default_shapes(model, kind, time_range=TIME_RANGES[kind])
+            art = engines.build(model, shapes, self.dir / "engines" / model.parent.name / model.stem,
+                                backend=self.cfg["backend"]["name"], threads=self.cfg["backend"]["threads"])
+            self._runners[model] = engines.load(art)
+        return self._runners[model]
+
+
+class Experiment:
+    def __init__(self, cfg: dict, run_dir: Path, cache_dir: Path | None, progress: bool = True):
+        self.cfg, self.dir, self.progress = cfg, Path(run_dir), progress
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.cache = EvalCache(self.dir / "cache.jsonl")
+        d = cfg["data"]
+        corpus = ensure_corpus(cache_dir, {d["calib_split"]: max(512, d["calib_utts"]),
+                                           d["eval_split"]: max(500, d["eval_utts"])}, progress=progress)
+        self.calib = load_split(corpus, d["calib_split"])
+        ev = load_split(corpus, d["eval_split"])
+        n = min(d["eval_utts"], len(ev))
+        self.eval_feats = [ev.features(i) for i in range(n)]
+        self.eval_texts = ev.texts[:n]
+
+    # --- stage 1: model -------------------------------------------------------------------------------------
+    def export_fp32(self) -> dict[str, Path]:
+        from models.export import export_onnx
+        from models.weights import default_model, load_model
+
+        out = self.dir / "models" / "fp32"
+        if not (out / "encoder.onnx").is_file() or not (out / "decoder.onnx").is_file():
+            w = self.cfg["model"]["weights"]
+            model = load_model(w) if w else default_model("small")[0]
+            export_onnx(model, out, opset=self.cfg["model"]["opset"])
+        return {"encoder": out / "encoder.onnx", "decoder": out / "decoder.onnx"}
+
+    # --- stage 2: calibration -------------------------------------------------------------------------------
+    def decoder_calib_feeds(self, enc_runner, feats: list[np.ndarray], batch: int) -> list[dict]:
+        """Decoder inputs as the pipeline produces them: FP32 encoder outputs + CTC prefix-beam hypotheses."""
+        out = []
+        for s in range(0, len(feats), batch):
+            speech, lens = pad_batch(feats[s:s + batch])
+            enc = enc_runner.run({"speech": speech, "speech_lengths": lens})
+            nb = prefix_beam_batch(enc)
+            out.append(decoder_feeds(enc["encoder_out"], enc["encoder_out_lens"], nb, DEFAULT_VOCAB.sos_eos))
+        return out
+
+    def calibrate_all(self, ws: Workspace) -> None:
+        c, d = self.cfg["calibration"], self.cfg["data"]
+        feats = [self.calib.features(i) for i in range(min(d["calib_utts"], len(self.calib)))]
+        bs = c["batch_size"]
+        enc_feeds = [dict(zip(("speech", "speech_lengths"), pad_batch(feats[s:s + bs])))
+                     for s in range(0, len(feats), bs)]
+        dec_feeds = None
+        methods = c["methods"]
+        keys = [f"percentile_{c['percentile']:g}" if m == "percentile" else m for m in methods]
+        for kind in KINDS:
+            path = self.dir / "calibration" / f"{kind}.json"
+            if not path.is_file():
+                if kind == "decoder":
+                    dec_feeds = self.decoder_calib_feeds(ws.runner(ws.fp32["encoder"]), feats, bs)
+                    dec_feeds = [only_inputs_of(ws.runner(ws.fp32["decoder"]), f) for f in dec_feeds]
+                table = calibrate(ws.fp32[kind], enc_feeds if kind == "encoder" else dec_feeds,
+                                  methods=",".join(methods), percentiles=(c["percentile"],),
+                                  default_method=keys[0], tensors=self._tensors_to_calibrate(ws, kind),
+                                  progress=self.progress, data_info={"split": d["calib_split"],
+                                                                     "n_utts": len(feats)})
+                table.save(path)
+            from .table import CalibrationTable
+            table = CalibrationTable.load(path)
+            for key in keys:
+                p = self.dir / "calibration" / f"{kind}.{key}.json"
+                if not p.is_file():
+                    table.with_method(key).save(p)
+                ws.tables.setdefault(key, {})[kind] = p
+        self.methods = keys
+
+    @staticmethod
+    def _tensors_to_calibrate(ws: Workspace, kind: str) -> list[str]:
+        """Inputs of every quantizable node, their outputs (the ONNX Runtime recipe quantizes those too) and
+        the residual-Add inputs (the TensorRT recipe): one pass covers both recipes and any plan."""
+        a = ws.analysis[kind]
+        names = set()
+        model = onnx.load(str(ws.fp32[kind]), load_external_data=False)
+        outputs = {n.name: list(n.output) for n in model.graph.node}
+        for q in a.quantizable:
+            names.update(q.act_inputs)
+            names.update(outputs.get(q.id, []))
+        names.update(p.residual_input for p in a.patterns_of("residual_add"))
+        return sorted(n for n in names if n)
+
+    # --- stage 3: evaluation primitives -----------------------------------------------------------------------
+    def accuracy(self, ws: Workspace, models: dict[str, Path]) -> dict:
+        res = evaluate(ws.runner(models["encoder"]), ws.runner(models["decoder"]), self.eval_feats,
+                       self.eval_texts, DEFAULT_VOCAB, progress=False)
+        return {k: res[k] for k in METRICS}
+
+    def latency(self, ws: Workspace, models: dict[str, Path]) -> dict:
+        lat = self.cfg["latency"]
+        rows, total = [], 0.0
+        for kind in lat["models"]:
+            runner = ws.runner(models[kind])
+            for r in engines.bench(runner, self.cases[kind], warmup=lat["warmup"], iters=lat["iters"]):
+                rows.append({"model": kind, **{k: r[k] for k in ("bs", "sl", "median_ms", "p90_ms", "throughput")}})
+                total += r["median_ms"]
+        return {"objective_ms": total, "cases": rows}
+
+    def hackathon(self, ws: Workspace, models: dict[str, Path]) -> dict:
+        ref = {k: ws.runner(ws.fp32[k]) for k in KINDS}
+        rows = run_check(ref["encoder"], ref["decoder"], ws.runner(models["encoder"]), ws.runner(models["decoder"]),
+                         self.hack_cases)
+        return {"passed": sum(r["passed"] for r in rows), "total": len(rows), "rows": rows}
+
+    def full_record(self, ws: Workspace, label: str, models: dict[str, Path], **extra) -> dict:
+        key = "baseline:" + hashlib.sha256(json.dumps({k: str(v) for k, v in models.items()}).encode()).hexdigest()
+        rec = self.cache.get_or_compute(key, lambda: {
+            "accuracy": self.accuracy(ws, models), "latency": self.latency(ws, models),
+            "hackathon": {k: v for k, v in self.hackathon(ws, models).items() if k != "rows"}})
+        return {"label": label, **extra, **rec}
+
+    # --- stage 4: sensitivity ---------------------------------------------------------------------------------
+    def sensitivity(self, ws: Workspace, method: str) -> dict[str, float]:
+        """Noise-to-signal ratio of each model's main output with only that node in INT8, on the calibration
+        utterances where FP32 and all-INT8 disagree most (a cheap ranking; the full metric decides)."""
+        cached = self.cache.entries.get(f"sensitivity:{method}")
+        if cached is not None:
+            return cached
+        import onnxruntime as ort
+
+        def session(path):
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = self.cfg["backend"]["threads"]
+            return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+        d = self.cfg["data"]
+        pool = [self.calib.features(i) for i in range(min(64, len(self.calib)))]
+        fp32_enc, int8_enc = session(ws.fp32["encoder"]), session(
+            ws.model("encoder", {n: "int8" for n in ws.int8_nodes("encoder")}, method))
+        err = []
+        for f in pool:
+            feeds = {"speech": f[None], "speech_lengths": np.array([len(f)], np.int32)}
+            a, b = fp32_enc.run(["encoder_out"], feeds)[0], int8_enc.run(["encoder_out"], feeds)[0]
+            err.append(float(np.sum((a - b) ** 2) / max(np.sum(a ** 2), 1e-12)))
+        rank = [pool[i] for i in np.argsort(err)[::-1][: d["ranking_utts"]]]
+        speech, lens = pad_batch(rank)
+        enc_feeds = {"speech": speech, "speech_lengths": lens}
+        dec_feeds = self.decoder_calib_feeds(ws.runner(ws.fp32["encoder"]), rank, len(rank))[0]
+        dec_in = [i.name for i in session(ws.fp32["decoder"]).get_inputs()]
+        dec_feeds = {k: v for k, v in dec_feeds.items() if k in dec_in}
+        feeds, out = {"encoder": enc_feeds, "decoder": dec_feeds}, {"encoder": "encoder_out", "decoder": "decoder_out"}
+        scores = {}
+        todo = [(k, n) for k in KINDS for n in ws.int8_nodes(k)]
+        for kind, node in tqdm(todo, desc="sensitivity", disable=not self.progress):
+            ref = session(ws.fp32[kind]).run([out[kind]], feeds[kind])[0] if kind not in scores else None
+            if ref is not None:
+                scores[kind] = ref
+            got = session(ws.model(kind, {node: "int8"}, method)).run([out[kind]], feeds[kind])[0]
+            ref = scores[kind]
+            scores[_key(kind, node)] = float(np.sum((got - ref) ** 2) / max(np.sum(ref ** 2), 1e-12))
+        result = {k: v for k, v in scores.items() if ":" in k}
+        self.cache.get_or_compute(f"sensitivity:{method}", lambda: result)
+        return result
+
+    # --- the whole run ----------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        t0 = time.time()
+        cfg = self.cfg
+        fp32 = self.export_fp32()
+        ws = Workspace(self.dir, cfg, fp32)
+        self.calibrate_all(ws)
+        lat = cfg["latency"]
+        pool = [self.calib.features(i) for i in range(min(64, len(self.calib)))]
+        self.cases = {k: bench_cases(engines.base.onnx_io(fp32[k]), k, lat["batch_sizes"], lat["seq_lens"],
+                                     feats_pool=pool) for k in KINDS}
+        self.hack_cases = make_cases(ws.runner(fp32["encoder"]), pool, batch_sizes=lat["batch_sizes"],
+                                     seq_lens=lat["seq_lens"])
+
+        all_of = lambda kind, prec: {n: prec for n in ws.int8_nodes(kind)}  # noqa: E731
+        steps = tqdm(total=2 + len(self.methods), desc="baselines", disable=not self.progress)
+        baselines = [self.full_record(ws, "FP32", fp32, precision="fp32", calibrator=None)]
+        steps.update(1)
+        ref = baselines[0]["accuracy"][cfg["criterion"]["metric"]]
+        crit = criterion_threshold(cfg, ref)
+        passes = self._passes(crit)
+        try:
+            fp16 = {k: ws.model(k, all_of(k, "fp16"), self.methods[0], default="fp16") for k in KINDS}
+            baselines.append(self.full_record(ws, "FP16", fp16, precision="fp16", calibrator=None))
+        except Exception as exc:  # noqa: BLE001 - an FP16 graph the backend cannot run is a result, not a crash
+            baselines.append({"label": "FP16", "precision": "fp16", "calibrator": None, "error": str(exc)[:300]})
+        steps.update(1)
+        for m in self.methods:
+            models = {k: ws.model(k, all_of(k, "int8"), m) for k in KINDS}
+            baselines.append(self.full_record(ws, f"INT8 all ({m})", models, precision="int8", calibrator=m))
+            steps.update(1)
+        steps.close()
+        for b in baselines:
+            if "accuracy" in b:
+                b["passed"] = passes(b["accuracy"]) if crit["kind"] != "hackathon" else \
+                    b["hackathon"]["passed"] == b["hackathon"]["total"]
+        int8 = [b for b in baselines if b.get("precision") == "int8"]
+        best = min(int8, key=lambda b: (b["accuracy"][crit["metric"]], b["latency"]["objective_ms"]))
+        method = best["calibrator"]
+
+        sens = self.sensitivity(ws, method)
+        nodes = [_key(k, n) for k in KINDS for n in ws.int8_nodes(k)]
+
+        def models_of(flat):
+            return {k: ws.model(k, _split_plan(flat, k), method) for k in KINDS}
+
+        def accuracy_of(flat):
+            models = models_of(flat)
+            acc = self.accuracy(ws, models)
+            if crit["kind"] == "hackathon":
+                h = self.hackathon(ws, models)
+                acc["hackathon_passed"], acc["hackathon_total"] = h["passed"], h["total"]
+            return acc
+
+        problem = SearchProblem(
+            nodes=nodes, fallback=cfg["quantize"]["fallback"], accuracy=accuracy_of, passes=passes,
+            latency=lambda flat: self.latency(ws, models_of(flat)), sensitivity=sens,
+            groups=self._groups(ws), max_full_evals=cfg["budget"]["max_full_evals"])
+        start = {n: "int8" for n in nodes}
+        search_cache = EvalCache(self.dir / f"search_cache.{method}.jsonl")
+        search_cache.get_or_compute(f"acc:{plan_hash(start)}", lambda: best["accuracy"])
+        search_cache.get_or_compute(f"lat:{plan_hash(start)}", lambda: best["latency"])
+        result = search(problem, search_cache, progress=self.progress)
+
+        selected = None
+        if result.best is not None:
+            flat = result.plans[result.best["plan_hash"]]
+            models = models_of(flat)
+            selected = {"label": "selected mix", "plan_hash": result.best["plan_hash"], "calibrator": method,
+                        "n_int8": result.best["n_int8"], "n_fallback": result.best["n_fallback"],
+                        "fallback_nodes": sorted(k for k, v in flat.items() if v != "int8"),
+                        "accuracy": result.best["accuracy"], "passed": True,
+                        "latency": result.best["latency"],
+                        "hackathon": {k: v for k, v in self.hackathon(ws, models).items() if k != "rows"}}
+            self._finalize(ws, models, flat)
+        run = {"format": "wb-run/1", "id": self.dir.name, "created": dt.datetime.now(dt.timezone.utc).isoformat(),
+               "model": "wenet-small" if not cfg["model"]["weights"] else Path(cfg["model"]["weights"]).stem,
+               "backend": cfg["backend"]["name"], "recipe": cfg["quantize"]["recipe"],
+               "device": f"CPU: {platform.processor() or platform.machine()}, "
+                         f"{cfg['backend']['threads']} threads (ONNX Runtime); TensorRT not measured",
+               "status": result.status, "criterion": crit, "config": cfg, "baselines": baselines,
+               "selected": selected, "sensitivity": sens, "trace": result.trace,
+               "n_full_evals": result.n_full_evals, "n_cache_hits": result.n_cache_hits,
+               "wall_s": round(time.time() - t0, 1)}
+        write_json(self.dir / "run.json", run)
+        return run
+
+    def _passes(self, crit: dict):
+        if crit["kind"] == "hackathon":
+            return lambda acc: acc.get("hackathon_passed") == acc.get("hackathon_total")
+        return lambda acc: acc[crit["metric"]] <= crit["threshold"] + 1e-12
+
+    @staticmethod
+    def _groups(ws: Workspace) -> dict[str, list[str]]:
+        """Latency-probe groups: nodes of one kind per model (e.g. all depthwise convs of the encoder)."""
+        groups: dict[str, list[str]] = {}
+        for kind in KINDS:
+            for q in ws.analysis[kind].quantizable:
+                groups.setdefault(f"{kind} {q.kind}", []).append(_key(kind, q.id))
+        return groups
+
+    def _finalize(self, ws: Workspace, models: dict[str, Path], flat: dict[str, str]) -> None:
+        """The selected mix's models, plans and engines under run_dir/final/."""
+        import shutil
+
+        final = self.dir / "final"
+        final.mkdir(exist_ok=True)
+        for kind in KINDS:
+            shutil.copyfile(models[kind], final / f"{kind}.onnx")
+            plan = edit_plan(ws.base_plan(kind, "fp32"), set_nodes=_split_plan(flat, kind))
+            save_plan(plan, final / f"{kind}.plan.json")
+            engines.build(final / f"{kind}.onnx", engines.default_shapes(final / f"{kind}.onnx", kind,
+                                                                         time_range=TIME_RANGES[kind]),
+                          final / f"{kind}_engine", backend=self.cfg["backend"]["name"],
+                          threads=self.cfg["backend"]["threads"])
+
+
+def run_experiment(cfg: dict, run_dir: str | Path, cache_dir: str | Path | None = None,
+                   progress: bool = True) -> dict:
+    if cfg["backend"]["name"] == "tensorrt":
+        ok, why = engines.trt_backend.available()
+        if not ok:
+            raise WorkbenchError(f"backend tensorrt is not usable here: {why}")
+    return Experiment(cfg, Path(run_dir), Path(cache_dir) if cache_dir else None, progress).run()

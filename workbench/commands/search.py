@@ -1,0 +1,62 @@
+"""`wb search`: the whole experiment (calibration, baselines, precision search, final engines, report)."""
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from workbench.errors import WorkbenchError
+
+
+def register(sub) -> None:
+    s = sub.add_parser("search", help="find the fastest precision mix that passes the accuracy criterion")
+    s.add_argument("--config", type=Path, action="append", default=[],
+                   help="TOML layered over experiments/configs/default.toml (repeatable)")
+    s.add_argument("--quick", action="store_true", help="add experiments/configs/quick.toml (a ~5 minute run)")
+    s.add_argument("--run-dir", type=Path, help="run directory; an existing one is resumed")
+    s.add_argument("--runs-root", type=Path, default=None, help="where new runs go (default experiments/runs)")
+    s.add_argument("--cache", type=Path, default=None, help="corpus cache directory")
+    s.set_defaults(func=run)
+
+
+def run(args) -> None:
+    from quant.experiment import CONFIG_DIR, load_config
+    from quant.pipeline import run_experiment
+    from workbench.report import write_report
+    from workbench.runs import default_runs_root, index_run
+
+    configs = list(args.config) + ([CONFIG_DIR / "quick.toml"] if args.quick else [])
+    cfg = load_config(*configs)
+    root = args.runs_root or default_runs_root()
+    run_dir = args.run_dir or root / (dt.datetime.now().strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else ""))
+    if run_dir.exists() and (run_dir / "run.json").is_file() and not args.run_dir:
+        raise WorkbenchError(f"{run_dir} already holds a finished run")
+    run = run_experiment(cfg, run_dir, args.cache)
+    paths = write_report(run_dir)
+    index_run(run_dir, root)
+    print(summary(run, paths))
+
+
+def summary(run: dict, paths: dict) -> str:
+    """The one-screen summary printed at the end of a run."""
+    crit = run["criterion"]
+    metric = crit["metric"]
+    lines = [f"run {run['id']}: {run['status'].upper()}  ({run['n_full_evals']} full evaluations in the search, "
+             f"{run['wall_s']:.0f} s)", f"criterion: {crit['text']}"
+             + (f" -> threshold {100 * crit['threshold']:.2f} %" if crit.get("threshold") is not None else "")]
+    fp32_ms = next(b["latency"]["objective_ms"] for b in run["baselines"] if b["label"] == "FP32")
+    rows = run["baselines"] + ([run["selected"]] if run["selected"] else [])
+    lines.append(f"{'':<22}{metric:>12}{'passes':>8}{'hackathon':>11}{'latency ms':>12}{'speedup':>9}")
+    for r in rows:
+        if "accuracy" not in r:
+            lines.append(f"{r['label']:<22}  not run: {r.get('error', '')[:70]}")
+            continue
+        h = r.get("hackathon") or {}
+        lines.append(f"{r['label']:<22}{100 * r['accuracy'][metric]:>11.2f}%{'yes' if r.get('passed') else 'no':>8}"
+                     f"{h.get('passed', '?')!s:>7}/{h.get('total', '?')!s:<3}{r['latency']['objective_ms']:>12.1f}"
+                     f"{fp32_ms / r['latency']['objective_ms']:>8.2f}x")
+    if run["selected"]:
+        lines.append(f"selected: {run['selected']['n_int8']} INT8 nodes, {run['selected']['n_fallback']} kept in "
+                     f"{run['config']['quantize']['fallback'].upper()}; models, plans and engines in "
+                     f"{Path(paths['html']).parent / 'final'}")
+    lines.append(f"report: {paths['html']}")
+    return "\n".join(lines)
