@@ -20,7 +20,7 @@ class Runner(Protocol):
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
-def _interface_mismatch(kind: str, where: str, specs: Sequence[TensorSpec], names: Sequence[str]) -> str:
+def interface_mismatch(kind: str, where: str, specs: Sequence[TensorSpec], names: Sequence[str]) -> str:
     """Empty if `names` fits `specs`, otherwise the missing/unexpected part of the message."""
     missing = [s.name for s in specs if not s.optional and s.name not in names]
     unexpected = [n for n in names if n not in {s.name for s in specs}]
@@ -69,8 +69,8 @@ class OrtRunner:
         problems = "; ".join(
             p
             for p in (
-                _interface_mismatch(self.kind, "inputs", inputs, self.input_names),
-                _interface_mismatch(self.kind, "outputs", outputs, self.output_names),
+                interface_mismatch(self.kind, "inputs", inputs, self.input_names),
+                interface_mismatch(self.kind, "outputs", outputs, self.output_names),
             )
             if p
         )
@@ -79,10 +79,10 @@ class OrtRunner:
         self._specs = {s.name: s for s in inputs}
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self._check_feeds(feeds)
+        self.check_feeds(feeds)
         return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
 
-    def _check_feeds(self, feeds: dict[str, np.ndarray]) -> None:
+    def check_feeds(self, feeds: dict[str, np.ndarray]) -> None:
         # Every input this model has is required here, the interface's optional ones included.
         missing = [n for n in self.input_names if n not in feeds]
         unexpected = [n for n in feeds if n not in self.input_names]

@@ -11,7 +11,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "experiments" / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.toml"
 
 _CHOICES = {
-    ("quantize", "recipe"): {"onnxruntime", "tensorrt"},
+    ("quantize", "recipe"): {"auto", "onnxruntime", "tensorrt"},
     ("quantize", "fallback"): {"fp32", "fp16"},
     ("backend", "name"): {"auto", "onnxruntime", "tensorrt"},
     ("criterion", "kind"): {"absolute", "relative", "hackathon"},
@@ -59,6 +59,17 @@ def load_config(*paths: str | Path) -> dict:
             raise WorkbenchError(f"config data.{key} must be at least 1")
     if cfg["budget"]["max_full_evals"] < 2:
         raise WorkbenchError("config budget.max_full_evals must be at least 2 (all-INT8 and the fallback plan)")
+    return cfg
+
+
+def resolve_backend_and_recipe(cfg: dict) -> dict:
+    """Settle "auto": TensorRT when usable (with TensorRT's placement), else ONNX Runtime (with its own)."""
+    import engines
+
+    cfg = copy.deepcopy(cfg)
+    cfg["backend"]["name"] = engines.resolve_backend(cfg["backend"]["name"])
+    if cfg["quantize"]["recipe"] == "auto":
+        cfg["quantize"]["recipe"] = "tensorrt" if cfg["backend"]["name"] == "tensorrt" else "onnxruntime"
     return cfg
 
 

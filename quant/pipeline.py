@@ -28,7 +28,7 @@ from workbench.fsutil import write_json
 
 from .calibrate import calibrate
 from .evalcache import EvalCache
-from .experiment import criterion_threshold
+from .experiment import criterion_threshold, resolve_backend_and_recipe
 from .search import SearchProblem, plan_hash, search
 
 KINDS = ("encoder", "decoder")
@@ -342,7 +342,8 @@ class Experiment:
         return groups
 
     def _finalize(self, ws: Workspace, models: dict[str, Path], flat: dict[str, str]) -> None:
-        """The selected mix's models, plans and engines under run_dir/final/."""
+        """The selected mix's models, plans and engines under run_dir/final/ (encoder.plan and decoder.plan
+        inside the engine directories when the backend is TensorRT)."""
         import shutil
 
         final = self.dir / "final"
@@ -359,8 +360,5 @@ class Experiment:
 
 def run_experiment(cfg: dict, run_dir: str | Path, cache_dir: str | Path | None = None,
                    progress: bool = True) -> dict:
-    if cfg["backend"]["name"] == "tensorrt":
-        ok, why = engines.trt_backend.available()
-        if not ok:
-            raise WorkbenchError(f"backend tensorrt is not usable here: {why}")
+    cfg = resolve_backend_and_recipe(cfg)  # raises a clear error when tensorrt is asked for and missing
     return Experiment(cfg, Path(run_dir), Path(cache_dir) if cache_dir else None, progress).run()

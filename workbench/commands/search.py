@@ -15,6 +15,8 @@ def register(sub) -> None:
     s.add_argument("--run-dir", type=Path, help="run directory; an existing one is resumed")
     s.add_argument("--runs-root", type=Path, default=None, help="where new runs go (default experiments/runs)")
     s.add_argument("--cache", type=Path, default=None, help="corpus cache directory")
+    s.add_argument("--out", type=Path, default=None,
+                   help="also copy the selected models, plans, engines and the report here")
     s.set_defaults(func=run)
 
 
@@ -33,7 +35,30 @@ def run(args) -> None:
     run = run_experiment(cfg, run_dir, args.cache)
     paths = write_report(run_dir)
     index_run(run_dir, root)
+    if args.out:
+        publish(run_dir, args.out)
     print(summary(run, paths))
+
+
+def publish(run_dir: Path, out: Path) -> None:
+    """Copy the run's deliverables to `out`: encoder/decoder models, plans, engines (encoder.plan and
+    decoder.plan at the top when TensorRT built them), run.json and the report."""
+    import shutil
+
+    out.mkdir(parents=True, exist_ok=True)
+    final = run_dir / "final"
+    for item in sorted(final.iterdir()) if final.is_dir() else []:
+        dest = out / item.name
+        if item.is_dir():
+            shutil.rmtree(dest, ignore_errors=True)
+            shutil.copytree(item, dest)
+            for plan in item.glob("*.plan"):
+                shutil.copyfile(plan, out / f"{item.name.removesuffix('_engine')}.plan")
+        else:
+            shutil.copyfile(item, dest)
+    for f in [run_dir / "run.json", run_dir / "report.md", run_dir / "report.html", *run_dir.glob("*.png")]:
+        if f.is_file():
+            shutil.copyfile(f, out / f.name)
 
 
 def summary(run: dict, paths: dict) -> str:

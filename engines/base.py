@@ -1,0 +1,350 @@
+"""One engine interface over two backends: build an artifact from an ONNX model, load it as a runner, time it.
+
+An engine artifact is a directory holding `engine.json` (backend, kind, source ONNX sha256, shape ranges,
+build options, versions, the files it holds and their sha256) and the backend's files. It is written
+atomically (`atomic_dir`), reused when the build key (source hash + backend + shapes + options) is unchanged
+and rebuilt otherwise. Runners follow `evaluation.runners.Runner` (`input_names`, `output_names`,
+`run(feeds)`), and reject shapes outside the built ranges as a TensorRT engine does.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from evaluation.interface import BEAM, FEATURE_DIM, MAX_HYP_PAD
+from evaluation.runners import OrtRunner
+from workbench.errors import WorkbenchError
+from workbench.fsutil import atomic_dir, read_json, write_json
+
+FORMAT = "workbench-engine"
+FORMAT_VERSION = 1
+BACKENDS = ("onnxruntime", "tensorrt")
+META_FILE = "engine.json"
+WARMUP, ITERS = 10, 30  # the hackathon's timing: 10 warm-up and 30 timed runs per case
+
+# Default shape ranges (min, opt, max): batch 1-16 for both; encoder input frames 16-1024, decoder T 16-256.
+BATCH_RANGE = (1, 16, 16)
+TIME_RANGE = {"encoder": (16, 256, 1024), "decoder": (16, 64, 256)}
+
+Shapes = dict[str, dict[str, list[int]]]  # input name -> {"min": dims, "opt": dims, "max": dims}
+
+
+# ---------------------------------------------------------------- model signature and shape ranges
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def onnx_io(onnx_path: str | os.PathLike) -> dict:
+    """{"inputs"|"outputs": {name: {"dtype": numpy name, "shape": [int or symbolic str]}}} of an ONNX file."""
+    import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    try:
+        graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    except Exception as e:  # protobuf DecodeError and friends
+        raise WorkbenchError(f"{onnx_path} is not a readable ONNX model: {e}") from e
+
+    def desc(vi):
+        t = vi.type.tensor_type
+        return {"dtype": np.dtype(tensor_dtype_to_np_dtype(t.elem_type)).name,
+                "shape": [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim]}
+
+    inits = {i.name for i in graph.initializer}
+    return {"inputs": {v.name: desc(v) for v in graph.input if v.name not in inits},
+            "outputs": {v.name: desc(v) for v in graph.output}}
+
+
+def guess_kind(input_names: Sequence[str]) -> str:
+    return "decoder" if "hyps_pad_sos_eos" in input_names else "encoder"
+
+
+def default_shapes(onnx_path: str | os.PathLike, kind: str | None = None,
+                   batch: tuple[int, int, int] = BATCH_RANGE, time_range: tuple[int, int, int] | None = None) -> Shapes:
+    """Per-input (min, opt, max) dims for WeNet's encoder or decoder: batch and time axes ranged, the rest
+    taken from the model (d_model of `encoder_out`) or WeNet's fixed sizes (beam 10, hyps 64, 80 features)."""
+    inputs = onnx_io(onnx_path)["inputs"]
+    kind = kind or guess_kind(list(inputs))
+    if kind not in TIME_RANGE:
+        raise WorkbenchError(f"unknown model kind {kind!r}: expected 'encoder' or 'decoder'")
+    t = tuple(time_range or TIME_RANGE[kind])
+    ranges = {"B": tuple(batch), "T": t}
+    if kind == "encoder":
+        layout = {"speech": ["B", "T", FEATURE_DIM], "speech_lengths": ["B"]}
+    else:
+        d = inputs.get("encoder_out", {}).get("shape", [None, None, None])[-1]
+        if not isinstance(d, int) or d <= 0:
+            raise WorkbenchError(f"{onnx_path}: the decoder input encoder_out has no static last dimension (d_model)")
+        layout = {"encoder_out": ["B", "T", d], "encoder_out_lens": ["B"], "hyps_pad_sos_eos": ["B", BEAM, MAX_HYP_PAD],
+                  "hyps_lens_sos": ["B", BEAM], "r_hyps_pad_sos_eos": ["B", BEAM, MAX_HYP_PAD], "ctc_score": ["B", BEAM]}
+    shapes: Shapes = {}
+    for name in inputs:
+        if name not in layout:
+            raise WorkbenchError(f"{onnx_path}: input {name} is not part of WeNet's {kind} interface; give shapes explicitly")
+        shapes[name] = {key: [ranges[a][i] if isinstance(a, str) else a for a in layout[name]]
+                        for i, key in enumerate(("min", "opt", "max"))}
+    return shapes
+
+
+def check_shapes(shapes: Mapping, io: dict, where: str) -> Shapes:
+    """Validate (and normalise to lists) a shape-range dict against the model's inputs."""
+    inputs = io["inputs"]
+    if set(shapes) != set(inputs):
+        raise WorkbenchError(f"shape ranges for {where} must name exactly its inputs {sorted(inputs)}, got {sorted(shapes)}")
+    out: Shapes = {}
+    for name, rng in shapes.items():
+        try:
+            lo, opt, hi = ([int(x) for x in rng[k]] for k in ("min", "opt", "max"))
+        except (KeyError, TypeError, ValueError) as e:
+            raise WorkbenchError(f"shape range of {name}: expected {{'min','opt','max'}} integer lists ({e})") from e
+        model_dims = inputs[name]["shape"]
+        if not len(lo) == len(opt) == len(hi) == len(model_dims):
+            raise WorkbenchError(f"shape range of {name} must have rank {len(model_dims)} (model shape {model_dims})")
+        for i, (a, b, c, m) in enumerate(zip(lo, opt, hi, model_dims)):
+            if not 1 <= a <= b <= c:
+                raise WorkbenchError(f"shape range of {name} axis {i}: need 1 <= min <= opt <= max, got {a}, {b}, {c}")
+            if isinstance(m, int) and m > 0 and not a == c == m:
+                raise WorkbenchError(f"shape range of {name} axis {i}: the model fixes it to {m}, got {a}..{c}")
+        out[name] = {"min": lo, "opt": opt, "max": hi}
+    return out
+
+
+def check_in_range(shapes: Shapes, feeds: Mapping[str, np.ndarray], where: str) -> None:
+    """WorkbenchError naming the input when a feed's shape is outside the engine's built range."""
+    for name, value in feeds.items():
+        rng = shapes.get(name)
+        if rng is None:
+            continue
+        shape = list(np.shape(value))
+        if len(shape) != len(rng["min"]) or any(not lo <= s <= hi for s, lo, hi in zip(shape, rng["min"], rng["max"])):
+            raise WorkbenchError(
+                f"input {name} of {where} has shape {shape}, outside the engine's built range "
+                f"{rng['min']}..{rng['max']}: rebuild with wider shape ranges")
+
+
+def check_feeds(runner: Any, feeds: Mapping[str, np.ndarray]) -> None:
+    """The evaluator's own feed checks (names, dtypes, ranks) for any runner with `input_names`, `_specs`, `path`."""
+    OrtRunner.check_feeds(runner, feeds)
+
+
+def physical_cores() -> int:
+    """Physical cores this process may use (hyper-threads not counted), at least 1."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        cores, phys = set(), None
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, val = line.partition(":")
+            if key.strip() == "physical id":
+                phys = val.strip()
+            elif key.strip() == "core id":
+                cores.add((phys, val.strip()))
+        if cores:
+            return max(1, min(len(cores), usable))
+    except OSError:
+        pass
+    return max(1, usable)
+
+
+# ---------------------------------------------------------------- artifacts
+
+
+@dataclass(frozen=True)
+class EngineArtifact:
+    path: Path
+    meta: dict
+    reused: bool = False  # True when build() found an up-to-date artifact and did not rebuild
+
+    @property
+    def backend(self) -> str:
+        return self.meta["backend"]
+
+    @property
+    def kind(self) -> str:
+        return self.meta["kind"]
+
+    @property
+    def shapes(self) -> Shapes:
+        return self.meta["shapes"]
+
+    def file(self, role: str) -> Path:
+        """The artifact's file for `role` ("engine", "optimized", "layers", ...), checked to exist."""
+        entry = self.meta.get("files", {}).get(role)
+        if entry is None:
+            raise WorkbenchError(f"engine {self.path} has no {role} file recorded in {META_FILE}")
+        path = self.path / entry["name"]
+        if not path.is_file():
+            raise WorkbenchError(f"engine {self.path} is incomplete: {entry['name']} is missing; rebuild it")
+        return path
+
+    def verified_file(self, role: str) -> Path:
+        """`file(role)` after checking its sha256 against engine.json (a corrupt or swapped file is refused)."""
+        path = self.file(role)
+        if sha256_file(path) != self.meta["files"][role]["sha256"]:
+            raise WorkbenchError(f"engine file {path} does not match the sha256 in {META_FILE}: it is corrupt or "
+                                 "was replaced; rebuild the engine")
+        return path
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "EngineArtifact":
+        path = Path(path)
+        if not (path / META_FILE).is_file():
+            raise WorkbenchError(f"{path} is not an engine directory: it has no {META_FILE} (build one with `wb build`)")
+        meta = read_json(path / META_FILE)
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise WorkbenchError(f"{path / META_FILE} is not a workbench engine description")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise WorkbenchError(f"{path} has engine format version {meta.get('format_version')}, this workbench "
+                                 f"reads {FORMAT_VERSION}: rebuild it")
+        if meta.get("backend") not in BACKENDS:
+            raise WorkbenchError(f"{path} was built for backend {meta.get('backend')!r}, which this workbench does not "
+                                 f"know (known: {', '.join(BACKENDS)})")
+        for key in ("kind", "shapes", "files", "io", "options", "build_key"):
+            if key not in meta:
+                raise WorkbenchError(f"{path / META_FILE} lacks {key!r}: not a complete engine description")
+        return cls(path, meta)
+
+
+def _backend_module(backend: str):
+    if backend == "onnxruntime":
+        from engines import ort_backend as mod
+    elif backend == "tensorrt":
+        from engines import trt_backend as mod
+    else:
+        raise WorkbenchError(f"unknown backend {backend!r}: expected auto, {' or '.join(BACKENDS)}")
+    return mod
+
+
+def resolve_backend(backend: str) -> str:
+    """"auto" -> "tensorrt" when TensorRT and a GPU are usable, else "onnxruntime"."""
+    if backend == "auto":
+        from engines import trt_backend
+
+        return "tensorrt" if trt_backend.available()[0] else "onnxruntime"
+    _backend_module(backend)
+    return backend
+
+
+def _versions(backend: str) -> dict:
+    import onnx
+
+    versions = {"python": platform.python_version(), "numpy": np.__version__, "onnx": onnx.__version__}
+    versions.update(_backend_module(backend).versions())
+    return versions
+
+
+def build(onnx_path: str | os.PathLike, shapes: Mapping | None, out_dir: str | os.PathLike, backend: str = "auto",
+          kind: str | None = None, **options) -> EngineArtifact:
+    """Build (or reuse) the engine artifact `out_dir` for `onnx_path`.
+
+    `shapes`: {input: {"min","opt","max"}} or None for `default_shapes`. `options` are backend build options
+    (onnxruntime: threads, providers; tensorrt: opt_level, workspace_mb, timing_cache). The artifact is reused
+    when its engine.json has the same build key, i.e. same source sha256, backend, backend version, kind,
+    shapes and options; otherwise it is rebuilt into a temporary directory that replaces `out_dir` at the end.
+    """
+    onnx_path, out_dir = Path(onnx_path), Path(out_dir)
+    if not onnx_path.is_file():
+        raise WorkbenchError(f"ONNX model {onnx_path} does not exist")
+    backend = resolve_backend(backend)
+    mod = _backend_module(backend)
+    mod.check_usable()
+    io = onnx_io(onnx_path)
+    kind = kind or guess_kind(list(io["inputs"]))
+    shapes = check_shapes(default_shapes(onnx_path, kind) if shapes is None else shapes, io, str(onnx_path))
+    options = mod.normalize_options(options)
+    versions = _versions(backend)
+    key_fields = {"format_version": FORMAT_VERSION, "backend": backend, "kind": kind,
+                  "source_sha256": sha256_file(onnx_path), "shapes": shapes,
+                  "options": {k: v for k, v in options.items() if k not in mod.UNKEYED_OPTIONS},
+                  "backend_version": versions[backend]}
+    build_key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()
+    try:
+        old = EngineArtifact.open(out_dir)
+        if old.meta["build_key"] == build_key and all(old.file(r) for r in old.meta["files"]):
+            return EngineArtifact(out_dir, old.meta, reused=True)
+    except WorkbenchError:
+        pass  # absent, foreign or incomplete: build afresh
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / META_FILE).is_file())):
+        raise WorkbenchError(f"{out_dir} exists and is not an engine directory; refusing to replace it")
+    t0 = time.perf_counter()
+    with atomic_dir(out_dir) as tmp:
+        files, extra = mod.build_files(onnx_path, tmp, kind, shapes, options)
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "backend": backend, "kind": kind,
+                "source": {"path": str(onnx_path.resolve()), "sha256": key_fields["source_sha256"]},
+                "io": io, "shapes": shapes, "options": options, "versions": versions, "build_key": build_key,
+                "files": {role: {"name": name, "sha256": sha256_file(tmp / name)} for role, name in files.items()},
+                "build_s": round(time.perf_counter() - t0, 3), **extra}
+        write_json(tmp / META_FILE, meta)
+    return EngineArtifact(out_dir, meta)
+
+
+def load(artifact: EngineArtifact | str | os.PathLike, **options):
+    """A runner (`input_names`, `output_names`, `run(feeds) -> dict`) for an engine artifact or its directory.
+    `options` override load-time options (onnxruntime: threads, providers)."""
+    if not isinstance(artifact, EngineArtifact):
+        artifact = EngineArtifact.open(artifact)
+    return _backend_module(artifact.backend).load(artifact, **options)
+
+
+# ---------------------------------------------------------------- timing
+
+
+def summarize(latencies_s: Sequence[float], bs: int, sl: int, warmup: int, timer: str = "perf_counter") -> dict:
+    """One JSON row: latency statistics in ms and throughput = bs*sl / median latency (the hackathon's word/s)."""
+    ms = sorted(1e3 * x for x in latencies_s)
+    if not ms:
+        raise WorkbenchError("no timed iterations: iters must be >= 1")
+    median = statistics.median(ms)
+    return {"bs": bs, "sl": sl, "warmup": warmup, "iters": len(ms), "timer": timer,
+            "median_ms": median, "p90_ms": float(np.percentile(ms, 90)), "mean_ms": statistics.fmean(ms),
+            "min_ms": ms[0], "max_ms": ms[-1], "throughput": bs * sl / (median / 1e3),
+            "latencies_ms": [round(x, 4) for x in ms]}
+
+
+def time_runs(runner, feeds: Mapping[str, np.ndarray], warmup: int, iters: int) -> tuple[list[float], str]:
+    """Seconds per run: the runner's own device timer (`time_runs`) if it has one, else wall clock."""
+    if hasattr(runner, "time_runs"):
+        return runner.time_runs(feeds, warmup, iters)
+    for _ in range(warmup):
+        runner.run(feeds)
+    out = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        runner.run(feeds)
+        out.append(time.perf_counter() - t0)
+    return out, "perf_counter"
+
+
+def bench(runner, cases: Mapping[tuple[int, int], Mapping[str, np.ndarray]], warmup: int = WARMUP,
+          iters: int = ITERS) -> list[dict]:
+    """Latency statistics per (bs, sl) case, as a list of JSON rows (see `summarize`)."""
+    if warmup < 0 or iters < 1:
+        raise WorkbenchError(f"need warmup >= 0 and iters >= 1, got {warmup} and {iters}")
+    rows = []
+    for (bs, sl), feeds in cases.items():
+        lat, timer = time_runs(runner, feeds, warmup, iters)
+        rows.append(summarize(lat, bs, sl, warmup, timer))
+    return rows
+
+
+def format_bench_table(rows: Sequence[dict], title: str = "") -> str:
+    rule = "----+-----+------------+------------+------------+----------------"
+    lines = ([title] if title else []) + [rule, "  bs|   sl| median (ms)|    p90 (ms)|   mean (ms)| throughput (/s)", rule]
+    for r in rows:
+        lines.append(f"{r['bs']:>4}|{r['sl']:>5}|{r['median_ms']:>12.3f}|{r['p90_ms']:>12.3f}|{r['mean_ms']:>12.3f}|"
+                     f"{r['throughput']:>16.1f}")
+    lines.append(rule)
+    return "\n".join(lines)

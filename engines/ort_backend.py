@@ -1,0 +1,176 @@
+"""ONNX Runtime backend (the verified one): CPU by default, any execution provider via `providers`.
+
+Artifact files: `<kind>.onnx` (a byte copy of the source model, loaded at run time), `<kind>.optimized.onnx`
+(ONNX Runtime's graph after ORT_ENABLE_ALL optimisation, saved through `optimized_model_filepath`, so a person
+can see which kernels run, QDQ fusions into integer kernels included) and `kernels.json` (`int8_kernel_report`).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from engines.base import EngineArtifact, check_in_range, physical_cores
+from evaluation.interface import INTERFACES
+from evaluation.runners import OrtRunner, interface_mismatch
+from workbench.errors import WorkbenchError
+from workbench.fsutil import write_json
+
+UNKEYED_OPTIONS = ()
+KNOWN_OPTIONS = ("threads", "providers")
+
+# ONNX Runtime CPU/CUDA kernels that compute in integers (QDQ groups fused by the optimiser, or
+# QOperator-format ops); anything else named QLinear* or *Integer* counts too.
+INTEGER_KERNELS = frozenset({
+    "QLinearConv", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat", "ConvInteger", "QGemm",
+    "DynamicQuantizeMatMul", "DynamicQuantizeLSTM", "QAttention", "QEmbedLayerNormalization", "QOrderedMatMul",
+    "QOrderedAttention", "QOrderedLayerNormalization", "QOrderedGelu", "MatMulNBits", "QMoE",
+})
+FLOAT_COMPUTE = frozenset({"MatMul", "Gemm", "Conv", "FusedMatMul", "FusedGemm", "FusedConv", "Attention",
+                           "MultiHeadAttention"})
+
+
+def is_integer_kernel(op_type: str) -> bool:
+    return op_type in INTEGER_KERNELS or op_type.startswith("QLinear") or "Integer" in op_type
+
+
+def versions() -> dict:
+    import onnxruntime as ort
+
+    return {"onnxruntime": ort.__version__}
+
+
+def check_usable() -> None:
+    """ONNX Runtime is a core dependency: always usable."""
+
+
+def normalize_options(options: Mapping) -> dict:
+    import onnxruntime as ort
+
+    unknown = set(options) - set(KNOWN_OPTIONS)
+    if unknown:
+        raise WorkbenchError(f"unknown onnxruntime build options {sorted(unknown)}: known are {', '.join(KNOWN_OPTIONS)}")
+    threads = options.get("threads")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise WorkbenchError(f"threads must be a positive integer, got {threads!r}")
+    providers = list(options.get("providers") or ["CPUExecutionProvider"])
+    missing = [p for p in providers if p not in ort.get_available_providers()]
+    if missing:
+        raise WorkbenchError(f"execution providers {missing} are not available in this onnxruntime "
+                             f"(available: {', '.join(ort.get_available_providers())})")
+    return {"threads": threads, "providers": providers}
+
+
+def _session_options(threads: int | None, optimized_path: Path | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads or physical_cores()
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if optimized_path is not None:
+        so.optimized_model_filepath = str(optimized_path)
+        so.log_severity_level = 3  # its warning: the saved graph is machine-specific (it is for reading only)
+    return so
+
+
+def build_files(onnx_path: Path, tmp: Path, kind: str, shapes: dict, options: dict) -> tuple[dict, dict]:
+    """Write the artifact's files into `tmp`; returns ({role: file name}, extra engine.json fields)."""
+    import onnxruntime as ort
+
+    from engines.base import onnx_io
+
+    io = onnx_io(onnx_path)
+    inputs, outputs = INTERFACES[kind]
+    problems = "; ".join(p for p in (interface_mismatch(kind, "inputs", inputs, list(io["inputs"])),
+                                     interface_mismatch(kind, "outputs", outputs, list(io["outputs"]))) if p)
+    if problems:
+        raise WorkbenchError(f"{onnx_path} does not have WeNet's {kind} interface: {problems}")
+    engine, optimized = f"{kind}.onnx", f"{kind}.optimized.onnx"
+    shutil.copyfile(onnx_path, tmp / engine)
+    try:
+        ort.InferenceSession(str(tmp / engine), _session_options(options["threads"], tmp / optimized),
+                             providers=options["providers"])
+    except Exception as e:  # ORT's load errors derive from Exception only
+        raise WorkbenchError(f"ONNX Runtime cannot build {onnx_path}: {e}") from e
+    if not (tmp / optimized).is_file():
+        raise WorkbenchError(f"ONNX Runtime did not write the optimised model for {onnx_path}")
+    report = _kernel_report(tmp / engine, tmp / optimized)
+    write_json(tmp / "kernels.json", report)
+    summary = {k: report[k] for k in ("integer_kernel_total", "input_quantize_linear", "input_dequantize_linear")}
+    return {"engine": engine, "optimized": optimized, "kernels": "kernels.json"}, {"int8_kernels": summary}
+
+
+class OrtEngineRunner:
+    """A runner over an ONNX Runtime engine artifact: the evaluator's interface checks plus built shape ranges."""
+
+    def __init__(self, artifact: EngineArtifact, threads: int | None = None, providers=None):
+        path = artifact.verified_file("engine")
+        opts = artifact.meta["options"]
+        self.threads = threads or opts.get("threads") or physical_cores()
+        self.providers = list(providers or opts.get("providers") or ["CPUExecutionProvider"])
+        self.artifact = artifact
+        self._ort = OrtRunner(path, threads=self.threads, providers=self.providers, kind=artifact.kind)
+        self.kind = artifact.kind
+        self.path = self._ort.path
+        self.input_names, self.output_names = self._ort.input_names, self._ort.output_names
+        self.session = self._ort.session
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._ort.check_feeds(feeds)
+        check_in_range(self.artifact.shapes, feeds, f"engine {self.artifact.path}")
+        return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+
+
+def load(artifact: EngineArtifact, threads: int | None = None, providers=None) -> OrtEngineRunner:
+    if artifact.backend != "onnxruntime":
+        raise WorkbenchError(f"{artifact.path} is a {artifact.backend} engine, not an onnxruntime one")
+    return OrtEngineRunner(artifact, threads=threads, providers=providers)
+
+
+def _op_counts(graph) -> Counter:
+    counts: Counter = Counter()
+    for node in graph.node:
+        counts[node.op_type] += 1
+        for attr in node.attribute:  # If / Loop / Scan bodies
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                counts += _op_counts(sub)
+    return counts
+
+
+def _kernel_report(source: Path, optimized: Path) -> dict:
+    import onnx
+
+    src = _op_counts(onnx.load(str(source), load_external_data=False).graph)
+    opt = _op_counts(onnx.load(str(optimized), load_external_data=False).graph)
+    integer = {op: n for op, n in sorted(opt.items()) if is_integer_kernel(op)}
+    return {
+        "integer_kernels": integer,
+        "integer_kernel_total": sum(integer.values()),
+        "float_compute_kernels": {op: n for op, n in sorted(opt.items()) if op in FLOAT_COMPUTE},
+        "input_quantize_linear": src.get("QuantizeLinear", 0),
+        "input_dequantize_linear": src.get("DequantizeLinear", 0),
+        "optimized_quantize_linear": opt.get("QuantizeLinear", 0),
+        "optimized_dequantize_linear": opt.get("DequantizeLinear", 0),
+        "input_node_count": sum(src.values()),
+        "optimized_node_count": sum(opt.values()),
+        "optimized_op_counts": dict(sorted(opt.items(), key=lambda kv: (-kv[1], kv[0]))),
+    }
+
+
+def int8_kernel_report(artifact: EngineArtifact | str | os.PathLike) -> dict:
+    """Op-type counts of ONNX Runtime's optimised graph: integer kernels (QLinearMatMul, MatMulIntegerToFloat,
+    ...) against the QuantizeLinear/DequantizeLinear count of the input model, and float compute left."""
+    if not isinstance(artifact, EngineArtifact):
+        artifact = EngineArtifact.open(artifact)
+    if artifact.backend != "onnxruntime":
+        raise WorkbenchError(f"int8_kernel_report reads ONNX Runtime's optimised graph, but {artifact.path} is a "
+                             f"{artifact.backend} engine (its per-layer precisions are in its layers file)")
+    report = _kernel_report(artifact.file("engine"), artifact.file("optimized"))
+    return {"engine": str(artifact.path), "kind": artifact.kind, "providers": artifact.meta["options"]["providers"],
+            **report}
