@@ -257,6 +257,7 @@ class Experiment:
         all_of = lambda kind, prec: {n: prec for n in ws.int8_nodes(kind)}  # noqa: E731
         steps = tqdm(total=2 + len(self.methods), desc="baselines", disable=not self.progress)
         baselines = [self.full_record(ws, "FP32", fp32, precision="fp32", calibrator=None)]
+        baseline_models = {"FP32": (fp32, {n: "fp32" for k in KINDS for n in self._keys(ws, k)})}
         steps.update(1)
         ref = baselines[0]["accuracy"][cfg["criterion"]["metric"]]
         crit = criterion_threshold(cfg, ref)
@@ -264,12 +265,14 @@ class Experiment:
         try:
             fp16 = {k: ws.model(k, all_of(k, "fp16"), self.methods[0], default="fp16") for k in KINDS}
             baselines.append(self.full_record(ws, "FP16", fp16, precision="fp16", calibrator=None))
+            baseline_models["FP16"] = (fp16, {n: "fp16" for k in KINDS for n in self._keys(ws, k)})
         except Exception as exc:  # noqa: BLE001 - an FP16 graph the backend cannot run is a result, not a crash
             baselines.append({"label": "FP16", "precision": "fp16", "calibrator": None, "error": str(exc)[:300]})
         steps.update(1)
         for m in self.methods:
             models = {k: ws.model(k, all_of(k, "int8"), m) for k in KINDS}
             baselines.append(self.full_record(ws, f"INT8 all ({m})", models, precision="int8", calibrator=m))
+            baseline_models[f"INT8 all ({m})"] = (models, {n: "int8" for k in KINDS for n in self._keys(ws, k)})
             steps.update(1)
         steps.close()
         for b in baselines:
@@ -281,7 +284,7 @@ class Experiment:
         method = best["calibrator"]
 
         sens = self.sensitivity(ws, method)
-        nodes = [_key(k, n) for k in KINDS for n in ws.int8_nodes(k)]
+        nodes = [n for k in KINDS for n in self._keys(ws, k)]
 
         def models_of(flat):
             return {k: ws.model(k, _split_plan(flat, k), method) for k in KINDS}
@@ -304,28 +307,44 @@ class Experiment:
         search_cache.get_or_compute(f"lat:{plan_hash(start)}", lambda: best["latency"])
         result = search(problem, search_cache, progress=self.progress)
 
-        selected = None
-        if result.best is not None:
-            flat = result.plans[result.best["plan_hash"]]
-            models = models_of(flat)
-            selected = {"label": "selected mix", "plan_hash": result.best["plan_hash"], "calibrator": method,
-                        "n_int8": result.best["n_int8"], "n_fallback": result.best["n_fallback"],
-                        "fallback_nodes": sorted(k for k, v in flat.items() if v != "int8"),
-                        "accuracy": result.best["accuracy"], "passed": True,
-                        "latency": result.best["latency"],
-                        "hackathon": {k: v for k, v in self.hackathon(ws, models).items() if k != "rows"}}
-            self._finalize(ws, models, flat)
+        selected = self._select(ws, result, baselines, baseline_models, models_of, method)
         run = {"format": "wb-run/1", "id": self.dir.name, "created": dt.datetime.now(dt.timezone.utc).isoformat(),
                "model": "wenet-small" if not cfg["model"]["weights"] else Path(cfg["model"]["weights"]).stem,
                "backend": cfg["backend"]["name"], "recipe": cfg["quantize"]["recipe"],
                "device": f"CPU: {platform.processor() or platform.machine()}, "
                          f"{cfg['backend']['threads']} threads (ONNX Runtime); TensorRT not measured",
-               "status": result.status, "criterion": crit, "config": cfg, "baselines": baselines,
+               "status": "passed" if selected else result.status, "criterion": crit, "config": cfg, "baselines": baselines,
                "selected": selected, "sensitivity": sens, "trace": result.trace,
                "n_full_evals": result.n_full_evals, "n_cache_hits": result.n_cache_hits,
                "wall_s": round(time.time() - t0, 1)}
         write_json(self.dir / "run.json", run)
         return run
+
+    @staticmethod
+    def _keys(ws: Workspace, kind: str) -> list[str]:
+        return [_key(kind, n) for n in ws.int8_nodes(kind)]
+
+    def _select(self, ws, result, baselines, baseline_models, models_of, method) -> dict | None:
+        """The fastest passing option: the search's best plan, or a passing baseline that turned out faster
+        (e.g. all-INT8 with another calibrator than the one the search started from)."""
+        options = []
+        if result.best is not None:
+            flat = result.plans[result.best["plan_hash"]]
+            options.append((result.best["latency"]["objective_ms"], "search", models_of(flat), flat,
+                            result.best, method))
+        for b in baselines:
+            if b.get("passed") and b["label"] in baseline_models:
+                models, flat = baseline_models[b["label"]]
+                options.append((b["latency"]["objective_ms"], b["label"], models, flat, b, b["calibrator"]))
+        if not options:
+            return None
+        _, source, models, flat, rec, calibrator = min(options, key=lambda o: o[0])
+        self._finalize(ws, models, flat)
+        return {"label": "selected mix", "source": source, "plan_hash": plan_hash(flat), "calibrator": calibrator,
+                "n_int8": sum(v == "int8" for v in flat.values()), "n_fallback": sum(v != "int8" for v in flat.values()),
+                "fallback_nodes": sorted(k for k, v in flat.items() if v != "int8"),
+                "accuracy": rec["accuracy"], "passed": True, "latency": rec["latency"],
+                "hackathon": {k: v for k, v in self.hackathon(ws, models).items() if k != "rows"}}
 
     def _passes(self, crit: dict):
         if crit["kind"] == "hackathon":

@@ -268,7 +268,7 @@ def _placeholder(title: str, why: str) -> bytes:
 def _percent_axis(axis, metric: str) -> None:
     if metric.startswith(("cer", "wer")):
         from matplotlib.ticker import PercentFormatter
-        axis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=1))
+        axis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=2))
 
 
 def plot_sensitivity(run: dict) -> bytes:
