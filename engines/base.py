@@ -23,7 +23,7 @@ import numpy as np
 from evaluation.interface import BEAM, FEATURE_DIM, MAX_HYP_PAD
 from evaluation.runners import OrtRunner
 from workbench.errors import WorkbenchError
-from workbench.fsutil import atomic_dir, read_json, write_json
+from workbench.fsutil import atomic_dir, read_json, sha256_file, write_json
 
 FORMAT = "workbench-engine"
 FORMAT_VERSION = 1
@@ -40,13 +40,6 @@ Shapes = dict[str, dict[str, list[int]]]  # input name -> {"min": dims, "opt": d
 
 # ---------------------------------------------------------------- model signature and shape ranges
 
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def onnx_io(onnx_path: str | os.PathLike) -> dict:

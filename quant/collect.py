@@ -146,6 +146,9 @@ def _session(model: onnx.ModelProto, outputs: list[str], vinfo: dict, threads: i
         m.graph.output.append(out)
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    # Without the arena, buffers of a long batch go back to the allocator instead of staying reserved for the
+    # rest of the pass: peak memory then follows the longest batch, not the number of samples.
+    so.enable_cpu_mem_arena = False
     if threads:
         so.intra_op_num_threads = threads
     try:

@@ -174,15 +174,17 @@ class Experiment:
                        self.eval_texts, DEFAULT_VOCAB, progress=False)
         return {k: res[k] for k in METRICS}
 
-    def latency(self, ws: Workspace, models: dict[str, Path]) -> dict:
+    def latency(self, ws: Workspace, models: dict[str, Path], search: bool = False) -> dict:
+        """Median latency per grid case and their sum (the objective); `search` uses the search's fewer runs."""
         lat = self.cfg["latency"]
+        warmup, iters = (lat["search_warmup"], lat["search_iters"]) if search else (lat["warmup"], lat["iters"])
         rows, total = [], 0.0
         for kind in lat["models"]:
             runner = ws.runner(models[kind])
-            for r in engines.bench(runner, self.cases[kind], warmup=lat["warmup"], iters=lat["iters"]):
+            for r in engines.bench(runner, self.cases[kind], warmup=warmup, iters=iters):
                 rows.append({"model": kind, **{k: r[k] for k in ("bs", "sl", "median_ms", "p90_ms", "throughput")}})
                 total += r["median_ms"]
-        return {"objective_ms": total, "cases": rows}
+        return {"objective_ms": total, "cases": rows, "warmup": warmup, "iters": iters}
 
     def hackathon(self, ws: Workspace, models: dict[str, Path]) -> dict:
         ref = {k: ws.runner(ws.fp32[k]) for k in KINDS}
@@ -299,7 +301,7 @@ class Experiment:
 
         problem = SearchProblem(
             nodes=nodes, fallback=cfg["quantize"]["fallback"], accuracy=accuracy_of, passes=passes,
-            latency=lambda flat: self.latency(ws, models_of(flat)), sensitivity=sens,
+            latency=lambda flat: self.latency(ws, models_of(flat), search=True), sensitivity=sens,
             groups=self._groups(ws), max_full_evals=cfg["budget"]["max_full_evals"])
         start = {n: "int8" for n in nodes}
         search_cache = EvalCache(self.dir / f"search_cache.{method}.jsonl")
@@ -326,7 +328,8 @@ class Experiment:
 
     def _select(self, ws, result, baselines, baseline_models, models_of, method) -> dict | None:
         """The fastest passing option: the search's best plan, or a passing baseline that turned out faster
-        (e.g. all-INT8 with another calibrator than the one the search started from)."""
+        (e.g. all-INT8 with another calibrator than the one the search started from). Options within the
+        latency tie tolerance of the fastest are equally fast; the most accurate of them wins."""
         options = []
         if result.best is not None:
             flat = result.plans[result.best["plan_hash"]]
@@ -338,12 +341,19 @@ class Experiment:
                 options.append((b["latency"]["objective_ms"], b["label"], models, flat, b, b["calibrator"]))
         if not options:
             return None
-        _, source, models, flat, rec, calibrator = min(options, key=lambda o: o[0])
+        fastest = min(o[0] for o in options)
+        tol = self.cfg["latency"]["tie_tolerance"]
+        ties = [o for o in options if o[0] <= fastest * (1 + tol)]
+        metric = self.cfg["criterion"]["metric"]
+        _, source, models, flat, rec, calibrator = min(ties, key=lambda o: (o[4]["accuracy"][metric], o[0]))
         self._finalize(ws, models, flat)
+        latency = rec["latency"]
+        if source == "search":  # re-time with the full protocol, as the baselines were
+            latency = self.cache.get_or_compute(f"final-lat:{plan_hash(flat)}", lambda: self.latency(ws, models))
         return {"label": "selected mix", "source": source, "plan_hash": plan_hash(flat), "calibrator": calibrator,
                 "n_int8": sum(v == "int8" for v in flat.values()), "n_fallback": sum(v != "int8" for v in flat.values()),
                 "fallback_nodes": sorted(k for k, v in flat.items() if v != "int8"),
-                "accuracy": rec["accuracy"], "passed": True, "latency": rec["latency"],
+                "accuracy": rec["accuracy"], "passed": True, "latency": latency,
                 "hackathon": {k: v for k, v in self.hackathon(ws, models).items() if k != "rows"}}
 
     def _passes(self, crit: dict):

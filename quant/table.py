@@ -14,14 +14,13 @@ big-endian IEEE-754 bits of the float32 scale (amax / 127). Reading gives amax =
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import struct
 from pathlib import Path
 
 from workbench.errors import WorkbenchError
-from workbench.fsutil import atomic_path, read_json, write_json
+from workbench.fsutil import atomic_path, read_json, sha256_file, write_json
 
 from .methods import AMAX_FLOOR
 
@@ -29,13 +28,6 @@ FORMAT = "wb-calibration-table/1"
 QMAX = 127.0
 TRT_HEADER = "TRT-8601-EntropyCalibration2"
 
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class CalibrationTable:
@@ -130,7 +122,7 @@ def build_table(model_path: str | os.PathLike, stats: dict, amaxes: dict[str, di
         }
     data = {
         "format": FORMAT,
-        "model": {"path": str(model_path), "sha256": file_sha256(model_path) if Path(model_path).is_file() else None},
+        "model": {"path": str(model_path), "sha256": sha256_file(model_path) if Path(model_path).is_file() else None},
         "data": data_info, "bins": bins, "default_method": default_method, "tensors": tensors,
         "weights": weights or {},
     }

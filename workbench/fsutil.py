@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -72,3 +73,11 @@ def read_json(path: str | os.PathLike) -> Any:
         raise WorkbenchError(f"file not found: {path}") from exc
     except json.JSONDecodeError as exc:
         raise WorkbenchError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
