@@ -13,7 +13,7 @@ while [ $# -gt 0 ]; do
         --quick) QUICK=(--quick) ;;
         --out) OUT_DIR="$2"; shift ;;
         --config) CONFIG=(--config "$2"); shift ;;
-        -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,7p' "$0"; exit 0 ;;
         *) echo "build.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
