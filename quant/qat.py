@@ -1,0 +1,379 @@
+"""Quantization-aware fine-tuning (QAT) of the PyTorch ASR model and export to a Q/DQ ONNX model (issue 8).
+
+Why not NVIDIA ModelOpt (`modelopt.torch.quantization`): `nvidia-modelopt[onnx]` pins older onnx/onnxruntime
+and downgrades them in this environment (pin conflict with the rest of the workbench).  What QAT needs for
+TensorRT is small, so we keep our own fake quantizer:
+
+  * `FakeQuant`: symmetric INT8 (-128..127, zero point 0), per-tensor for activations, per-channel (output
+    channel) for weights, straight-through estimator (PyTorch's fake-quantize ops pass the gradient through
+    inside the clip range and zero it outside).  `amax` is a buffer (not learned), floored at 1e-8 so every
+    scale stays positive.  Activations' amax comes from our calibration table, weights' from their
+    per-channel max |w|.
+  * `insert_quantizers`: quantize exactly the nn.Linear / nn.Conv1d / nn.Conv2d whose ONNX node the plan
+    marks int8 (input activation + weight).  The module's class is swapped in place (parameters, names and
+    hence ONNX node names unchanged); `remove_quantizers` swaps it back.
+  * `export_qat_onnx`: `models.export.export_onnx` of the quantized model (same names/dtypes/dynamic axes).
+    The legacy exporter turns `torch.fake_quantize_per_{tensor,channel}_affine` into QuantizeLinear +
+    DequantizeLinear (opset >= 13); the weights' float-initializer -> QuantizeLinear is then folded into an
+    INT8 initializer so each weight reads INT8 -> DequantizeLinear(axis) as TensorRT and `graph.validate`
+    expect.
+  * `qat_finetune`: a minimal Adam loop on the model's joint loss, optionally plus KL distillation from a
+    frozen FP32 teacher on the CTC log-probs.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from graph.analysis import analyze
+from workbench.errors import WorkbenchError
+from workbench.fsutil import atomic_path
+
+QMIN, QMAX = -128, 127
+AMAX_FLOOR = 1e-8  # as quant.methods.AMAX_FLOOR: a positive scale even for constant-zero tensors
+
+
+# --------------------------------------------------------------------------------------------- quantizer
+class FakeQuant(nn.Module):
+    """Symmetric INT8 fake quantizer.  `axis=None`: per-tensor (0-d amax); else per-channel along `axis`
+    (1-D amax).  `amax=None` (per-tensor only): set from max |x| of the first batch seen."""
+
+    def __init__(self, amax: float | torch.Tensor | None = None, axis: int | None = None):
+        super().__init__()
+        self.axis = axis
+        self.enabled = True
+        if amax is None:
+            if axis is not None:
+                raise ValueError("a per-channel FakeQuant needs its amax")
+            amax_t, init = torch.tensor(1.0), False
+        else:
+            amax_t, init = torch.as_tensor(amax, dtype=torch.float32).detach().clone(), True
+        if axis is None and amax_t.ndim != 0:
+            raise ValueError(f"per-tensor amax must be a scalar, got shape {tuple(amax_t.shape)}")
+        if axis is not None and amax_t.ndim != 1:
+            raise ValueError(f"per-channel amax must be 1-D, got shape {tuple(amax_t.shape)}")
+        self.register_buffer("amax", amax_t.float().clamp(min=AMAX_FLOOR))
+        self.register_buffer("initialized", torch.tensor(init))
+        self._ready = init
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.amax.clamp(min=AMAX_FLOOR) / QMAX
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if not self._ready:  # a Python flag: no device sync per step once initialised
+            if not bool(self.initialized):
+                with torch.no_grad():
+                    self.amax.copy_(x.detach().abs().max().float().clamp(min=AMAX_FLOOR))
+                    self.initialized.fill_(True)
+            self._ready = True
+        dtype = x.dtype
+        if dtype != torch.float32:  # the fake-quantize kernels want float32 (fp16/bf16 under autocast)
+            x = x.float()
+        scale = self.scale
+        if torch.onnx.is_in_onnx_export():
+            # A constant in the traced graph: the exporter's constant folding leaves Clip(amax)/127 unfolded,
+            # and Q/DQ scales must be initializers/Constants (TensorRT, graph.validate).
+            scale = torch.tensor(scale.detach().cpu().numpy(), device=x.device)
+        if self.axis is None:
+            zp = torch.zeros((), dtype=torch.int32, device=x.device)
+            y = torch.fake_quantize_per_tensor_affine(x, scale, zp, QMIN, QMAX)
+        else:
+            zp = torch.zeros(scale.shape, dtype=torch.int32, device=x.device)
+            y = torch.fake_quantize_per_channel_affine(x, scale, zp, self.axis % x.ndim, QMIN, QMAX)
+        return y if dtype == torch.float32 else y.to(dtype)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._ready = False  # re-read `initialized` from the loaded buffer
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        kind = "per-tensor" if self.axis is None else f"per-channel axis={self.axis}"
+        return f"{kind}, amax {'shape ' + str(tuple(self.amax.shape)) if self.amax.ndim else float(self.amax):}"
+
+
+def weight_amax(weight: torch.Tensor, axis: int = 0) -> torch.Tensor:
+    """Per-channel max |w| along `axis` (the output channels), floored at AMAX_FLOOR."""
+    dims = [d for d in range(weight.ndim) if d != axis]
+    return weight.detach().abs().amax(dim=dims).float().clamp(min=AMAX_FLOOR)
+
+
+# --------------------------------------------------------------------------------------------- modules
+class QuantLinear(nn.Linear):
+    """nn.Linear with fake-quantized input and weight.  Computes x @ W^T + b with the weight transposed
+    *before* quantizing (per-channel on axis 1 of W^T = output channels), so that the exported graph is
+    INT8 W^T -> DequantizeLinear(axis=1) -> MatMul with no Transpose between DQ and MatMul (the layout
+    `graph.analysis` gives an FP32 Linear's MatMul weight: [in, out], axis 1)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.matmul(self.input_quantizer(x), self.weight_quantizer(self.weight.t()))
+        return y + self.bias if self.bias is not None else y
+
+
+class QuantConv1d(nn.Conv1d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+
+
+class QuantConv2d(nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+
+
+_QUANT_CLASS = {nn.Linear: QuantLinear, nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d}
+_FLOAT_CLASS = {v: k for k, v in _QUANT_CLASS.items()}
+_ONNX_OPS = {nn.Linear: ("MatMul",), nn.Conv1d: ("Conv",), nn.Conv2d: ("Conv",)}
+
+
+def node_module_path(node_id: str) -> str:
+    """ONNX node id -> module path of the ASRModel, inverting the legacy exporter's scope naming:
+    `/encoder/encoders.0/feed_forward/w_1/MatMul` -> `encoder.encoders.0.feed_forward.w_1`;
+    `/encoder/embed/conv/conv.0/Conv` -> `encoder.embed.conv.0` (a called container's child is named
+    `<container>.<i>`).  The export wrappers hold `encoder`, `ctc`, `decoder` under the ASRModel's names."""
+    parts = [p for p in node_id.split("/") if p][:-1]
+    out: list[str] = []
+    for p in parts:
+        if out and p.startswith(out[-1] + "."):
+            out[-1] = p
+        else:
+            out.append(p)
+    return ".".join(out)
+
+
+def _resolve_module(path: str, modules: dict[str, nn.Module]) -> str:
+    """The module path itself, else the unique module whose path ends with it: a module called through a
+    parent's method rather than its forward (`ctc.log_softmax` -> `ctc_lo`) gets no parent scope, so the
+    node is `/ctc_lo/MatMul` for module `ctc.ctc_lo`."""
+    if path in modules:
+        return path
+    hits = [p for p in modules if p.endswith("." + path)]
+    return hits[0] if len(hits) == 1 else path
+
+
+def _act_amax(table, tensor: str, node_id: str) -> float | None:
+    if table is None:
+        return None
+    if isinstance(table, Mapping):
+        if tensor not in table:
+            raise WorkbenchError(f"calibration table has no amax for tensor {tensor!r} (input of int8 node "
+                                 f"{node_id!r})")
+        a = float(table[tensor])
+    else:  # quant.table.CalibrationTable (its amax is already floored)
+        try:
+            a = float(table.amax(tensor))
+        except WorkbenchError as exc:
+            raise WorkbenchError(f"int8 node {node_id!r}: {exc}") from None
+    if not np.isfinite(a):
+        raise WorkbenchError(f"amax of tensor {tensor!r} (node {node_id!r}) is {a}")
+    return max(a, AMAX_FLOOR)
+
+
+def insert_quantizers(model: nn.Module, plan: dict, table, onnx_fp32_path: str | Path) -> list[str]:
+    """Quantize (in place) the input activation and weight of every Linear/Conv1d/Conv2d whose ONNX node
+    in `onnx_fp32_path` (the FP32 export of this model) the plan marks int8.  `table`: a
+    `quant.table.CalibrationTable`, a plain {tensor name: amax} dict, or None (activation amax = max |x| of
+    the first batch).  Returns the quantized node ids.  Plan nodes of another model (not in this ONNX file)
+    are ignored, so the encoder and decoder plans can be applied one after the other; an int8 node that no
+    Linear/Conv module maps to (e.g. an attention act_matmul) is an error naming it."""
+    analysis = analyze(onnx_fp32_path)
+    qnodes = {q.id: q for q in analysis.quantizable}
+    modules = dict(model.named_modules())
+    int8 = [nid for nid, p in plan["nodes"].items() if p == "int8" and nid in qnodes]
+    missing = [nid for nid, p in plan["nodes"].items() if p == "int8" and nid not in qnodes]
+    if missing and not int8:
+        raise WorkbenchError(f"int8 plan node {missing[0]!r} is not a quantizable node of {onnx_fp32_path} "
+                             f"(plan for another model?)")
+    todo = []
+    for nid in int8:
+        q = qnodes[nid]
+        path = _resolve_module(node_module_path(nid), modules)
+        mod = modules.get(path)
+        if mod is None or type(mod) not in _QUANT_CLASS or q.op not in _ONNX_OPS[type(mod)] \
+                or q.kind == "act_matmul":
+            what = "no module" if mod is None else f"a {type(mod).__name__}"
+            raise WorkbenchError(f"int8 node {nid!r} ({q.op}, {q.kind}) has no quantizable PyTorch module: "
+                                 f"{path!r} is {what} (QAT quantizes only Linear->MatMul and Conv1d/Conv2d->Conv)")
+        todo.append((nid, mod, _act_amax(table, q.act_inputs[0], nid)))
+    for nid, mod, act in todo:  # everything checked first, then the model is changed
+        cls = type(mod)
+        w_axis = 1 if cls is nn.Linear else 0  # QuantLinear quantizes W^T
+        w = mod.weight.t() if cls is nn.Linear else mod.weight
+        mod.__class__ = _QUANT_CLASS[cls]
+        dev = mod.weight.device
+        mod.input_quantizer = FakeQuant(act).to(dev)
+        mod.weight_quantizer = FakeQuant(weight_amax(w, w_axis), axis=w_axis).to(dev)
+    return [nid for nid, _, _ in todo]
+
+
+def quantizers(model: nn.Module) -> dict[str, FakeQuant]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, FakeQuant)}
+
+
+def refresh_weight_amax(model: nn.Module) -> None:
+    """Re-initialise every weight quantizer's amax from the current weights (e.g. after loading others)."""
+    for m in model.modules():
+        if type(m) in _FLOAT_CLASS:
+            w = m.weight.t() if isinstance(m, QuantLinear) else m.weight
+            m.weight_quantizer.amax.copy_(weight_amax(w, m.weight_quantizer.axis))
+
+
+def remove_quantizers(model: nn.Module) -> None:
+    """Undo `insert_quantizers` (fine-tuned weights are kept)."""
+    for m in model.modules():
+        if type(m) in _FLOAT_CLASS:
+            del m.input_quantizer, m.weight_quantizer
+            m.__class__ = _FLOAT_CLASS[type(m)]
+
+
+# --------------------------------------------------------------------------------------------- export
+def fold_weight_quantize(model: onnx.ModelProto) -> int:
+    """In place: every QuantizeLinear whose input is a float initializer becomes an INT8 initializer (the
+    rounding ONNX's QuantizeLinear does: round half to even, saturate to -128..127); its DequantizeLinear
+    consumers read it directly.  Returns how many were folded."""
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    consts = dict(inits)
+    for n in g.node:  # the exporter may leave scales/zero points as Constant nodes
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            consts[n.output[0]] = n.attribute[0].t
+    folded, keep = 0, []
+    users = {}
+    for n in g.node:
+        for i in n.input:
+            users[i] = users.get(i, 0) + 1
+    for n in g.node:
+        if n.op_type == "QuantizeLinear" and n.input[0] in inits and n.input[1] in consts:
+            x = numpy_helper.to_array(inits[n.input[0]]).astype(np.float32)
+            s = numpy_helper.to_array(consts[n.input[1]]).astype(np.float32)
+            zp = numpy_helper.to_array(consts[n.input[2]]) if len(n.input) > 2 and n.input[2] else None
+            if zp is not None and zp.dtype != np.int8:
+                keep.append(n)
+                continue
+            if s.ndim == 1:
+                axis = next((a.i for a in n.attribute if a.name == "axis"), 1) % x.ndim
+                shape = [1] * x.ndim
+                shape[axis] = -1
+                s = s.reshape(shape)
+            z = zp.astype(np.float32).reshape(s.shape) if zp is not None else 0.0
+            q = np.clip(np.rint(x / s) + z, QMIN, QMAX).astype(np.int8)
+            g.initializer.append(numpy_helper.from_array(q, n.output[0]))
+            folded += 1
+            if users.get(n.input[0], 0) == 1:
+                g.initializer.remove(inits.pop(n.input[0]))
+        else:
+            keep.append(n)
+    del g.node[:]
+    g.node.extend(keep)
+    return folded
+
+
+def export_qat_onnx(model: nn.Module, out_dir: str | Path, opset: int = 13, **kwargs) -> tuple[Path, Path]:
+    """`models.export.export_onnx` of a model with quantizers (same inputs/outputs/dynamic axes), then
+    `fold_weight_quantize` on both files.  Returns (encoder.onnx, decoder.onnx)."""
+    from models.export import export_onnx
+
+    if not quantizers(model):
+        raise WorkbenchError("the model has no quantizers: call insert_quantizers first (or export_onnx)")
+    if any(not bool(q.initialized) for q in quantizers(model).values()):
+        raise WorkbenchError("some activation quantizers have no amax yet (table=None and no forward pass)")
+    paths = export_onnx(model, out_dir, opset=opset, **kwargs)
+    for p in paths:
+        m = onnx.load(str(p))
+        if fold_weight_quantize(m):
+            onnx.checker.check_model(m)
+            with atomic_path(p) as tmp:
+                onnx.save(m, str(tmp))
+    return paths
+
+
+# --------------------------------------------------------------------------------------------- fine-tune
+def _ctc_log_probs(model: nn.Module, speech, speech_lengths):
+    enc, mask = model.encoder(speech, speech_lengths)
+    return model.ctc.log_softmax(enc), mask
+
+
+def kd_loss(student_logp: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tensor,
+            temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) over the vocabulary, averaged over valid frames.  mask: (B, 1, T') True=valid."""
+    t = temperature
+    s = torch.log_softmax(student_logp.float() / t, dim=-1)
+    p = torch.log_softmax(teacher_logp.float() / t, dim=-1)
+    kl = (p.exp() * (p - s)).sum(-1)  # (B, T')
+    m = mask.squeeze(1).to(kl.dtype)
+    return (kl * m).sum() / m.sum().clamp(min=1) * (t * t)
+
+
+def _unpack(batch):
+    if isinstance(batch, Mapping):
+        return batch["speech"], batch["speech_lengths"], batch["text"], batch["text_lengths"]
+    return tuple(batch)
+
+
+def qat_finetune(model: nn.Module, batches: Iterable, steps: int, lr: float = 1e-5, *,
+                 teacher: nn.Module | None = None, kd_weight: float = 0.0, temperature: float = 1.0,
+                 grad_clip: float = 5.0, freeze_bn: bool = True, log_every: int = 0) -> list[float]:
+    """Fine-tune `model` (with quantizers) for `steps` Adam steps over `batches` (cycled): each batch is
+    (speech, speech_lengths, text, text_lengths) or a dict with those keys.  Loss = the model's joint
+    loss (+ kd_weight * KL from `teacher`'s CTC log-probs, teacher frozen; pass e.g. a deepcopy of the FP32
+    model made before insert_quantizers).  freeze_bn: BatchNorm keeps its running statistics (usual for
+    QAT: the calibrated ranges assume them).  Returns the per-step losses.  Leaves the model in eval()."""
+    if steps <= 0:
+        return []
+    if kd_weight > 0 and teacher is None:
+        raise WorkbenchError("kd_weight > 0 needs a teacher model")
+    batches = list(batches) if not isinstance(batches, list) else batches
+    if not batches:
+        raise WorkbenchError("qat_finetune: no batches")
+    if teacher is not None:
+        teacher.eval().requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    captured = {}
+    hook = model.encoder.register_forward_hook(lambda m, i, o: captured.__setitem__("enc", o))
+    losses = []
+    try:
+        model.train()
+        if freeze_bn:
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        for step, batch in zip(range(steps), itertools.cycle(batches)):
+            speech, speech_lengths, text, text_lengths = _unpack(batch)
+            out = model(speech, speech_lengths, text, text_lengths)
+            loss = out["loss"]
+            if teacher is not None and kd_weight > 0:
+                enc, mask = captured["enc"]
+                with torch.no_grad():
+                    t_logp, _ = _ctc_log_probs(teacher, speech, speech_lengths)
+                loss = loss + kd_weight * kd_loss(model.ctc.log_softmax(enc), t_logp, mask, temperature)
+            if not torch.isfinite(loss):
+                raise WorkbenchError(f"qat_finetune: loss is {loss.item()} at step {step}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip:
+                nn.utils.clip_grad_norm_(params, grad_clip)
+            opt.step()
+            losses.append(float(loss.detach()))
+            if log_every and step % log_every == 0:
+                print(f"qat step {step}: loss {losses[-1]:.4f}")
+    finally:
+        hook.remove()
+        model.eval()
+    return losses
+
+
+def fp32_teacher(model: nn.Module) -> nn.Module:
+    """A frozen FP32 copy (quantizers removed) to distil from."""
+    t = copy.deepcopy(model)
+    remove_quantizers(t)
+    return t.eval().requires_grad_(False)
