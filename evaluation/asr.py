@@ -36,9 +36,10 @@ def check_feats(feats: Sequence[np.ndarray]) -> list[np.ndarray]:
 
 
 def pad_batch(feats: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Zero-pad to the longest utterance: (`speech` [B,T,80] float32, `speech_lengths` [B] int32)."""
+    """Zero-pad to the longest utterance: (`speech` [B,T,F] float32, `speech_lengths` [B] int32)."""
     lengths = np.array([len(f) for f in feats], dtype=np.int32)
-    speech = np.zeros((len(feats), int(lengths.max()), FEATURE_DIM), dtype=np.float32)
+    dim = feats[0].shape[1] if np.ndim(feats[0]) == 2 else FEATURE_DIM
+    speech = np.zeros((len(feats), int(lengths.max()), dim), dtype=np.float32)
     for b, f in enumerate(feats):
         speech[b, : len(f)] = f
     return speech, lengths

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from evaluation import asr
 from workbench.errors import WorkbenchError
 
 from .histogram import DEFAULT_BINS, NonFiniteError, TensorStats
@@ -99,12 +100,8 @@ def encoder_feeds(split, batch_size: int = 16, limit: int | None = None, indices
 
 def pad_batch(feats: list[np.ndarray]) -> dict[str, np.ndarray]:
     """[T_i, F] arrays -> {"speech": float32 [B, max T, F] zero-padded, "speech_lengths": int32 [B]}."""
-    lens = np.array([f.shape[0] for f in feats], dtype=np.int32)
-    dim = feats[0].shape[1] if feats[0].ndim == 2 else 0
-    speech = np.zeros((len(feats), int(lens.max()), dim), dtype=np.float32)
-    for b, f in enumerate(feats):
-        speech[b, :f.shape[0]] = f
-    return {"speech": speech, "speech_lengths": lens}
+    speech, lengths = asr.pad_batch(feats)
+    return {"speech": speech, "speech_lengths": lengths}
 
 
 # --------------------------------------------------------------------------- model

@@ -27,6 +27,7 @@ from workbench.errors import WorkbenchError
 from workbench.fsutil import write_json
 
 from .calibrate import calibrate
+from .collect import pad_batch as encoder_batch
 from .evalcache import EvalCache
 from .experiment import criterion_threshold, resolve_backend_and_recipe
 from .search import SearchProblem, plan_hash, search
@@ -61,9 +62,13 @@ class Workspace:
         self.analysis = {k: analyze(str(p)) for k, p in fp32.items()}
         self.tables: dict[str, dict[str, Path]] = {}  # method -> kind -> table path
         self._runners: dict[Path, object] = {}
+        self._plans: dict[tuple[str, str], dict] = {}
 
     def base_plan(self, kind: str, default: str) -> dict:
-        return create_plan(self.analysis[kind], default=default)
+        """Every node at `default` (callers derive new plans with edit_plan; this one is never mutated)."""
+        if (kind, default) not in self._plans:
+            self._plans[kind, default] = create_plan(self.analysis[kind], default=default)
+        return self._plans[kind, default]
 
     def int8_nodes(self, kind: str) -> list[str]:
         return [n for n, p in self.base_plan(kind, "int8")["nodes"].items() if p == "int8"]
@@ -134,8 +139,7 @@ class Experiment:
         c, d = self.cfg["calibration"], self.cfg["data"]
         feats = [self.calib.features(i) for i in range(min(d["calib_utts"], len(self.calib)))]
         bs = c["batch_size"]
-        enc_feeds = [dict(zip(("speech", "speech_lengths"), pad_batch(feats[s:s + bs])))
-                     for s in range(0, len(feats), bs)]
+        enc_feeds = [encoder_batch(feats[s:s + bs]) for s in range(0, len(feats), bs)]
         methods = c["methods"]
         keys = [f"percentile_{c['percentile']:g}" if m == "percentile" else m for m in methods]
         for kind in KINDS:
@@ -227,8 +231,7 @@ class Experiment:
             a, b = fp32_enc.run(["encoder_out"], feeds)[0], int8_enc.run(["encoder_out"], feeds)[0]
             err.append(_nsr(b, a))
         rank = [pool[i] for i in np.argsort(err)[::-1][: d["ranking_utts"]]]
-        speech, lens = pad_batch(rank)
-        enc_feeds = {"speech": speech, "speech_lengths": lens}
+        enc_feeds = encoder_batch(rank)
         dec_feeds = only_inputs_of(ws.runner(ws.fp32["decoder"]),
                                    self.decoder_calib_feeds(ws.runner(ws.fp32["encoder"]), rank, len(rank))[0])
         feeds, out = {"encoder": enc_feeds, "decoder": dec_feeds}, {"encoder": "encoder_out", "decoder": "decoder_out"}
