@@ -39,6 +39,9 @@ class TrainConfig:
     lr_step_offset: int = 0  # continue WarmupLR from this step (the steps the init weights already had)
     rewarm_steps: int = 200  # linear ramp for the fresh Adam moments of a continued run
     time_limit_s: float = 0.0  # stop (and checkpoint) after this many seconds; 0 = no limit
+    kd_weight: float = 0.0  # + kd_weight * KL(teacher || student) on the CTC posteriors (needs a teacher)
+    kd_temperature: float = 1.0
+    freeze_bn: bool = False  # BatchNorm keeps its running statistics (QAT: the calibrated ranges assume them)
 
 
 def warmup_lr(step: int, peak: float, warmup: int) -> float:
@@ -70,6 +73,26 @@ class Batches:
             batches.append(np.array(cur))
         self.rng.shuffle(batches)
         return batches
+
+
+def kd_loss(student_logp: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tensor,
+            temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) over the vocabulary, averaged over valid frames (mask: (B, 1, T') True=valid),
+    scaled by T^2 as in Hinton et al. so the gradient size does not depend on the temperature."""
+    t = temperature
+    s = torch.log_softmax(student_logp.float() / t, dim=-1)
+    p = torch.log_softmax(teacher_logp.float() / t, dim=-1)
+    kl = (p.exp() * (p - s)).sum(-1)
+    m = mask.squeeze(1).to(kl.dtype)
+    return (kl * m).sum() / m.sum().clamp(min=1) * (t * t)
+
+
+def set_train_mode(model: torch.nn.Module, freeze_bn: bool) -> None:
+    model.train()
+    if freeze_bn:
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
 
 
 def collate(split, idx: np.ndarray, vocab: CharVocab):
@@ -145,7 +168,6 @@ def greedy_cer(model: ASRModel, split, n: int, device: torch.device, vocab: Char
             ids = [t for j, t in enumerate(row[:L]) if t != 0 and (j == 0 or t != row[j - 1])]
             hyps.append(vocab.decode(ids))
         refs.extend(split.texts[int(i)] for i in idx)
-    model.train()
     return cer(refs, hyps)["cer"]
 
 
@@ -156,17 +178,26 @@ def save_checkpoint(path: Path, model, opt, step: int, tcfg: TrainConfig) -> Non
 
 
 def train(model_cfg: ModelConfig, train_split, val_split, out_dir: str | Path, tcfg: TrainConfig,
-          cmvn: dict, device: str | None = None, resume: bool = True, progress: bool = True,
-          vocab: CharVocab = DEFAULT_VOCAB) -> ASRModel:
-    """Train until tcfg.steps (or the time limit); checkpoints to out_dir/checkpoint.pt, logs to out_dir/train_log.jsonl."""
+          cmvn: dict | None, device: str | None = None, resume: bool = True, progress: bool = True,
+          vocab: CharVocab = DEFAULT_VOCAB, model: ASRModel | None = None,
+          teacher: ASRModel | None = None) -> ASRModel:
+    """Train until tcfg.steps (or the time limit); checkpoints to out_dir/checkpoint.pt, logs to out_dir/train_log.jsonl.
+    `model`: train this prepared model (e.g. with QAT quantizers) instead of a new one of `model_cfg`
+    (cmvn and init_weights then do not apply).  `teacher`: a frozen model to distil from (tcfg.kd_weight)."""
     if len(train_split) == 0:
         raise WorkbenchError("the training split is empty")
+    if tcfg.kd_weight > 0 and teacher is None:
+        raise WorkbenchError("kd_weight > 0 needs a teacher model")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(tcfg.seed)
-    model = ASRModel(model_cfg)
-    model.encoder.set_cmvn(cmvn)
+    if model is not None:
+        if tcfg.init_weights:
+            raise WorkbenchError("train(): pass either a prepared model or init_weights, not both")
+    else:
+        model = ASRModel(model_cfg)
+        model.encoder.set_cmvn(cmvn)
     if tcfg.init_weights:
         from .weights import load_model
 
@@ -174,8 +205,14 @@ def train(model_cfg: ModelConfig, train_split, val_split, out_dir: str | Path, t
         if init.cfg != model_cfg:
             raise WorkbenchError(f"{tcfg.init_weights} is a {init.cfg.name} model, not {model_cfg.name}")
         model.load_state_dict(init.state_dict())  # its CMVN too: the statistics it was trained with
-    model.to(dev).train()
-    opt = torch.optim.Adam(model.parameters(), lr=tcfg.peak_lr)
+    model.to(dev)
+    set_train_mode(model, tcfg.freeze_bn)
+    if teacher is not None:
+        teacher.to(dev).eval().requires_grad_(False)
+    captured = {}  # the student's encoder output, for distillation without a second encoder pass
+    hook = model.encoder.register_forward_hook(lambda m, i, o: captured.__setitem__("enc", o)) \
+        if tcfg.kd_weight > 0 else None
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=tcfg.peak_lr)
     ckpt_path = out_dir / "checkpoint.pt"
     step = 0
     if resume and ckpt_path.is_file():
@@ -207,6 +244,13 @@ def train(model_cfg: ModelConfig, train_split, val_split, out_dir: str | Path, t
                 g["lr"] = lr
             with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_bf16):
                 out = model(x, xl, y, yl)
+                if hook is not None:
+                    enc, mask = captured.pop("enc")
+                    with torch.no_grad():
+                        t_enc, _ = teacher.encoder(x, xl)
+                        t_logp = teacher.ctc.log_softmax(t_enc)
+                    out["loss_kd"] = kd_loss(model.ctc.log_softmax(enc), t_logp, mask, tcfg.kd_temperature)
+                    out["loss"] = out["loss"] + tcfg.kd_weight * out["loss_kd"]
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
@@ -219,6 +263,7 @@ def train(model_cfg: ModelConfig, train_split, val_split, out_dir: str | Path, t
                    **{k: round(float(v.detach()), 4) for k, v in out.items()}}
             if step % tcfg.eval_every == 0 or step == tcfg.steps:
                 rec["val_cer_ctc_greedy"] = round(greedy_cer(model, val_split, 200, dev, vocab), 4)
+                set_train_mode(model, tcfg.freeze_bn)
                 bar.set_postfix(loss=rec["loss"], cer=rec["val_cer_ctc_greedy"])
             log.write(json.dumps(rec) + "\n")
             log.flush()
@@ -231,6 +276,8 @@ def train(model_cfg: ModelConfig, train_split, val_split, out_dir: str | Path, t
             t_data = time.time()
     bar.close()
     log.close()
+    if hook is not None:
+        hook.remove()
     if not math.isfinite(float(out["loss"].detach())):
         raise WorkbenchError(f"training diverged at step {step}")
     return model.eval()

@@ -27,6 +27,7 @@ def save_weights(model: ASRModel, path: str | Path, dtype: torch.dtype = torch.f
     meta = {"config": json.dumps(model.cfg.to_dict()), **{k: json.dumps(v) for k, v in (extra or {}).items()}}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
+        tmp.chmod(0o644)  # save_file recreates the file with a private mode
 
 
 def read_metadata(path: str | Path) -> dict:

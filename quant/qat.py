@@ -1,30 +1,38 @@
 """Quantization-aware fine-tuning (QAT) of the PyTorch ASR model and export to a Q/DQ ONNX model (issue 8).
 
-Why not NVIDIA ModelOpt (`modelopt.torch.quantization`): `nvidia-modelopt[onnx]` pins older onnx/onnxruntime
-and downgrades them in this environment (pin conflict with the rest of the workbench).  What QAT needs for
-TensorRT is small, so we keep our own fake quantizer:
+Why not NVIDIA ModelOpt (`modelopt.torch.quantization`, the successor of pytorch-quantization):
+  * `nvidia-modelopt` pins older onnx/onnxruntime than the rest of the workbench (it lives in the separate
+    `.venv-bench` used by experiments/bench_calibration.py for exactly that reason);
+  * our precision plan is keyed by ONNX node, while ModelOpt picks quantizers by module-name wildcards: the
+    node -> module mapping (`node_module_path`) is needed either way, and with it the quantizer itself is a
+    few lines on PyTorch's own fake-quantize ops (which the ONNX exporter already turns into Q/DQ).
 
   * `FakeQuant`: symmetric INT8 (-128..127, zero point 0), per-tensor for activations, per-channel (output
     channel) for weights, straight-through estimator (PyTorch's fake-quantize ops pass the gradient through
-    inside the clip range and zero it outside).  `amax` is a buffer (not learned), floored at 1e-8 so every
-    scale stays positive.  Activations' amax comes from our calibration table, weights' from their
-    per-channel max |w|.
+    inside the clip range and zero it outside).  Activation amax is a fixed buffer initialised from our PTQ
+    calibration table (as pytorch-quantization/ModelOpt QAT: ranges are calibrated, weights are trained);
+    weight amax is dynamic, the per-channel max |w| of the current weights, which is exactly what the PTQ
+    placement (`graph.placement`) computes from the fine-tuned weights later.  Every amax is floored at
+    1e-8 so scales stay positive.
   * `insert_quantizers`: quantize exactly the nn.Linear / nn.Conv1d / nn.Conv2d whose ONNX node the plan
     marks int8 (input activation + weight).  The module's class is swapped in place (parameters, names and
-    hence ONNX node names unchanged); `remove_quantizers` swaps it back.
+    hence ONNX node names unchanged); `remove_quantizers` swaps it back.  Attention MatMuls (act_matmul) are
+    fp32 in the default plans and refused with a clear error when a plan makes them int8.  The TensorRT
+    recipe's residual-Add Q/DQ and the ONNX Runtime recipe's output Q/DQ are placement details, not modelled
+    in training; their ranges come from the PTQ table.
   * `export_qat_onnx`: `models.export.export_onnx` of the quantized model (same names/dtypes/dynamic axes).
     The legacy exporter turns `torch.fake_quantize_per_{tensor,channel}_affine` into QuantizeLinear +
     DequantizeLinear (opset >= 13); the weights' float-initializer -> QuantizeLinear is then folded into an
     INT8 initializer so each weight reads INT8 -> DequantizeLinear(axis) as TensorRT and `graph.validate`
     expect.
-  * `qat_finetune`: a minimal Adam loop on the model's joint loss, optionally plus KL distillation from a
-    frozen FP32 teacher on the CTC log-probs.
+  * `qat_tables`: the calibration tables the PTQ pipeline reads, with the QAT ranges as method "qat", so the
+    precision search can start from QAT scales and fine-tuned weights.
+Fine-tuning itself is `models.train.train` with the prepared model (and optionally an FP32 teacher).
 """
 from __future__ import annotations
 
 import copy
-import itertools
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -46,9 +54,10 @@ class FakeQuant(nn.Module):
     """Symmetric INT8 fake quantizer.  `axis=None`: per-tensor (0-d amax); else per-channel along `axis`
     (1-D amax).  `amax=None` (per-tensor only): set from max |x| of the first batch seen."""
 
-    def __init__(self, amax: float | torch.Tensor | None = None, axis: int | None = None):
+    def __init__(self, amax: float | torch.Tensor | None = None, axis: int | None = None, dynamic: bool = False):
         super().__init__()
         self.axis = axis
+        self.dynamic = dynamic
         self.enabled = True
         if amax is None:
             if axis is not None:
@@ -71,7 +80,10 @@ class FakeQuant(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
-        if not self._ready:  # a Python flag: no device sync per step once initialised
+        if self.dynamic:  # weights: amax follows the weights as they train (what placement computes later)
+            with torch.no_grad():
+                self.amax.copy_(weight_amax(x, self.axis))
+        elif not self._ready:  # a Python flag: no device sync per step once initialised
             if not bool(self.initialized):
                 with torch.no_grad():
                     self.amax.copy_(x.detach().abs().max().float().clamp(min=AMAX_FLOOR))
@@ -102,9 +114,11 @@ class FakeQuant(nn.Module):
         return f"{kind}, amax {'shape ' + str(tuple(self.amax.shape)) if self.amax.ndim else float(self.amax):}"
 
 
-def weight_amax(weight: torch.Tensor, axis: int = 0) -> torch.Tensor:
-    """Per-channel max |w| along `axis` (the output channels), floored at AMAX_FLOOR."""
-    dims = [d for d in range(weight.ndim) if d != axis]
+def weight_amax(weight: torch.Tensor, axis: int | None = 0) -> torch.Tensor:
+    """Per-channel max |w| along `axis` (the output channels; None: per-tensor), floored at AMAX_FLOOR."""
+    if axis is None:
+        return weight.detach().abs().amax().float().clamp(min=AMAX_FLOOR)
+    dims = [d for d in range(weight.ndim) if d != axis % weight.ndim]
     return weight.detach().abs().amax(dim=dims).float().clamp(min=AMAX_FLOOR)
 
 
@@ -211,20 +225,12 @@ def insert_quantizers(model: nn.Module, plan: dict, table, onnx_fp32_path: str |
         mod.__class__ = _QUANT_CLASS[cls]
         dev = mod.weight.device
         mod.input_quantizer = FakeQuant(act).to(dev)
-        mod.weight_quantizer = FakeQuant(weight_amax(w, w_axis), axis=w_axis).to(dev)
+        mod.weight_quantizer = FakeQuant(weight_amax(w, w_axis), axis=w_axis, dynamic=True).to(dev)
     return [nid for nid, _, _ in todo]
 
 
 def quantizers(model: nn.Module) -> dict[str, FakeQuant]:
     return {n: m for n, m in model.named_modules() if isinstance(m, FakeQuant)}
-
-
-def refresh_weight_amax(model: nn.Module) -> None:
-    """Re-initialise every weight quantizer's amax from the current weights (e.g. after loading others)."""
-    for m in model.modules():
-        if type(m) in _FLOAT_CLASS:
-            w = m.weight.t() if isinstance(m, QuantLinear) else m.weight
-            m.weight_quantizer.amax.copy_(weight_amax(w, m.weight_quantizer.axis))
 
 
 def remove_quantizers(model: nn.Module) -> None:
@@ -296,84 +302,39 @@ def export_qat_onnx(model: nn.Module, out_dir: str | Path, opset: int = 13, **kw
     return paths
 
 
-# --------------------------------------------------------------------------------------------- fine-tune
-def _ctc_log_probs(model: nn.Module, speech, speech_lengths):
-    enc, mask = model.encoder(speech, speech_lengths)
-    return model.ctc.log_softmax(enc), mask
-
-
-def kd_loss(student_logp: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tensor,
-            temperature: float = 1.0) -> torch.Tensor:
-    """KL(teacher || student) over the vocabulary, averaged over valid frames.  mask: (B, 1, T') True=valid."""
-    t = temperature
-    s = torch.log_softmax(student_logp.float() / t, dim=-1)
-    p = torch.log_softmax(teacher_logp.float() / t, dim=-1)
-    kl = (p.exp() * (p - s)).sum(-1)  # (B, T')
-    m = mask.squeeze(1).to(kl.dtype)
-    return (kl * m).sum() / m.sum().clamp(min=1) * (t * t)
-
-
-def _unpack(batch):
-    if isinstance(batch, Mapping):
-        return batch["speech"], batch["speech_lengths"], batch["text"], batch["text_lengths"]
-    return tuple(batch)
-
-
-def qat_finetune(model: nn.Module, batches: Iterable, steps: int, lr: float = 1e-5, *,
-                 teacher: nn.Module | None = None, kd_weight: float = 0.0, temperature: float = 1.0,
-                 grad_clip: float = 5.0, freeze_bn: bool = True, log_every: int = 0) -> list[float]:
-    """Fine-tune `model` (with quantizers) for `steps` Adam steps over `batches` (cycled): each batch is
-    (speech, speech_lengths, text, text_lengths) or a dict with those keys.  Loss = the model's joint
-    loss (+ kd_weight * KL from `teacher`'s CTC log-probs, teacher frozen; pass e.g. a deepcopy of the FP32
-    model made before insert_quantizers).  freeze_bn: BatchNorm keeps its running statistics (usual for
-    QAT: the calibrated ranges assume them).  Returns the per-step losses.  Leaves the model in eval()."""
-    if steps <= 0:
-        return []
-    if kd_weight > 0 and teacher is None:
-        raise WorkbenchError("kd_weight > 0 needs a teacher model")
-    batches = list(batches) if not isinstance(batches, list) else batches
-    if not batches:
-        raise WorkbenchError("qat_finetune: no batches")
-    if teacher is not None:
-        teacher.eval().requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr)
-    captured = {}
-    hook = model.encoder.register_forward_hook(lambda m, i, o: captured.__setitem__("enc", o))
-    losses = []
-    try:
-        model.train()
-        if freeze_bn:
-            for m in model.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
-        for step, batch in zip(range(steps), itertools.cycle(batches)):
-            speech, speech_lengths, text, text_lengths = _unpack(batch)
-            out = model(speech, speech_lengths, text, text_lengths)
-            loss = out["loss"]
-            if teacher is not None and kd_weight > 0:
-                enc, mask = captured["enc"]
-                with torch.no_grad():
-                    t_logp, _ = _ctc_log_probs(teacher, speech, speech_lengths)
-                loss = loss + kd_weight * kd_loss(model.ctc.log_softmax(enc), t_logp, mask, temperature)
-            if not torch.isfinite(loss):
-                raise WorkbenchError(f"qat_finetune: loss is {loss.item()} at step {step}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip:
-                nn.utils.clip_grad_norm_(params, grad_clip)
-            opt.step()
-            losses.append(float(loss.detach()))
-            if log_every and step % log_every == 0:
-                print(f"qat step {step}: loss {losses[-1]:.4f}")
-    finally:
-        hook.remove()
-        model.eval()
-    return losses
-
-
 def fp32_teacher(model: nn.Module) -> nn.Module:
     """A frozen FP32 copy (quantizers removed) to distil from."""
     t = copy.deepcopy(model)
     remove_quantizers(t)
     return t.eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------------------------- tables
+def qat_table(model: nn.Module, base, onnx_fp32_path: str | Path, *, model_info: dict | None = None):
+    """`base` (a quant.table.CalibrationTable of this ONNX model) with a method "qat" added and made the
+    default: each tensor a quantizer of `model` reads gets that quantizer's amax, every other tensor (residual
+    inputs, node outputs) keeps its amax of the base table's chosen method.  The per-weight section is
+    dropped: the weights were fine-tuned, and placement takes their per-channel max (as QAT did)."""
+    from .table import QMAX, CalibrationTable
+
+    analysis = analyze(onnx_fp32_path)
+    modules = dict(model.named_modules())
+    trained: dict[str, float] = {}
+    for q in analysis.quantizable:
+        mod = modules.get(_resolve_module(node_module_path(q.id), modules))
+        if mod is not None and type(mod) in _FLOAT_CLASS:
+            trained.setdefault(q.act_inputs[0], float(mod.input_quantizer.amax))
+    data = copy.deepcopy(base.data)
+    missing = sorted(set(trained) - set(data["tensors"]))
+    if missing:
+        raise WorkbenchError(f"the base calibration table has no entry for quantized tensor {missing[0]!r}")
+    for name, e in data["tensors"].items():
+        a = trained.get(name, base.amax(name))
+        e["amax"]["qat"] = max(a, AMAX_FLOOR)
+        e["method"], e["scale"] = "qat", max(a, AMAX_FLOOR) / QMAX
+    data["default_method"] = "qat"
+    data.pop("weights", None)
+    data["qat"] = {"base_method": base.default_method, "quantized_tensors": len(trained)}
+    if model_info:
+        data["model"] = model_info
+    return CalibrationTable(data)

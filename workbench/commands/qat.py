@@ -1,0 +1,65 @@
+"""`wb qat`: quantization-aware fine-tuning from PTQ tables; writes a QAT directory that `wb search` reads
+as calibrator "qat" (config `[qat] dir`)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from workbench.errors import WorkbenchError
+
+
+def register(sub) -> None:
+    s = sub.add_parser("qat", help="QAT fine-tune (GPU if present) from PTQ calibration tables; Q/DQ export")
+    s.add_argument("--weights", type=Path, help="trained .safetensors (default: the shipped small model)")
+    s.add_argument("--tables", type=Path, required=True,
+                   help="directory with encoder.json and decoder.json calibration tables, e.g. a run's "
+                        "calibration/ directory from `wb search` (or the run directory itself)")
+    s.add_argument("--method", default=None, help="amax method of the tables (default: their default, e.g. entropy)")
+    s.add_argument("--encoder-plan", type=Path, help="precision plan JSON (default: all Linear/Conv int8)")
+    s.add_argument("--decoder-plan", type=Path)
+    s.add_argument("--cache", type=Path, default=None, help="corpus cache (needs the train and calib splits)")
+    s.add_argument("--out", type=Path, required=True, help="QAT directory to write")
+    s.add_argument("--steps", type=int, default=1000)
+    s.add_argument("--lr", type=float, default=5e-5, help="peak learning rate")
+    s.add_argument("--warmup", type=int, default=100)
+    s.add_argument("--kd-weight", type=float, default=0.5, help="distillation from the FP32 model (0: off)")
+    s.add_argument("--kd-temperature", type=float, default=1.0)
+    s.add_argument("--max-frames", type=int, default=60000, help="padded frames per batch")
+    s.add_argument("--eval-every", type=int, default=250)
+    s.add_argument("--time-limit", type=float, default=0.0, help="seconds; stop (and finish) when reached")
+    s.add_argument("--workers", type=int, default=6)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--opset", type=int, default=13)
+    s.add_argument("--device", default=None)
+    s.set_defaults(func=run)
+
+
+def _tables(path: Path) -> dict[str, Path]:
+    for d in (path, path / "calibration"):
+        found = {k: d / f"{k}.json" for k in ("encoder", "decoder")}
+        if all(p.is_file() for p in found.values()):
+            return found
+    raise WorkbenchError(f"{path} holds no encoder.json and decoder.json calibration tables (pass a `wb search` "
+                         f"run directory or its calibration/ directory)")
+
+
+def run(args) -> None:
+    from calibration_data.corpus import default_cache_dir, load_split
+    from models.weights import DEFAULT_WEIGHTS, load_model
+    from quant.qat_run import QatOptions, run_qat
+
+    weights = args.weights or DEFAULT_WEIGHTS
+    model = load_model(weights)
+    tables = _tables(args.tables)
+    cache = args.cache or default_cache_dir()
+    train_split, val_split = load_split(cache, "train"), load_split(cache, "calib")
+    opts = QatOptions(steps=args.steps, lr=args.lr, warmup=args.warmup, kd_weight=args.kd_weight,
+                      kd_temperature=args.kd_temperature, max_frames=args.max_frames, eval_every=args.eval_every,
+                      seed=args.seed, workers=args.workers, time_limit_s=args.time_limit, opset=args.opset,
+                      method=args.method)
+    plans = {"encoder": args.encoder_plan, "decoder": args.decoder_plan}
+    summary, _ = run_qat(model, tables, args.out, train_split, val_split, opts, plans=plans, device=args.device,
+                         source=str(weights))
+    val = summary.get("val_cer_ctc_greedy") or []
+    print(f"QAT: {summary.get('steps')} steps on {summary['device']}, loss {summary.get('loss_first')} -> "
+          f"{summary.get('loss_last')}" + (f", val greedy CER {val[0][1]:.4f} -> {val[-1][1]:.4f}" if val else "")
+          + f"; quantized nodes {summary['quantized_nodes']}; written to {args.out}")
