@@ -17,7 +17,7 @@ _CHOICES = {
     ("criterion", "kind"): {"absolute", "relative", "hackathon"},
     ("criterion", "metric"): {"cer_rescore", "cer_greedy", "cer_prefix", "wer_rescore"},
 }
-_METHODS = {"max", "percentile", "entropy", "mse"}
+_METHODS = {"max", "percentile", "entropy", "mse", "qat"}  # "qat": the ranges and weights of a `wb qat` directory
 
 
 def _read(path: Path) -> dict:
@@ -54,6 +54,13 @@ def load_config(*paths: str | Path) -> dict:
     bad = set(cfg["calibration"]["methods"]) - _METHODS
     if bad or not cfg["calibration"]["methods"]:
         raise WorkbenchError(f"config calibration.methods: unknown {sorted(bad)}; choose from {sorted(_METHODS)}")
+    if "qat" in cfg["calibration"]["methods"]:
+        if not cfg["qat"]["dir"]:
+            raise WorkbenchError("config calibration.methods has \"qat\" but qat.dir is empty (a directory "
+                                 "written by `wb qat`)")
+        from .qat_run import check_qat_dir
+
+        check_qat_dir(cfg["qat"]["dir"])
     for key in ("calib_utts", "eval_utts", "ranking_utts"):
         if int(cfg["data"][key]) < 1:
             raise WorkbenchError(f"config data.{key} must be at least 1")

@@ -61,8 +61,20 @@ class Workspace:
         self.dir, self.cfg, self.fp32 = run_dir, cfg, fp32
         self.analysis = {k: analyze(str(p)) for k, p in fp32.items()}
         self.tables: dict[str, dict[str, Path]] = {}  # method -> kind -> table path
+        self.sources: dict[str, dict[str, Path]] = {}  # method -> kind -> FP32 model it places (default fp32)
         self._runners: dict[Path, object] = {}
         self._plans: dict[tuple[str, str], dict] = {}
+
+    def add_source(self, method: str, models: dict[str, Path]) -> None:
+        """Models of `method` are placed on these FP32 models (QAT: the fine-tuned weights), which must have
+        the structure of the run's FP32 models so that one plan fits both."""
+        for kind, path in models.items():
+            if analyze(str(path)).fingerprint != self.analysis[kind].fingerprint:
+                raise WorkbenchError(f"{path}: not the architecture of the run's FP32 {kind} (plans would not fit)")
+        self.sources[method] = models
+
+    def source(self, method: str) -> dict[str, Path]:
+        return self.sources.get(method, self.fp32)
 
     def base_plan(self, kind: str, default: str) -> dict:
         """Every node at `default` (callers derive new plans with edit_plan; this one is never mutated)."""
@@ -73,18 +85,21 @@ class Workspace:
     def int8_nodes(self, kind: str) -> list[str]:
         return [n for n, p in self.base_plan(kind, "int8")["nodes"].items() if p == "int8"]
 
-    def model(self, kind: str, nodes: dict[str, str], method: str, default: str = "fp32") -> Path:
-        """The ONNX model of `kind` with `nodes` ({id: precision}) over a `default` plan."""
+    def model(self, kind: str, nodes: dict[str, str], method: str, default: str = "fp32",
+              source: str | None = None) -> Path:
+        """The ONNX model of `kind` with `nodes` ({id: precision}) over a `default` plan, placed with the
+        ranges of `method` on the FP32 model of `source` (default: the method's own, see add_source)."""
+        base = self.source(source or method)[kind]
         if all(p == "fp32" for p in nodes.values()) and default == "fp32":
-            return self.fp32[kind]
+            return base
         plan = edit_plan(self.base_plan(kind, default), set_nodes=nodes)
         recipe = self.cfg["quantize"]["recipe"]
         if any(p == "fp16" for p in plan["nodes"].values()):
             recipe = "tensorrt"  # the ONNX Runtime recipe has no FP16; the TensorRT one writes FP16-typed graphs
-        tag = hashlib.sha256(json.dumps([plan["hash"], method, recipe]).encode()).hexdigest()[:16]
+        tag = hashlib.sha256(json.dumps([plan["hash"], method, recipe, base.parent.name]).encode()).hexdigest()[:16]
         out = self.dir / "models" / kind / f"{tag}.onnx"
         if not out.is_file():
-            quantize(str(self.fp32[kind]), str(self.tables[method][kind]), plan=plan, recipe=recipe, out=out)
+            quantize(str(base), str(self.tables[method][kind]), plan=plan, recipe=recipe, out=out)
             save_plan(plan, out.with_suffix(".plan.json"))
         return out
 
@@ -124,6 +139,28 @@ class Experiment:
             export_onnx(model, out, opset=self.cfg["model"]["opset"])
         return {"encoder": out / "encoder.onnx", "decoder": out / "decoder.onnx"}
 
+    def export_qat(self, ws: Workspace) -> None:
+        """Method "qat": the fine-tuned weights of qat.dir exported as FP32 (placement puts the QAT ranges on
+        them) and its tables copied into the run's calibration/ directory."""
+        import shutil
+
+        from models.export import export_onnx
+        from models.weights import load_model
+
+        from .qat_run import WEIGHTS, check_qat_dir, table_path
+
+        qdir = check_qat_dir(self.cfg["qat"]["dir"])
+        out = self.dir / "models" / "qat_fp32"
+        if not (out / "encoder.onnx").is_file() or not (out / "decoder.onnx").is_file():
+            export_onnx(load_model(qdir / WEIGHTS), out, opset=self.cfg["model"]["opset"])
+        ws.add_source("qat", {k: out / f"{k}.onnx" for k in KINDS})
+        for kind in KINDS:
+            p = self.dir / "calibration" / f"{kind}.qat.json"
+            if not p.is_file():
+                p.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(table_path(qdir, kind), p)
+            ws.tables.setdefault("qat", {})[kind] = p
+
     # --- stage 2: calibration -------------------------------------------------------------------------------
     def decoder_calib_feeds(self, enc_runner, feats: list[np.ndarray], batch: int) -> list[dict]:
         """Decoder inputs as the pipeline produces them: FP32 encoder outputs + CTC prefix-beam hypotheses."""
@@ -140,8 +177,11 @@ class Experiment:
         feats = [self.calib.features(i) for i in range(min(d["calib_utts"], len(self.calib)))]
         bs = c["batch_size"]
         enc_feeds = [encoder_batch(feats[s:s + bs]) for s in range(0, len(feats), bs)]
-        methods = c["methods"]
+        methods = [m for m in c["methods"] if m != "qat"]  # "qat" ranges come with qat.dir (export_qat)
         keys = [f"percentile_{c['percentile']:g}" if m == "percentile" else m for m in methods]
+        self.methods = [f"percentile_{c['percentile']:g}" if m == "percentile" else m for m in c["methods"]]
+        if not methods:
+            return
         for kind in KINDS:
             path = self.dir / "calibration" / f"{kind}.json"
             if not path.is_file():
@@ -160,7 +200,6 @@ class Experiment:
                 if not p.is_file():
                     table.with_method(key).save(p)
                 ws.tables.setdefault(key, {})[kind] = p
-        self.methods = keys
 
     @staticmethod
     def _tensors_to_calibrate(ws: Workspace, kind: str) -> list[str]:
@@ -223,7 +262,8 @@ class Experiment:
 
         d = self.cfg["data"]
         pool = [self.calib.features(i) for i in range(min(64, len(self.calib)))]
-        fp32_enc, int8_enc = session(ws.fp32["encoder"]), session(
+        src = ws.source(method)  # single-node INT8 against the FP32 model of the same weights
+        fp32_enc, int8_enc = session(src["encoder"]), session(
             ws.model("encoder", {n: "int8" for n in ws.int8_nodes("encoder")}, method))
         err = []
         for f in pool:
@@ -232,10 +272,10 @@ class Experiment:
             err.append(_nsr(b, a))
         rank = [pool[i] for i in np.argsort(err)[::-1][: d["ranking_utts"]]]
         enc_feeds = encoder_batch(rank)
-        dec_feeds = only_inputs_of(ws.runner(ws.fp32["decoder"]),
-                                   self.decoder_calib_feeds(ws.runner(ws.fp32["encoder"]), rank, len(rank))[0])
+        dec_feeds = only_inputs_of(ws.runner(src["decoder"]),
+                                   self.decoder_calib_feeds(ws.runner(src["encoder"]), rank, len(rank))[0])
         feeds, out = {"encoder": enc_feeds, "decoder": dec_feeds}, {"encoder": "encoder_out", "decoder": "decoder_out"}
-        refs = {k: session(ws.fp32[k]).run([out[k]], feeds[k])[0] for k in KINDS}
+        refs = {k: session(src[k]).run([out[k]], feeds[k])[0] for k in KINDS}
         scores = {}
         todo = [(k, n) for k in KINDS for n in ws.int8_nodes(k)]
         for kind, node in tqdm(todo, desc="sensitivity", disable=not self.progress):
@@ -250,6 +290,8 @@ class Experiment:
         fp32 = self.export_fp32()
         ws = Workspace(self.dir, cfg, fp32)
         self.calibrate_all(ws)
+        if "qat" in self.methods:
+            self.export_qat(ws)
         lat = cfg["latency"]
         pool = [self.calib.features(i) for i in range(min(64, len(self.calib)))]
         self.cases = {k: bench_cases(engines.base.onnx_io(fp32[k]), k, lat["batch_sizes"], lat["seq_lens"],
@@ -266,7 +308,7 @@ class Experiment:
         crit = criterion_threshold(cfg, ref)
         passes = self._passes(crit)
         try:
-            fp16 = {k: ws.model(k, all_of(k, "fp16"), self.methods[0], default="fp16") for k in KINDS}
+            fp16 = {k: ws.model(k, all_of(k, "fp16"), self.methods[0], default="fp16", source="fp32") for k in KINDS}
             baselines.append(self.full_record(ws, "FP16", fp16, precision="fp16", calibrator=None))
             baseline_models["FP16"] = (fp16, {n: "fp16" for k in KINDS for n in self._keys(ws, k)})
         except Exception as exc:  # noqa: BLE001 - an FP16 graph the backend cannot run is a result, not a crash
@@ -283,9 +325,34 @@ class Experiment:
                 b["passed"] = passes(b["accuracy"]) if crit["kind"] != "hackathon" else \
                     b["hackathon"]["passed"] == b["hackathon"]["total"]
         int8 = [b for b in baselines if b.get("precision") == "int8"]
-        best = min(int8, key=lambda b: (b["accuracy"][crit["metric"]], b["latency"]["objective_ms"]))
-        method = best["calibrator"]
+        best_of = lambda bs: min(bs, key=lambda b: (b["accuracy"][crit["metric"]], b["latency"]["objective_ms"]))  # noqa: E731
+        # One search from the most accurate PTQ calibrator, and one from QAT scales when the run has them.
+        ptq = [b for b in int8 if b["calibrator"] != "qat"]
+        starts = ([best_of(ptq)] if ptq else []) + [b for b in int8 if b["calibrator"] == "qat"]
+        searches = [self.search_from(ws, b, passes, crit) for b in starts]
+        selected = self._select(ws, searches, baselines, baseline_models)
+        first = searches[0]
+        run = {"format": "wb-run/1", "id": self.dir.name, "created": dt.datetime.now(dt.timezone.utc).isoformat(),
+               "model": "wenet-small" if not cfg["model"]["weights"] else Path(cfg["model"]["weights"]).stem,
+               "backend": cfg["backend"]["name"], "recipe": cfg["quantize"]["recipe"],
+               "device": f"CPU: {platform.processor() or platform.machine()}, "
+                         f"{cfg['backend']['threads']} threads (ONNX Runtime); TensorRT not measured",
+               "status": "passed" if selected else first["status"], "criterion": crit, "config": cfg,
+               "baselines": baselines, "selected": selected,
+               "searches": [{k: v for k, v in x.items() if k not in ("models", "flat", "trace", "sensitivity")}
+                            for x in searches],
+               "sensitivity": first["sensitivity"], "trace": first["trace"],
+               "n_full_evals": sum(x["n_full_evals"] for x in searches),
+               "n_cache_hits": sum(x["n_cache_hits"] for x in searches), "wall_s": round(time.time() - t0, 1)}
+        if len(searches) > 1:
+            run["traces"] = {x["calibrator"]: x["trace"] for x in searches}
+        write_json(self.dir / "run.json", run)
+        return run
 
+    def search_from(self, ws: Workspace, start: dict, passes, crit: dict) -> dict:
+        """The precision search starting from the all-INT8 baseline `start` (its calibrator's ranges and
+        FP32 weights); its best plan re-timed with the baselines' protocol."""
+        method = start["calibrator"]
         sens = self.sensitivity(ws, method)
         nodes = [n for k in KINDS for n in self._keys(ws, k)]
 
@@ -301,46 +368,45 @@ class Experiment:
             return acc
 
         problem = SearchProblem(
-            nodes=nodes, fallback=cfg["quantize"]["fallback"], accuracy=accuracy_of, passes=passes,
+            nodes=nodes, fallback=self.cfg["quantize"]["fallback"], accuracy=accuracy_of, passes=passes,
             latency=lambda flat: self.latency(ws, models_of(flat), search=True), sensitivity=sens,
-            groups=self._groups(ws), max_full_evals=cfg["budget"]["max_full_evals"])
-        start = {n: "int8" for n in nodes}
+            groups=self._groups(ws), max_full_evals=self.cfg["budget"]["max_full_evals"])
+        begin = {n: "int8" for n in nodes}
         search_cache = EvalCache(self.dir / f"search_cache.{method}.jsonl")
-        search_cache.get_or_compute(f"acc:{plan_hash(start)}", lambda: best["accuracy"])
-        search_cache.get_or_compute(f"lat:{plan_hash(start)}", lambda: best["latency"])
+        search_cache.get_or_compute(f"acc:{plan_hash(begin)}", lambda: start["accuracy"])
+        search_cache.get_or_compute(f"lat:{plan_hash(begin)}", lambda: start["latency"])
         result = search(problem, search_cache, progress=self.progress)
-
-        selected = self._select(ws, result, baselines, baseline_models, models_of, method)
-        run = {"format": "wb-run/1", "id": self.dir.name, "created": dt.datetime.now(dt.timezone.utc).isoformat(),
-               "model": "wenet-small" if not cfg["model"]["weights"] else Path(cfg["model"]["weights"]).stem,
-               "backend": cfg["backend"]["name"], "recipe": cfg["quantize"]["recipe"],
-               "device": f"CPU: {platform.processor() or platform.machine()}, "
-                         f"{cfg['backend']['threads']} threads (ONNX Runtime); TensorRT not measured",
-               "status": "passed" if selected else result.status, "criterion": crit, "config": cfg, "baselines": baselines,
-               "selected": selected, "sensitivity": sens, "trace": result.trace,
-               "n_full_evals": result.n_full_evals, "n_cache_hits": result.n_cache_hits,
-               "wall_s": round(time.time() - t0, 1)}
-        write_json(self.dir / "run.json", run)
-        return run
-
-    @staticmethod
-    def _keys(ws: Workspace, kind: str) -> list[str]:
-        return [_key(kind, n) for n in ws.int8_nodes(kind)]
-
-    def _select(self, ws, result, baselines, baseline_models, models_of, method) -> dict | None:
-        """The fastest passing option: the search's best plan, or a passing baseline that turned out faster
-        (e.g. all-INT8 with another calibrator than the one the search started from). Options within the
-        latency tie tolerance of the fastest are equally fast; the most accurate of them wins."""
-        options = []
+        out = {"label": f"search from {method}", "calibrator": method, "status": result.status,
+               "n_full_evals": result.n_full_evals, "n_cache_hits": result.n_cache_hits, "trace": result.trace,
+               "sensitivity": sens, "best": None}
         if result.best is not None:
             flat = result.plans[result.best["plan_hash"]]
             models = models_of(flat)
             best = dict(result.best)
             if best["latency"].get("iters") != self.cfg["latency"]["iters"]:
                 # Timed with the search's shorter protocol: redo it as the baselines were, before comparing.
-                best["latency"] = self.cache.get_or_compute(f"final-lat:{plan_hash(flat)}",
+                best["latency"] = self.cache.get_or_compute(f"final-lat:{method}:{plan_hash(flat)}",
                                                             lambda: self.latency(ws, models))
-            options.append((best["latency"]["objective_ms"], "search", models, flat, best, method))
+            out["best"] = {"label": out["label"], "calibrator": method, "plan_hash": plan_hash(flat),
+                           "n_int8": sum(v == "int8" for v in flat.values()),
+                           "n_fallback": sum(v != "int8" for v in flat.values()),
+                           "accuracy": best["accuracy"], "latency": best["latency"], "passed": True}
+            out["models"], out["flat"] = models, flat
+        return out
+
+    @staticmethod
+    def _keys(ws: Workspace, kind: str) -> list[str]:
+        return [_key(kind, n) for n in ws.int8_nodes(kind)]
+
+    def _select(self, ws, searches, baselines, baseline_models) -> dict | None:
+        """The fastest passing option: a search's best plan, or a passing baseline that turned out faster
+        (e.g. all-INT8 with another calibrator than the one a search started from). Options within the
+        latency tie tolerance of the fastest are equally fast; the most accurate of them wins."""
+        options = []
+        for x in searches:
+            if x["best"] is not None:
+                options.append((x["best"]["latency"]["objective_ms"], x["label"], x["models"], x["flat"], x["best"],
+                                x["calibrator"]))
         for b in baselines:
             if b.get("passed") and b["label"] in baseline_models:
                 models, flat = baseline_models[b["label"]]

@@ -92,7 +92,8 @@ def run_qat(model, tables: dict[str, str | Path], out_dir: str | Path, train_spl
     ({kind: plan JSON}; default: every Linear/Conv int8, attention MatMuls fp32, as the pipeline's all-INT8).
     Returns (the qat.json summary, the fine-tuned model with its quantizers)."""
     from models.export import export_onnx
-    from models.train import TrainConfig, train
+    from calibration_data.text import DEFAULT_VOCAB
+    from models.train import TrainConfig, greedy_cer, train
     from models.weights import save_weights
 
     out = Path(out_dir)
@@ -117,11 +118,13 @@ def run_qat(model, tables: dict[str, str | Path], out_dir: str | Path, train_spl
     if not any(quantized.values()):
         raise WorkbenchError("the plans mark no node int8: nothing to fine-tune")
 
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    before = greedy_cer(model.to(dev), val_split, 200, dev, DEFAULT_VOCAB)  # PTQ ranges, before fine-tuning
     tcfg = TrainConfig(steps=opts.steps, peak_lr=opts.lr, warmup_steps=opts.warmup, max_frames_per_batch=opts.max_frames,
                        eval_every=opts.eval_every, ckpt_every=opts.eval_every, seed=opts.seed, workers=opts.workers,
                        time_limit_s=opts.time_limit_s, kd_weight=opts.kd_weight, kd_temperature=opts.kd_temperature,
                        freeze_bn=True)
-    train(model.cfg, train_split, val_split, work / "train", tcfg, cmvn=None, device=device, progress=progress,
+    train(model.cfg, train_split, val_split, work / "train", tcfg, cmvn=None, device=str(dev), progress=progress,
           model=model, teacher=teacher)
     model = model.cpu().eval()
     _round_fp16(model)
@@ -145,7 +148,8 @@ def run_qat(model, tables: dict[str, str | Path], out_dir: str | Path, train_spl
     summary = {"format": "wb-qat/1", "source_weights": source, "options": asdict(opts),
                "quantized_nodes": {k: len(v) for k, v in quantized.items()},
                "base_methods": {k: t.default_method for k, t in base.items()},
-               "device": torch.cuda.get_device_name() if torch.cuda.is_available() and device != "cpu" else "cpu",
+               "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+               "val_cer_ctc_greedy_before": round(before, 4),
                **_summary_of_log(stage / "train_log.jsonl"), "wall_s": round(time.time() - t0, 1),
                "validation": "graph.validate (tensorrt recipe): no problems"}
     plain = copy.deepcopy(model)

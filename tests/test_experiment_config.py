@@ -22,6 +22,8 @@ def test_criterion_threshold_absolute_and_relative():
     ("[quantize]\nrecipe = 'tvm'\n", "quantize.recipe"),
     ("[calibration]\nmethods = ['kl']\n", "calibration.methods"),
     ("[data\n", "not valid TOML"),
+    ("[calibration]\nmethods = ['qat']\n", "qat.dir is empty"),
+    ("[calibration]\nmethods = ['qat']\n[qat]\ndir = '/nonexistent'\n", "not a QAT directory"),
 ])
 def test_bad_configs_are_clear_errors(tmp_path, text, match):
     p = tmp_path / "bad.toml"

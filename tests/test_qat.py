@@ -13,8 +13,8 @@ from graph.plan import create_plan
 from graph.validate import validate
 from models import ASRModel, get_config
 from models.export import dummy_decoder_inputs, dummy_encoder_inputs, export_onnx
-from quant.qat import (AMAX_FLOOR, FakeQuant, QuantLinear, export_qat_onnx, fp32_teacher, insert_quantizers,
-                       node_module_path, qat_finetune, quantizers)
+from quant.qat import (AMAX_FLOOR, FakeQuant, export_qat_onnx, fp32_teacher, insert_quantizers, node_module_path,
+                       quantizers)
 from quant.table import FORMAT, CalibrationTable
 from workbench.errors import WorkbenchError
 
@@ -48,20 +48,6 @@ def _table(amax: dict) -> CalibrationTable:
     """A minimal wb-calibration-table/1 (what CalibrationTable.amax reads)."""
     return CalibrationTable({"format": FORMAT, "default_method": "max",
                              "tensors": {t: {"amax": {"max": a}, "method": "max"} for t, a in amax.items()}})
-
-
-def _batches(model, n=2, B=3, T=64, L=6, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    V = model.cfg.vocab_size
-    out = []
-    for _ in range(n):
-        speech = torch.randn(B, T, model.cfg.input_dim, generator=g)
-        speech_lengths = torch.tensor([T] + [T - 8] * (B - 1), dtype=torch.int32)
-        text_lengths = torch.randint(2, L + 1, (B,), generator=g)
-        text = torch.randint(1, V - 1, (B, L), generator=g)
-        text[torch.arange(L)[None, :] >= text_lengths[:, None]] = -1
-        out.append((speech, speech_lengths, text, text_lengths))
-    return out
 
 
 def _int8_ids(analysis, plan):
@@ -115,61 +101,125 @@ def test_unknown_mapping_and_missing_amax(fp32):
     assert not quantizers(model)  # nothing half-inserted
 
 
-def test_qat_finetune_export_validate_and_match_ort(fp32, tmp_path):
-    model = copy.deepcopy(fp32["model"])
-    teacher = fp32_teacher(model)
-    # encoder from a CalibrationTable, decoder from a plain {tensor: amax} dict
-    enc_ids = insert_quantizers(model, fp32["plan_enc"], _table(fp32["enc_amax"]), fp32["enc"])
-    dec_ids = insert_quantizers(model, fp32["plan_dec"], fp32["dec_amax"], fp32["dec"])
-    assert set(enc_ids) == _int8_ids(fp32["a_enc"], fp32["plan_enc"])
-    assert set(dec_ids) == _int8_ids(fp32["a_dec"], fp32["plan_dec"])
-    assert isinstance(model.encoder.encoders[0].feed_forward.w_1, QuantLinear)
-    assert len(quantizers(model)) == 2 * (len(enc_ids) + len(dec_ids))
-    w1 = "/encoder/encoders.0/feed_forward/w_1/MatMul"
-    fq = model.encoder.encoders[0].feed_forward.w_1.input_quantizer
-    assert float(fq.amax) == pytest.approx(fp32["enc_amax"][fp32["a_enc"].node(w1).act_inputs[0]], rel=1e-6)
+class _MemorySplit:
+    """What models.train.train reads from a corpus split: manifest frames, texts, features(i)."""
 
-    batches = _batches(model)
-    losses = qat_finetune(model, batches, steps=12, lr=2e-3, teacher=teacher, kd_weight=0.5)
-    assert len(losses) == 12 and all(np.isfinite(losses))
-    assert np.mean(losses[-2:]) < np.mean(losses[:2]), losses
+    def __init__(self, n: int, frames: int, dim: int, seed: int):
+        rng = np.random.default_rng(seed)
+        self.feats = [rng.normal(0, 1, (frames, dim)).astype(np.float32) for _ in range(n)]
+        words = ["abc", "de", "fgh", "ij"]
+        self.texts = [" ".join(words[(k + s) % 4] for s in range(2)) for k in range(n)]
+        self.manifest = [{"frames": frames} for _ in range(n)]
+
+    def __len__(self):
+        return len(self.feats)
+
+    def features(self, i):
+        return self.feats[i]
+
+
+def _table_file(amax: dict, path) -> str:
+    _table(amax).save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def qat_run(fp32, tmp_path_factory):
+    """A few QAT steps of the tiny model through run_qat (the `wb qat` library call) on CPU."""
+    from quant.qat_run import QatOptions, run_qat
+
+    d = tmp_path_factory.mktemp("qat_run")
+    model = copy.deepcopy(fp32["model"])
+    tables = {"encoder": _table_file(fp32["enc_amax"], d / "enc.json"),
+              "decoder": _table_file(fp32["dec_amax"], d / "dec.json")}
+    split = _MemorySplit(8, 64, model.cfg.input_dim, seed=0)
+    opts = QatOptions(steps=16, lr=2e-3, warmup=1, kd_weight=0.5, eval_every=8, workers=0, max_frames=64 * 4)
+    summary, qmodel = run_qat(model, tables, d / "out", split, split, opts, device="cpu", progress=False)
+    return {"summary": summary, "model": qmodel, "dir": d / "out", "tables": tables}
+
+
+def test_qat_run_loss_scales_and_outputs(fp32, qat_run):
+    s, model, out = qat_run["summary"], qat_run["model"], qat_run["dir"]
+    assert s["steps"] == 16 and s["quantized_nodes"]["encoder"] == len(_int8_ids(fp32["a_enc"], fp32["plan_enc"]))
+    assert s["loss_last"] < s["loss_first"], (s["loss_first"], s["loss_last"])
     for name, q in quantizers(model).items():
         assert torch.all(q.amax > 0) and torch.all(q.scale > 0) and torch.isfinite(q.amax).all(), name
+    # activation ranges stay the calibrated ones; weight ranges follow the fine-tuned weights
+    w1 = model.encoder.encoders[0].feed_forward.w_1
+    t = fp32["a_enc"].node("/encoder/encoders.0/feed_forward/w_1/MatMul").act_inputs[0]
+    assert float(w1.input_quantizer.amax) == pytest.approx(fp32["enc_amax"][t], rel=1e-6)
+    assert torch.allclose(w1.weight_quantizer.amax, w1.weight.detach().abs().amax(1))
+    assert not torch.equal(w1.weight, fp32["model"].encoder.encoders[0].feed_forward.w_1.weight)  # it trained
     assert not model.training
+    for f in ("weights.safetensors", "encoder.table.json", "decoder.table.json", "encoder.plan.json",
+              "decoder.plan.json", "qdq/encoder.onnx", "qdq/decoder.onnx", "train_log.jsonl", "qat.json"):
+        assert (out / f).is_file(), f
+    assert not out.with_name(out.name + ".partial").exists()
+    table = CalibrationTable.load(out / "encoder.table.json")
+    assert table.default_method == "qat" and table.amax(t) == pytest.approx(fp32["enc_amax"][t], rel=1e-6)
 
-    enc, dec = export_qat_onnx(model, tmp_path)
+
+def test_qat_export_validates_and_matches_pytorch(fp32, qat_run):
+    model, out = qat_run["model"], qat_run["dir"]
+    enc, dec = out / "qdq" / "encoder.onnx", out / "qdq" / "decoder.onnx"
     assert validate(enc, fp32["plan_enc"], "tensorrt", original=fp32["enc"]) == []
     assert validate(dec, fp32["plan_dec"], "tensorrt", original=fp32["dec"]) == []
-
     # ONNX Runtime (CPU, no graph optimisation: Q/DQ executed as written) vs the fake-quantized PyTorch model
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(str(enc), so, providers=["CPUExecutionProvider"])
     sp, ln = dummy_encoder_inputs(batch=2, frames=80, seed=3)
-    out = sess.run(None, {"speech": sp.numpy(), "speech_lengths": ln.numpy()})
+    got = sess.run(None, {"speech": sp.numpy(), "speech_lengths": ln.numpy()})
     with torch.no_grad():
         ref, mask = model.encoder(sp, ln)
+        ref32 = fp32_teacher(model).encoder(sp, ln)[0].numpy()  # the fine-tuned weights, no quantizers
     valid = mask.squeeze(1).numpy()
-    err = np.abs(out[0] - ref.numpy())[valid]
+    err = np.abs(got[0] - ref.numpy())[valid]
     scale = float(np.abs(ref.numpy()[valid]).max())
-    # Same arithmetic, but ORT and PyTorch sum in different orders: ~1e-6 differences before a quantizer
-    # occasionally cross a rounding boundary and flip one INT8 step, which propagates downstream (measured
-    # on this model: max 1.7e-3, mean 6e-4 of the output range).  Bound that, and check it is well below
-    # the quantization effect itself (fake-quant vs FP32), so the comparison does discriminate.
+    # Stated tolerance: same arithmetic, but ORT and PyTorch sum in different orders, so ~1e-6 differences
+    # before a quantizer occasionally cross a rounding boundary and flip one INT8 step, which propagates
+    # (measured on this model: max ~2e-3, mean ~6e-4 of the output range).  Bound that, and check it is well
+    # below the quantization effect itself (fake-quant vs FP32), so the comparison does discriminate.
     assert err.max() / scale < 1e-2, err.max() / scale
     assert err.mean() / scale < 2e-3, err.mean() / scale
-    with torch.no_grad():
-        ref32 = fp32_teacher(model).encoder(sp, ln)[0].numpy()  # the fine-tuned weights, no quantizers
     quant_effect = np.abs(ref32 - ref.numpy())[valid]
     print(f"ORT vs fake-quant PyTorch: max {err.max() / scale:.2e}, mean {err.mean() / scale:.2e}; "
-          f"fake-quant vs FP32: max {quant_effect.max() / scale:.2e}, mean {quant_effect.mean() / scale:.2e} "
-          f"(relative to max |encoder_out| {scale:.3f}); losses {[round(x, 2) for x in losses]}")
+          f"fake-quant vs FP32: max {quant_effect.max() / scale:.2e}, mean {quant_effect.mean() / scale:.2e}")
     assert err.mean() < 0.5 * quant_effect.mean(), (err.mean(), quant_effect.mean())
-    np.testing.assert_array_equal(out[1], valid.sum(1))
-
+    np.testing.assert_array_equal(got[1], valid.sum(1))
     dsess = ort.InferenceSession(str(dec), so, providers=["CPUExecutionProvider"])
-    dout = dsess.run(None, fp32["dec_feed"])
-    assert np.all(np.isfinite(dout[0]))
+    assert np.all(np.isfinite(dsess.run(None, fp32["dec_feed"])[0]))
+
+
+def test_qat_directory_feeds_ptq_placement(fp32, qat_run, tmp_path):
+    """The search starts from QAT scales by placing the fine-tuned FP32 weights with the QAT table: that
+    model computes what the QAT export computes (residual-Add Q/DQ off, which QAT does not model)."""
+    from graph.placement import quantize
+    from models.weights import load_model
+
+    out = qat_run["dir"]
+    enc32, _ = export_onnx(load_model(out / "weights.safetensors"), tmp_path / "fp32")
+    plan = copy.deepcopy(fp32["plan_enc"])
+    plan["options"]["residual_add"] = False
+    placed = quantize(str(enc32), str(out / "encoder.table.json"), plan=plan, recipe="tensorrt",
+                      out=tmp_path / "placed.onnx")
+    assert placed.report["activation_qdq"] > 0
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sp, ln = dummy_encoder_inputs(batch=2, frames=80, seed=4)
+    feeds = {"speech": sp.numpy(), "speech_lengths": ln.numpy()}
+    a = ort.InferenceSession(str(tmp_path / "placed.onnx"), so, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    b = ort.InferenceSession(str(out / "qdq" / "encoder.onnx"), so,
+                             providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert np.abs(a - b).max() / np.abs(b).max() < 1e-2, np.abs(a - b).max()
+
+
+def test_wb_qat_bad_tables(tmp_path, capsys):
+    from workbench.cli import main
+
+    assert main(["qat", "--tables", str(tmp_path), "--out", str(tmp_path / "q")]) == 2
+    assert "no encoder.json and decoder.json" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
 
 
 def test_state_dict_roundtrip_and_remove(fp32):
@@ -193,3 +243,14 @@ def test_state_dict_roundtrip_and_remove(fp32):
     assert not quantizers(other) and type(other.encoder.encoders[0].feed_forward.w_1) is torch.nn.Linear
     with torch.no_grad():
         assert torch.equal(other.encoder(sp, ln)[0], fp32["model"].encoder(sp, ln)[0])
+
+
+def test_workspace_qat_source_must_fit_the_plans(fp32, tmp_path):
+    from quant.pipeline import Workspace
+
+    ws = Workspace(tmp_path, {}, {"encoder": fp32["enc"], "decoder": fp32["dec"]})
+    with pytest.raises(WorkbenchError, match="not the architecture"):
+        ws.add_source("qat", {"encoder": fp32["dec"], "decoder": fp32["dec"]})
+    assert ws.source("qat") == ws.fp32
+    ws.add_source("qat", {"encoder": fp32["enc"], "decoder": fp32["dec"]})
+    assert ws.source("qat")["encoder"] == fp32["enc"] and ws.source("max") == ws.fp32

@@ -164,6 +164,7 @@ def result_rows(run: dict) -> list[dict]:
     ref_obj, ref_cases = objective_of(fp32), cases_of(fp32)
     metric, thr = run["criterion"]["metric"], threshold_of(run)
     entries = [("baseline", b) for b in run.get("baselines") or []]
+    entries += [("search", x["best"]) for x in run.get("searches") or [] if isinstance(x.get("best"), dict)]
     if run.get("selected"):
         entries.append(("selected", run["selected"]))
     rows = []
@@ -184,6 +185,24 @@ def result_rows(run: dict) -> list[dict]:
             "cases": {k: {"median_ms": v, "speedup": _speedup(ref_cases.get(k), v)} for k, v in cases.items()},
         })
     return rows
+
+
+def qat_comparison(run: dict) -> list[dict] | None:
+    """Issue 8's comparison, when the run has a QAT calibrator: FP32, the most accurate PTQ all-INT8, the
+    search from it, QAT all-INT8 and the search from QAT scales (rows of result_rows, relabelled)."""
+    rows = result_rows(run)
+    qat = next((r for r in rows if r["kind"] == "baseline" and r["calibrator"] == "qat"), None)
+    if qat is None:
+        return None
+    ptq = [r for r in rows if r["kind"] == "baseline" and r["precision"] == "int8" and r["calibrator"] != "qat"
+           and r["metric"] is not None]
+    best_ptq = min(ptq, key=lambda r: r["metric"], default=None)
+    search = {r["label"].removeprefix("search from "): r for r in rows if r["kind"] == "search"}
+    picks = [("FP32", next((r for r in rows if r["precision"] == "fp32"), None)),
+             (f"best PTQ all-INT8 ({best_ptq['calibrator']})" if best_ptq else "best PTQ all-INT8", best_ptq),
+             ("PTQ selected mix (search from it)", search.get(best_ptq["calibrator"]) if best_ptq else None),
+             ("QAT all-INT8", qat), ("QAT + search", search.get("qat"))]
+    return [{**r, "label": label} if r else {"label": label, "missing": True} for label, r in picks]
 
 
 # -------------------------------------------------------------------------------------------------- formatting
@@ -627,6 +646,23 @@ def _build_doc(run: dict, pngs: dict[str, bytes]) -> _Doc:
                 {i for i, r in enumerate(rows) if r["kind"] == "selected"})
     if not case_keys:
         d.p("No per-case latency was recorded in this run.")
+
+    comp = qat_comparison(run)
+    if comp:
+        d.h(3, "PTQ vs QAT")
+        fp32m = comp[0].get("metric")
+        crows = []
+        for r in comp:
+            if r.get("missing"):
+                crows.append([r["label"], "not run", "", "", "", ""])
+                continue
+            delta = None if fp32m is None or r["metric"] is None else r["metric"] - fp32m
+            crows.append([r["label"], fmt_metric(metric, r["metric"]),
+                          "—" if delta is None else f"{100 * delta:+.2f} pt", fmt_pass(r["passed"]),
+                          fmt_ms(r["objective_ms"]), fmt_x(r["speedup"])])
+        d.table(["label", metric_label(metric), "vs FP32", "passes", "objective (ms)", "speedup vs FP32"], crows)
+        d.p("QAT rows place the fine-tuned weights of the QAT directory with its ranges (calibrator `qat`); "
+            "FP32 is the original model. Each search starts from its all-INT8 row and keeps the fastest passing mix.")
 
     d.h(2, "Selected mix")
     if sel:

@@ -42,6 +42,14 @@ def _tables(path: Path) -> dict[str, Path]:
                          f"run directory or its calibration/ directory)")
 
 
+def _shown(path: Path) -> str:
+    """The path as recorded in qat.json: relative to the working directory when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def run(args) -> None:
     from calibration_data.corpus import default_cache_dir, load_split
     from models.weights import DEFAULT_WEIGHTS, load_model
@@ -58,8 +66,9 @@ def run(args) -> None:
                       method=args.method)
     plans = {"encoder": args.encoder_plan, "decoder": args.decoder_plan}
     summary, _ = run_qat(model, tables, args.out, train_split, val_split, opts, plans=plans, device=args.device,
-                         source=str(weights))
+                         source=_shown(weights))
     val = summary.get("val_cer_ctc_greedy") or []
     print(f"QAT: {summary.get('steps')} steps on {summary['device']}, loss {summary.get('loss_first')} -> "
-          f"{summary.get('loss_last')}" + (f", val greedy CER {val[0][1]:.4f} -> {val[-1][1]:.4f}" if val else "")
+          f"{summary.get('loss_last')}, val greedy CER (fake-quant) {summary['val_cer_ctc_greedy_before']:.4f} before"
+          + (f", {val[-1][1]:.4f} after" if val else "")
           + f"; quantized nodes {summary['quantized_nodes']}; written to {args.out}")

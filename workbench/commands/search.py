@@ -10,7 +10,7 @@ from workbench.errors import WorkbenchError
 def register(sub) -> None:
     s = sub.add_parser("search", help="find the fastest precision mix that passes the accuracy criterion")
     s.add_argument("--config", type=Path, action="append", default=[],
-                   help="TOML layered over experiments/configs/default.toml (repeatable)")
+                   help="TOML layered over experiments/configs/default.toml (and quick.toml) (repeatable)")
     s.add_argument("--quick", action="store_true", help="add experiments/configs/quick.toml (a ~5 minute run)")
     s.add_argument("--run-dir", type=Path, help="run directory; an existing one is resumed")
     s.add_argument("--runs-root", type=Path, default=None, help="where new runs go (default experiments/runs)")
@@ -26,7 +26,7 @@ def run(args) -> None:
     from workbench.report import write_report
     from workbench.runs import default_runs_root, index_run
 
-    configs = list(args.config) + ([CONFIG_DIR / "quick.toml"] if args.quick else [])
+    configs = ([CONFIG_DIR / "quick.toml"] if args.quick else []) + list(args.config)  # the user's configs win
     cfg = load_config(*configs)
     root = args.runs_root or default_runs_root()
     run_dir = args.run_dir or root / (dt.datetime.now().strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else ""))
@@ -69,7 +69,8 @@ def summary(run: dict, paths: dict) -> str:
              f"{run['wall_s']:.0f} s)", f"criterion: {crit['text']}"
              + (f" -> threshold {100 * crit['threshold']:.2f} %" if crit.get("threshold") is not None else "")]
     fp32_ms = next(b["latency"]["objective_ms"] for b in run["baselines"] if b["label"] == "FP32")
-    rows = run["baselines"] + ([run["selected"]] if run["selected"] else [])
+    searches = [x["best"] for x in run.get("searches") or [] if x.get("best")]
+    rows = run["baselines"] + searches + ([run["selected"]] if run["selected"] else [])
     lines.append(f"{'':<22}{metric:>12}{'passes':>8}{'hackathon':>11}{'latency ms':>12}{'speedup':>9}")
     for r in rows:
         if "accuracy" not in r:
