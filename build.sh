@@ -3,17 +3,19 @@
 # backend (TensorRT when usable, else ONNX Runtime on CPU):
 #   data -> FP32 export -> calibration (max, percentile, entropy, MSE) -> baselines (FP32, FP16, all-INT8 per
 #   calibrator) -> per-layer sensitivity -> precision search -> final engines -> report.
-# Usage: ./build.sh [--quick] [--out DIR] [--config FILE.toml]
-#   --quick: less data and fewer timing runs (about 5 minutes); --out: where the deliverables go (default out/).
+# Usage: ./build.sh [--quick] [--qat] [--out DIR] [--config FILE.toml]
+#   --quick: less data and fewer timing runs (about 5 minutes); --out: where the deliverables go (default out/);
+#   --qat: the shipped QAT model joins as calibrator "qat" (experiments/configs/qat.toml), with its own search.
 set -euo pipefail
 cd "$(dirname "$0")"
-QUICK=(); OUT_DIR="out"; CONFIG=()
+QUICK=(); OUT_DIR="out"; CONFIG=(); QAT=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=(--quick) ;;
+        --qat) QAT=(--config experiments/configs/qat.toml) ;;
         --out) OUT_DIR="$2"; shift ;;
         --config) CONFIG=(--config "$2"); shift ;;
-        -h|--help) sed -n '2,7p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
         *) echo "build.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -25,4 +27,4 @@ echo "== data: synthetic speech corpus (calib 512, test 500 utterances; reused w
 wb data --splits calib,test --sizes calib=512,test=500
 
 echo "== search: calibration, baselines, sensitivity, precision search, final engines, report"
-wb search "${QUICK[@]}" "${CONFIG[@]}" --out "$OUT_DIR"
+wb search "${QUICK[@]}" "${QAT[@]}" "${CONFIG[@]}" --out "$OUT_DIR"

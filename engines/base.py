@@ -333,6 +333,29 @@ def bench(runner, cases: Mapping[tuple[int, int], Mapping[str, np.ndarray]], war
     return rows
 
 
+def bench_interleaved(runners: Mapping[str, Any], cases: Mapping[tuple[int, int], Mapping[str, np.ndarray]],
+                      warmup: int = WARMUP, iters: int = ITERS) -> dict[str, list[dict]]:
+    """`bench` of several runners of one interface on the same cases, run by run interleaved (warm-up A B C
+    A B C ..., then timed A B C ...) so that machine drift and noise hit all of them alike: the way to
+    measure their ratios on a noisy machine.  Returns {label: rows as `bench`}."""
+    if warmup < 0 or iters < 1:
+        raise WorkbenchError(f"need warmup >= 0 and iters >= 1, got {warmup} and {iters}")
+    out: dict[str, list[dict]] = {label: [] for label in runners}
+    for (bs, sl), feeds in cases.items():
+        for _ in range(warmup):
+            for r in runners.values():
+                r.run(feeds)
+        times: dict[str, list[float]] = {label: [] for label in runners}
+        timer = "perf_counter"
+        for _ in range(iters):
+            for label, r in runners.items():
+                t, timer = time_runs(r, feeds, 0, 1)
+                times[label].extend(t)
+        for label, t in times.items():
+            out[label].append(summarize(t, bs, sl, warmup, timer))
+    return out
+
+
 def format_bench_table(rows: Sequence[dict], title: str = "") -> str:
     rule = "----+-----+------------+------------+------------+----------------"
     lines = ([title] if title else []) + [rule, "  bs|   sl| median (ms)|    p90 (ms)|   mean (ms)| throughput (/s)", rule]

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from calibration_data.corpus import default_cache_dir, load_split  # noqa: E402
-from engines import build, int8_kernel_report, load, summarize  # noqa: E402
+from engines import bench_interleaved, build, int8_kernel_report, load  # noqa: E402
 from engines.base import sha256_file  # noqa: E402
 from evaluation.asr import decoder_feeds, only_inputs_of, prefix_beam_batch  # noqa: E402
 from evaluation.hackathon import BATCH_SIZES, SEQ_LENS, make_cases, run_check  # noqa: E402
@@ -102,21 +102,6 @@ def quantize_baseline(fp32: dict[str, Path], work: Path, n_calib: int) -> dict[s
                             extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
         out[kind] = target
     return out
-
-
-def interleaved(runners: dict[str, object], feeds: dict, warmup: int, iters: int) -> dict[str, list[float]]:
-    """Seconds per run of each runner on the same feeds, runs interleaved A B A B ..."""
-    feeds = {label: only_inputs_of(r, feeds) for label, r in runners.items()}
-    for _ in range(warmup):
-        for label, r in runners.items():
-            r.run(feeds[label])
-    times: dict[str, list[float]] = {label: [] for label in runners}
-    for _ in range(iters):
-        for label, r in runners.items():
-            t0 = time.perf_counter()
-            r.run(feeds[label])
-            times[label].append(time.perf_counter() - t0)
-    return times
 
 
 def cpu_name() -> str:
@@ -232,13 +217,12 @@ def main(argv=None) -> int:
     rows = []
     for kind in KINDS:
         kind_runners = {label: runners[(label, kind)] for label in models if (label, kind) in runners}
-        for (bs, sl), feeds in cases[kind].items():
-            times = interleaved(kind_runners, feeds, args.warmup, args.iters)
-            base = None
-            for label, lat in times.items():
-                row = {"kind": kind, "label": label, **summarize(lat, bs, sl, args.warmup)}
-                base = row["median_ms"] if label == FP32 else base
-                row["ratio_to_fp32"] = row["median_ms"] / base
+        kind_cases = {case: only_inputs_of(kind_runners[FP32], feeds) for case, feeds in cases[kind].items()}
+        timed = bench_interleaved(kind_runners, kind_cases, args.warmup, args.iters)
+        for n, (bs, sl) in enumerate(kind_cases):
+            base = timed[FP32][n]["median_ms"]
+            for label, case_rows in timed.items():
+                row = {"kind": kind, "label": label, **case_rows[n], "ratio_to_fp32": case_rows[n]["median_ms"] / base}
                 rows.append(row)
                 print(f"{kind} bs={bs:>2} sl={sl:>3} {label:>30}: {row['median_ms']:8.2f} ms "
                       f"(x{row['ratio_to_fp32']:.2f})", flush=True)

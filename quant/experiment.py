@@ -54,6 +54,8 @@ def load_config(*paths: str | Path) -> dict:
     bad = set(cfg["calibration"]["methods"]) - _METHODS
     if bad or not cfg["calibration"]["methods"]:
         raise WorkbenchError(f"config calibration.methods: unknown {sorted(bad)}; choose from {sorted(_METHODS)}")
+    if cfg["qat"]["dir"] and "qat" not in cfg["calibration"]["methods"]:
+        cfg["calibration"]["methods"] = [*cfg["calibration"]["methods"], "qat"]  # a QAT directory joins the run
     if "qat" in cfg["calibration"]["methods"]:
         if not cfg["qat"]["dir"]:
             raise WorkbenchError("config calibration.methods has \"qat\" but qat.dir is empty (a directory "

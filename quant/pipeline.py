@@ -330,7 +330,7 @@ class Experiment:
         ptq = [b for b in int8 if b["calibrator"] != "qat"]
         starts = ([best_of(ptq)] if ptq else []) + [b for b in int8 if b["calibrator"] == "qat"]
         searches = [self.search_from(ws, b, passes, crit) for b in starts]
-        selected = self._select(ws, searches, baselines, baseline_models)
+        selected, timing = self._select(ws, searches, baselines, baseline_models)
         first = searches[0]
         run = {"format": "wb-run/1", "id": self.dir.name, "created": dt.datetime.now(dt.timezone.utc).isoformat(),
                "model": "wenet-small" if not cfg["model"]["weights"] else Path(cfg["model"]["weights"]).stem,
@@ -338,7 +338,7 @@ class Experiment:
                "device": f"CPU: {platform.processor() or platform.machine()}, "
                          f"{cfg['backend']['threads']} threads (ONNX Runtime); TensorRT not measured",
                "status": "passed" if selected else first["status"], "criterion": crit, "config": cfg,
-               "baselines": baselines, "selected": selected,
+               "baselines": baselines, "selected": selected, "side_by_side": timing,
                "searches": [{k: v for k, v in x.items() if k not in ("models", "flat", "trace", "sensitivity")}
                             for x in searches],
                "sensitivity": first["sensitivity"], "trace": first["trace"],
@@ -351,7 +351,7 @@ class Experiment:
 
     def search_from(self, ws: Workspace, start: dict, passes, crit: dict) -> dict:
         """The precision search starting from the all-INT8 baseline `start` (its calibrator's ranges and
-        FP32 weights); its best plan re-timed with the baselines' protocol."""
+        FP32 weights)."""
         method = start["calibrator"]
         sens = self.sensitivity(ws, method)
         nodes = [n for k in KINDS for n in self._keys(ws, k)]
@@ -382,11 +382,7 @@ class Experiment:
         if result.best is not None:
             flat = result.plans[result.best["plan_hash"]]
             models = models_of(flat)
-            best = dict(result.best)
-            if best["latency"].get("iters") != self.cfg["latency"]["iters"]:
-                # Timed with the search's shorter protocol: redo it as the baselines were, before comparing.
-                best["latency"] = self.cache.get_or_compute(f"final-lat:{method}:{plan_hash(flat)}",
-                                                            lambda: self.latency(ws, models))
+            best = result.best  # its latency is the search's shorter protocol; _select re-times side by side
             out["best"] = {"label": out["label"], "calibrator": method, "plan_hash": plan_hash(flat),
                            "n_int8": sum(v == "int8" for v in flat.values()),
                            "n_fallback": sum(v != "int8" for v in flat.values()),
@@ -398,32 +394,64 @@ class Experiment:
     def _keys(ws: Workspace, kind: str) -> list[str]:
         return [_key(kind, n) for n in ws.int8_nodes(kind)]
 
-    def _select(self, ws, searches, baselines, baseline_models) -> dict | None:
-        """The fastest passing option: a search's best plan, or a passing baseline that turned out faster
-        (e.g. all-INT8 with another calibrator than the one a search started from). Options within the
-        latency tie tolerance of the fastest are equally fast; the most accurate of them wins."""
-        options = []
-        for x in searches:
-            if x["best"] is not None:
-                options.append((x["best"]["latency"]["objective_ms"], x["label"], x["models"], x["flat"], x["best"],
-                                x["calibrator"]))
-        for b in baselines:
-            if b.get("passed") and b["label"] in baseline_models:
-                models, flat = baseline_models[b["label"]]
-                options.append((b["latency"]["objective_ms"], b["label"], models, flat, b, b["calibrator"]))
-        if not options:
-            return None
-        fastest = min(o[0] for o in options)
-        tol = self.cfg["latency"]["tie_tolerance"]
-        ties = [o for o in options if o[0] <= fastest * (1 + tol)]
+    def side_by_side(self, ws: Workspace, options: dict[str, dict[str, Path]]) -> dict[str, dict]:
+        """Latency of each option ({label: models}) with all options interleaved run by run on each case
+        (engines.bench_interleaved): their ratios measured side by side, not minutes apart."""
+        lat = self.cfg["latency"]
+        out = {label: {"objective_ms": 0.0, "cases": [], "warmup": lat["warmup"], "iters": lat["iters"],
+                       "interleaved": True} for label in options}
+        for kind in lat["models"]:
+            runners = {label: ws.runner(models[kind]) for label, models in options.items()}
+            for label, rows in engines.bench_interleaved(runners, self.cases[kind], lat["warmup"], lat["iters"]).items():
+                for r in rows:
+                    out[label]["cases"].append({"model": kind, **{k: r[k] for k in ("bs", "sl", "median_ms", "p90_ms",
+                                                                                    "throughput")}})
+                    out[label]["objective_ms"] += r["median_ms"]
+        return out
+
+    def _select(self, ws, searches, baselines, baseline_models) -> tuple[dict | None, dict | None]:
+        """The fastest passing option: a search's best plan or a passing baseline.  Options with the same plan
+        have the same graph (calibrators change scale values only), hence the same speed by construction: only
+        the most accurate of each plan is kept, and those are re-timed side by side with FP32.  Options within
+        the latency tie tolerance of the fastest are equally fast; the most accurate of them wins.
+        Returns (selected record, side-by-side timing record)."""
         metric = self.cfg["criterion"]["metric"]
-        _, source, models, flat, rec, calibrator = min(ties, key=lambda o: (o[4]["accuracy"][metric], o[0]))
+        options = [(x["label"], x["models"], x["flat"], x["best"], x["calibrator"]) for x in searches if x["best"]]
+        options += [(b["label"], *baseline_models[b["label"]], b, b["calibrator"]) for b in baselines
+                    if b.get("passed") and b["label"] in baseline_models]
+        if not options:
+            return None, None
+        groups: dict[str, list] = {}
+        for o in options:
+            groups.setdefault(plan_hash(o[2]), []).append(o)
+        reps = {h: min(g, key=lambda o: o[3]["accuracy"][metric]) for h, g in groups.items()}
+        timed = {o[0]: o[1] for o in reps.values()}
+        timed.setdefault("FP32", ws.fp32)
+        key = hashlib.sha256(json.dumps({k: {m: str(p) for m, p in v.items()} for k, v in sorted(timed.items())})
+                             .encode()).hexdigest()[:16]
+        lat = self.cache.get_or_compute(f"side-by-side:{key}", lambda: self.side_by_side(ws, timed))
+        fastest = min(lat[o[0]]["objective_ms"] for o in reps.values())
+        tol = self.cfg["latency"]["tie_tolerance"]
+        ties = [o for o in reps.values() if lat[o[0]]["objective_ms"] <= fastest * (1 + tol)]
+        label, models, flat, rec, calibrator = min(ties, key=lambda o: (o[3]["accuracy"][metric],
+                                                                        lat[o[0]]["objective_ms"]))
         self._finalize(ws, models, flat)
-        return {"label": "selected mix", "source": source, "plan_hash": plan_hash(flat), "calibrator": calibrator,
-                "n_int8": sum(v == "int8" for v in flat.values()), "n_fallback": sum(v != "int8" for v in flat.values()),
-                "fallback_nodes": sorted(k for k, v in flat.items() if v != "int8"),
-                "accuracy": rec["accuracy"], "passed": True, "latency": rec["latency"],
-                "hackathon": {k: v for k, v in self.hackathon(ws, models).items() if k != "rows"}}
+        ref = lat["FP32"]
+        timing = {"note": "passing options re-timed interleaved run by run with FP32; one per plan (same plan = "
+                          "same graph), the most accurate of each",
+                  "rows": [{"label": o[0], "same_plan": [m[0] for m in groups[h] if m[0] != o[0]],
+                            "objective_ms": lat[o[0]]["objective_ms"],
+                            "speedup_vs_fp32": ref["objective_ms"] / lat[o[0]]["objective_ms"],
+                            "accuracy": o[3]["accuracy"]} for h, o in reps.items()],
+                  "fp32_objective_ms": ref["objective_ms"]}
+        selected = {"label": "selected mix", "source": label, "plan_hash": plan_hash(flat), "calibrator": calibrator,
+                    "same_plan": [m[0] for m in groups[plan_hash(flat)] if m[0] != label],
+                    "n_int8": sum(v == "int8" for v in flat.values()),
+                    "n_fallback": sum(v != "int8" for v in flat.values()),
+                    "fallback_nodes": sorted(k for k, v in flat.items() if v != "int8"),
+                    "accuracy": rec["accuracy"], "passed": True, "latency": lat[label], "reference_latency": ref,
+                    "hackathon": {k: v for k, v in self.hackathon(ws, models).items() if k != "rows"}}
+        return selected, timing
 
     def _passes(self, crit: dict):
         if crit["kind"] == "hackathon":

@@ -307,3 +307,26 @@ def test_cli_build_and_bench(tiny_onnx, tmp_path, capsys):
 def test_cli_tensorrt_missing(tiny_onnx, tmp_path):
     with pytest.raises(WorkbenchError, match="TensorRT backend cannot run here"):
         _cli(["build", "--model", str(tiny_onnx[0]), "--backend", "tensorrt", "--out", str(tmp_path / "t")])
+
+
+def test_bench_interleaved_runs_alternate_and_rows_per_case():
+    from engines import bench_interleaved
+
+    calls = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def run(self, feeds):
+            calls.append((self.name, feeds["x"]))
+            return {}
+
+    cases = {(1, 16): {"x": 1}, (4, 64): {"x": 2}}
+    rows = bench_interleaved({"a": Fake("a"), "b": Fake("b")}, cases, warmup=1, iters=3)
+    assert set(rows) == {"a", "b"}
+    assert [(r["bs"], r["sl"], r["iters"]) for r in rows["a"]] == [(1, 16, 3), (4, 64, 3)]
+    # per case: warm-up a b, then timed a b a b a b (never all of a, then all of b)
+    assert calls[:8] == [("a", 1), ("b", 1)] * 4 and calls[8:] == [("a", 2), ("b", 2)] * 4
+    with pytest.raises(WorkbenchError):
+        bench_interleaved({"a": Fake("a")}, cases, warmup=0, iters=0)

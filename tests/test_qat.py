@@ -140,6 +140,7 @@ def qat_run(fp32, tmp_path_factory):
 
 def test_qat_run_loss_scales_and_outputs(fp32, qat_run):
     s, model, out = qat_run["summary"], qat_run["model"], qat_run["dir"]
+    assert 0 <= s["val_cer_ctc_greedy_before"] <= 1
     assert s["steps"] == 16 and s["quantized_nodes"]["encoder"] == len(_int8_ids(fp32["a_enc"], fp32["plan_enc"]))
     assert s["loss_last"] < s["loss_first"], (s["loss_first"], s["loss_last"])
     for name, q in quantizers(model).items():
@@ -189,6 +190,17 @@ def test_qat_export_validates_and_matches_pytorch(fp32, qat_run):
     np.testing.assert_array_equal(got[1], valid.sum(1))
     dsess = ort.InferenceSession(str(dec), so, providers=["CPUExecutionProvider"])
     assert np.all(np.isfinite(dsess.run(None, fp32["dec_feed"])[0]))
+
+
+def test_qat_export_builds_engines(qat_run, tmp_path):
+    """The engines layer builds and runs the QAT export as it does PTQ models (ONNX Runtime backend here)."""
+    import engines
+
+    enc = qat_run["dir"] / "qdq" / "encoder.onnx"
+    runner = engines.load(engines.build(enc, None, tmp_path / "enc_engine", backend="onnxruntime", kind="encoder"))
+    sp, ln = dummy_encoder_inputs(batch=2, frames=80, seed=5)
+    out = runner.run({"speech": sp.numpy(), "speech_lengths": ln.numpy()})
+    assert np.all(np.isfinite(out["encoder_out"])) and out["encoder_out"].shape[0] == 2
 
 
 def test_qat_directory_feeds_ptq_placement(fp32, qat_run, tmp_path):
