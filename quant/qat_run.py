@@ -51,6 +51,8 @@ class QatOptions:
     time_limit_s: float = 0.0
     opset: int = 13
     method: str | None = None  # amax method of the base tables (None: each table's default)
+    fake_quant: bool = True    # False: the ablation control, the same fine-tune without quantizers (its
+                               # directory then holds the fine-tuned weights with the base tables' ranges)
 
 
 def table_path(qat_dir: str | Path, kind: str) -> Path:
@@ -114,8 +116,9 @@ def run_qat(model, tables: dict[str, str | Path], out_dir: str | Path, train_spl
     teacher = None
     if opts.kd_weight > 0:
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
-    quantized = {k: insert_quantizers(model, plan_of[k], base[k], fp32[k]) for k in KINDS}
-    if not any(quantized.values()):
+    quantized = {k: insert_quantizers(model, plan_of[k], base[k], fp32[k]) if opts.fake_quant else []
+                 for k in KINDS}
+    if opts.fake_quant and not any(quantized.values()):
         raise WorkbenchError("the plans mark no node int8: nothing to fine-tune")
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -135,8 +138,10 @@ def run_qat(model, tables: dict[str, str | Path], out_dir: str | Path, train_spl
     stage = work / "final"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
-    qdq = dict(zip(KINDS, export_qat_onnx(model, stage / "qdq", opset=opts.opset)))
-    problems = {k: validate(qdq[k], plan_of[k], "tensorrt", original=fp32[k]) for k in KINDS}
+    problems = {}
+    if opts.fake_quant:
+        qdq = dict(zip(KINDS, export_qat_onnx(model, stage / "qdq", opset=opts.opset)))
+        problems = {k: validate(qdq[k], plan_of[k], "tensorrt", original=fp32[k]) for k in KINDS}
     if any(problems.values()):
         first = next(p for ps in problems.values() for p in ps)
         raise WorkbenchError(f"the QAT export fails validation ({sum(map(len, problems.values()))} problems), "
@@ -151,7 +156,8 @@ def run_qat(model, tables: dict[str, str | Path], out_dir: str | Path, train_spl
                "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                "val_cer_ctc_greedy_before": round(before, 4),
                **_summary_of_log(stage / "train_log.jsonl"), "wall_s": round(time.time() - t0, 1),
-               "validation": "graph.validate (tensorrt recipe): no problems"}
+               "validation": "graph.validate (tensorrt recipe): no problems" if opts.fake_quant else
+               "control run without quantizers: no Q/DQ export"}
     plain = copy.deepcopy(model)
     remove_quantizers(plain)
     save_weights(plain, stage / WEIGHTS, extra={"qat": {k: summary.get(k) for k in ("format", "steps", "options")}})

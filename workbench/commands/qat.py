@@ -30,6 +30,8 @@ def register(sub) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--opset", type=int, default=13)
     s.add_argument("--device", default=None)
+    s.add_argument("--no-fake-quant", action="store_true",
+                   help="ablation control: the same fine-tune without quantizers (is it QAT, or just more training?)")
     s.set_defaults(func=run)
 
 
@@ -63,12 +65,13 @@ def run(args) -> None:
     opts = QatOptions(steps=args.steps, lr=args.lr, warmup=args.warmup, kd_weight=args.kd_weight,
                       kd_temperature=args.kd_temperature, max_frames=args.max_frames, eval_every=args.eval_every,
                       seed=args.seed, workers=args.workers, time_limit_s=args.time_limit, opset=args.opset,
-                      method=args.method)
+                      method=args.method, fake_quant=not args.no_fake_quant)
     plans = {"encoder": args.encoder_plan, "decoder": args.decoder_plan}
     summary, _ = run_qat(model, tables, args.out, train_split, val_split, opts, plans=plans, device=args.device,
                          source=_shown(weights))
     val = summary.get("val_cer_ctc_greedy") or []
     print(f"QAT: {summary.get('steps')} steps on {summary['device']}, loss {summary.get('loss_first')} -> "
-          f"{summary.get('loss_last')}, val greedy CER (fake-quant) {summary['val_cer_ctc_greedy_before']:.4f} before"
+          f"{summary.get('loss_last')}, val greedy CER{' (fake-quant)' if opts.fake_quant else ''} "
+          f"{summary['val_cer_ctc_greedy_before']:.4f} before"
           + (f", {val[-1][1]:.4f} after" if val else "")
           + f"; quantized nodes {summary['quantized_nodes']}; written to {args.out}")
