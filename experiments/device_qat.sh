@@ -5,6 +5,11 @@
 # (as qat.tar in 15 MiB parts: cat them, then tar -x).
 # Call (from the repo root, with .debs, .whl and TABLES carried):
 #   bash experiments/device_qat.sh TABLES [TRAIN_UTTS] [extra `wb qat` args...]
+# The tree plus carried paths must stay under 64 MiB: carry a folder holding only encoder.json and decoder.json
+# (not a run's whole calibration/), and keep the shipped QAT weights out of the tree sent for a second QAT run.
+# Recorded runs (issue 8): TABLES = the default run's calibration, `--method entropy --steps 1500
+# --time-limit 330 --eval-every 250 --workers 8` (models/weights/small_qat), and the same with --no-fake-quant
+# (the ablation control).
 set -euo pipefail
 TABLES="$1"; TRAIN_UTTS="${2:-20000}"; shift 2 || shift 1
 : "${OUT:?run this through the device tool (OUT must be set)}"

@@ -400,13 +400,15 @@ class Experiment:
         lat = self.cfg["latency"]
         out = {label: {"objective_ms": 0.0, "cases": [], "warmup": lat["warmup"], "iters": lat["iters"],
                        "interleaved": True} for label in options}
-        for kind in lat["models"]:
+        todo = [(kind, case) for kind in lat["models"] for case in self.cases[kind]]
+        for kind, case in tqdm(todo, desc="side-by-side timing", disable=not self.progress):
             runners = {label: ws.runner(models[kind]) for label, models in options.items()}
-            for label, rows in engines.bench_interleaved(runners, self.cases[kind], lat["warmup"], lat["iters"]).items():
-                for r in rows:
-                    out[label]["cases"].append({"model": kind, **{k: r[k] for k in ("bs", "sl", "median_ms", "p90_ms",
-                                                                                    "throughput")}})
-                    out[label]["objective_ms"] += r["median_ms"]
+            one = {case: self.cases[kind][case]}
+            for label, rows in engines.bench_interleaved(runners, one, lat["warmup"], lat["iters"]).items():
+                r = rows[0]
+                out[label]["cases"].append({"model": kind, **{k: r[k] for k in ("bs", "sl", "median_ms", "p90_ms",
+                                                                                "throughput")}})
+                out[label]["objective_ms"] += r["median_ms"]
         return out
 
     def _select(self, ws, searches, baselines, baseline_models) -> tuple[dict | None, dict | None]:

@@ -234,3 +234,36 @@ def test_corrupt_or_missing_run_json_is_a_clear_error(tmp_path, capsys):
     assert [r["id"] for r in list_runs(root)] == ["20261124-0512-ab12cd"]
     assert main(["runs", "report", str(bad), "--root", str(root)]) == 2
     assert "corrupt run file" in capsys.readouterr().err
+
+
+def test_qat_comparison_and_side_by_side(tmp_path):
+    """A run with a QAT calibrator and two searches: the PTQ-vs-QAT table and the side-by-side timing, whose
+    FP32 timing (not the sequential baseline's) gives the selected mix its speedup."""
+    run = make_run("20261126-1000-qat001")
+    qat = {"label": "INT8 all (qat)", "precision": "int8", "calibrator": "qat", "accuracy": acc(0.0790),
+           "passed": True, "hackathon": {"passed": 0, "total": 18}, "latency": latency(0.4, 48.0)}
+    run["baselines"].append(qat)
+    best = lambda label, cal, cer, obj: {"label": label, "calibrator": cal, "accuracy": acc(cer),  # noqa: E731
+                                         "passed": True, "latency": latency(obj / 120, obj)}
+    run["searches"] = [{"label": "search from percentile", "calibrator": "percentile", "status": "passed",
+                        "best": best("search from percentile", "percentile", 0.0812, 50.0)},
+                       {"label": "search from qat", "calibrator": "qat", "status": "passed",
+                        "best": best("search from qat", "qat", 0.0791, 47.0)}]
+    run["selected"].update(source="INT8 all (qat)", latency=latency(0.4, 60.0),
+                           reference_latency=latency(1.0, 150.0), accuracy=acc(0.0790))
+    run["side_by_side"] = {"fp32_objective_ms": 150.0, "rows": [
+        {"label": "INT8 all (qat)", "same_plan": ["INT8 all (max)"], "objective_ms": 60.0, "speedup_vs_fp32": 2.5,
+         "accuracy": acc(0.0790)},
+        {"label": "FP32", "same_plan": [], "objective_ms": 150.0, "speedup_vs_fp32": 1.0, "accuracy": acc(0.0789)}]}
+    run_dir = save(run, tmp_path / run["id"])
+    write_report(run_dir)
+    md = (run_dir / "report.md").read_text()
+    assert "2.50×" in table_row(md, "selected mix")[0]  # 150 / 60: side by side, not 120 / 60
+    assert "search from qat" in md and "47.00" in table_row(md, "search from qat")[0]
+    section = md.split("### PTQ vs QAT")[1].split("##")[0]
+    assert "| best PTQ all-INT8 (percentile) | 9.11 % | +1.22 pt | NO | — | — |" in section  # failing: not timed
+    assert "| QAT all-INT8 | 7.90 % | +0.01 pt | yes | 60.00 | 2.50× |" in section
+    assert "| PTQ selected mix (search from it) | 8.12 % | +0.23 pt | yes |" in section
+    assert "| QAT + search | 7.91 % |" in section
+    sbs = md.split("### Side-by-side timing")[1].split("###")[0]
+    assert "| **INT8 all (qat)** | **INT8 all (max)** |" in sbs

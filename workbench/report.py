@@ -172,8 +172,8 @@ def result_rows(run: dict) -> list[dict]:
         hk = e.get("hackathon") or {}
         cases = cases_of(e)
         # The selected mix was re-timed side by side with FP32: its speedups use that FP32 timing.
-        r_obj, r_cases = ((objective_of(e["reference_latency"]), cases_of(e["reference_latency"]))
-                          if isinstance(e.get("reference_latency"), dict) else (ref_obj, ref_cases))
+        ref_e = {"latency": e["reference_latency"]} if isinstance(e.get("reference_latency"), dict) else None
+        r_obj, r_cases = (objective_of(ref_e), cases_of(ref_e)) if ref_e else (ref_obj, ref_cases)
         rows.append({
             "label": str(e.get("label") or (SELECTED_LABEL if kind == "selected" else "?")),
             "kind": kind,
