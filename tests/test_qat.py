@@ -140,7 +140,7 @@ def qat_run(fp32, tmp_path_factory):
 
 def test_qat_run_loss_scales_and_outputs(fp32, qat_run):
     s, model, out = qat_run["summary"], qat_run["model"], qat_run["dir"]
-    assert 0 <= s["val_cer_ctc_greedy_before"] <= 1
+    assert np.isfinite(s["val_cer_ctc_greedy_before"]) and s["val_cer_ctc_greedy_before"] >= 0  # CER may exceed 1
     assert s["steps"] == 16 and s["quantized_nodes"]["encoder"] == len(_int8_ids(fp32["a_enc"], fp32["plan_enc"]))
     assert s["loss_last"] < s["loss_first"], (s["loss_first"], s["loss_last"])
     for name, q in quantizers(model).items():
