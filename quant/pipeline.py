@@ -88,7 +88,8 @@ class Workspace:
     def model(self, kind: str, nodes: dict[str, str], method: str, default: str = "fp32",
               source: str | None = None) -> Path:
         """The ONNX model of `kind` with `nodes` ({id: precision}) over a `default` plan, placed with the
-        ranges of `method` on the FP32 model of `source` (default: the method's own, see add_source)."""
+        ranges of `method` on the FP32 models of method `source` (default: `method`'s own, see add_source;
+        "fp32": the run's FP32 models)."""
         base = self.source(source or method)[kind]
         if all(p == "fp32" for p in nodes.values()) and default == "fp32":
             return base
@@ -177,9 +178,10 @@ class Experiment:
         feats = [self.calib.features(i) for i in range(min(d["calib_utts"], len(self.calib)))]
         bs = c["batch_size"]
         enc_feeds = [encoder_batch(feats[s:s + bs]) for s in range(0, len(feats), bs)]
+        key_of = lambda m: f"percentile_{c['percentile']:g}" if m == "percentile" else m  # noqa: E731
+        self.methods = [key_of(m) for m in c["methods"]]
         methods = [m for m in c["methods"] if m != "qat"]  # "qat" ranges come with qat.dir (export_qat)
-        keys = [f"percentile_{c['percentile']:g}" if m == "percentile" else m for m in methods]
-        self.methods = [f"percentile_{c['percentile']:g}" if m == "percentile" else m for m in c["methods"]]
+        keys = [key_of(m) for m in methods]
         if not methods:
             return
         for kind in KINDS:

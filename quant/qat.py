@@ -25,7 +25,7 @@ Why not NVIDIA ModelOpt (`modelopt.torch.quantization`, the successor of pytorch
     DequantizeLinear (opset >= 13); the weights' float-initializer -> QuantizeLinear is then folded into an
     INT8 initializer so each weight reads INT8 -> DequantizeLinear(axis) as TensorRT and `graph.validate`
     expect.
-  * `qat_tables`: the calibration tables the PTQ pipeline reads, with the QAT ranges as method "qat", so the
+  * `qat_table`: the calibration table the PTQ pipeline reads, with the QAT ranges as method "qat", so the
     precision search can start from QAT scales and fine-tuned weights.
 Fine-tuning itself is `models.train.train` with the prepared model (and optionally an FP32 teacher).
 """
