@@ -420,9 +420,10 @@ class Experiment:
         the latency tie tolerance of the fastest are equally fast; the most accurate of them wins.
         Returns (selected record, side-by-side timing record)."""
         metric = self.cfg["criterion"]["metric"]
-        options = [(x["label"], x["models"], x["flat"], x["best"], x["calibrator"]) for x in searches if x["best"]]
-        options += [(b["label"], *baseline_models[b["label"]], b, b["calibrator"]) for b in baselines
-                    if b.get("passed") and b["label"] in baseline_models]
+        # Baselines first: a search that ends on a baseline's plan with its accuracy is reported as that baseline.
+        options = [(b["label"], *baseline_models[b["label"]], b, b["calibrator"]) for b in baselines
+                   if b.get("passed") and b["label"] in baseline_models]
+        options += [(x["label"], x["models"], x["flat"], x["best"], x["calibrator"]) for x in searches if x["best"]]
         if not options:
             return None, None
         groups: dict[str, list] = {}
