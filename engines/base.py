@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from evaluation.interface import BEAM, FEATURE_DIM, MAX_HYP_PAD
-from evaluation.runners import OrtRunner
+from evaluation.runners import OrtRunner, guess_kind
 from workbench.errors import WorkbenchError
 from workbench.fsutil import atomic_dir, read_json, sha256_file, write_json
 
@@ -60,10 +60,6 @@ def onnx_io(onnx_path: str | os.PathLike) -> dict:
     inits = {i.name for i in graph.initializer}
     return {"inputs": {v.name: desc(v) for v in graph.input if v.name not in inits},
             "outputs": {v.name: desc(v) for v in graph.output}}
-
-
-def guess_kind(input_names: Sequence[str]) -> str:
-    return "decoder" if "hyps_pad_sos_eos" in input_names else "encoder"
 
 
 def default_shapes(onnx_path: str | os.PathLike, kind: str | None = None,
@@ -346,13 +342,13 @@ def bench_interleaved(runners: Mapping[str, Any], cases: Mapping[tuple[int, int]
             for r in runners.values():
                 r.run(feeds)
         times: dict[str, list[float]] = {label: [] for label in runners}
-        timer = "perf_counter"
+        timers: dict[str, str] = {}  # per runner: TensorRT runners time with CUDA events, others wall clock
         for _ in range(iters):
             for label, r in runners.items():
-                t, timer = time_runs(r, feeds, 0, 1)
+                t, timers[label] = time_runs(r, feeds, 0, 1)
                 times[label].extend(t)
         for label, t in times.items():
-            out[label].append(summarize(t, bs, sl, warmup, timer))
+            out[label].append(summarize(t, bs, sl, warmup, timers[label]))
     return out
 
 

@@ -32,7 +32,7 @@ def interface_mismatch(kind: str, where: str, specs: Sequence[TensorSpec], names
     return "; ".join(parts)
 
 
-def _guess_kind(input_names: Sequence[str]) -> str:
+def guess_kind(input_names: Sequence[str]) -> str:
     return "decoder" if "hyps_pad_sos_eos" in input_names else "encoder"
 
 
@@ -62,7 +62,7 @@ class OrtRunner:
             raise WorkbenchError(f"{self.path} is not a readable ONNX model: {e}") from e
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self.kind = kind or _guess_kind(self.input_names)
+        self.kind = kind or guess_kind(self.input_names)
         if self.kind not in INTERFACES:
             raise WorkbenchError(f"unknown model kind {self.kind!r}: expected 'encoder' or 'decoder'")
         inputs, outputs = INTERFACES[self.kind]

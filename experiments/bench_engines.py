@@ -30,7 +30,6 @@ sys.path.insert(0, str(ROOT))
 
 from calibration_data.corpus import default_cache_dir, load_split  # noqa: E402
 from engines import bench_interleaved, build, int8_kernel_report, load  # noqa: E402
-from engines.base import sha256_file  # noqa: E402
 from evaluation.asr import decoder_feeds, only_inputs_of, prefix_beam_batch  # noqa: E402
 from evaluation.hackathon import BATCH_SIZES, SEQ_LENS, make_cases, run_check  # noqa: E402
 from evaluation.runners import OrtRunner  # noqa: E402

@@ -5,15 +5,8 @@
 # Call (from the repo root, with .debs and .whl carried):
 #   bash experiments/device_train.sh [TRAIN_UTTS] [TIME_LIMIT_S] [extra `wb train` args...]
 set -euo pipefail
-TRAIN_UTTS="${1:-20000}"; TIME_LIMIT="${2:-400}"; shift 2 || true
-: "${OUT:?run this through the device tool (OUT must be set)}"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
-for f in .debs/*.deb; do dpkg -x "$f" /tmp/tts; done
-export WB_TTS_LD_LIBRARY_PATH=/tmp/tts/usr/lib/x86_64-linux-gnu:/tmp/tts/usr/lib/x86_64-linux-gnu/pulseaudio:/tmp/tts/lib/x86_64-linux-gnu
-export WB_ESPEAK=/tmp/tts/usr/bin/espeak-ng WB_ESPEAK_DATA=/tmp/tts/usr/lib/x86_64-linux-gnu/espeak-ng-data
-export WB_FLITE=/tmp/tts/usr/bin/flite WB_FORTUNES_DIR=/tmp/tts/usr/share/games/fortunes WB_CACHE=/tmp/wbcache
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+TRAIN_UTTS="${1:-20000}"; TIME_LIMIT="${2:-400}"; shift 2 || shift $#
+source "$(dirname "$0")/device_env.sh"
 t0=$(date +%s)
 python3 -m workbench.cli data --sizes "train=$TRAIN_UTTS,calib=512,test=500" --workers "$(nproc)" 2>&1 | tr '\r' '\n' | grep -v '^ *$' | tail -5
 echo "corpus: $(( $(date +%s) - t0 )) s"

@@ -27,9 +27,7 @@ from calibration_data.corpus import default_cache_dir, ensure_corpus, load_split
 from calibration_data.text import DEFAULT_VOCAB  # noqa: E402
 from evaluation.asr import evaluate  # noqa: E402
 from evaluation.runners import OrtRunner  # noqa: E402
-from graph.analysis import analyze  # noqa: E402
 from graph.placement import quantize  # noqa: E402
-from graph.plan import create_plan  # noqa: E402
 from models.export import export_onnx  # noqa: E402
 from models.weights import DEFAULT_WEIGHTS, load_model  # noqa: E402
 from quant.qat_run import KINDS, WEIGHTS, check_qat_dir, table_path  # noqa: E402
@@ -43,13 +41,9 @@ def models_of(label: str, weights: Path, tables: dict[str, CalibrationTable], wo
     """{"fp32": {kind: path}, "int8": {kind: path}} for one weight set."""
     d = work / label.split()[0]
     fp32 = dict(zip(KINDS, export_onnx(load_model(weights), d / "fp32")))
-    int8 = {}
-    for kind in KINDS:
-        tables[kind].save(d / f"{kind}.table.json")
-        plan = create_plan(analyze(str(fp32[kind])), default="int8")
-        int8[kind] = d / "int8" / f"{kind}.onnx"
-        int8[kind].parent.mkdir(parents=True, exist_ok=True)
-        quantize(str(fp32[kind]), str(d / f"{kind}.table.json"), plan=plan, recipe="onnxruntime", out=int8[kind])
+    int8 = {k: d / "int8" / f"{k}.onnx" for k in KINDS}
+    for kind in KINDS:  # quantize's default plan: every Linear/Conv int8, attention MatMuls fp32
+        quantize(str(fp32[kind]), tables[kind].data, default_plan="int8", recipe="onnxruntime", out=int8[kind])
     return {"fp32": fp32, "int8": int8}
 
 

@@ -82,14 +82,14 @@ class Analysis:
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def load_model(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
+def load_model(model: str | Path | onnx.ModelProto, load_external_data: bool = True) -> onnx.ModelProto:
     if isinstance(model, onnx.ModelProto):
         return model
     path = Path(model)
     if not path.is_file():
         raise WorkbenchError(f"model not found: {path}")
     try:
-        return onnx.load(str(path))
+        return onnx.load(str(path), load_external_data=load_external_data)
     except Exception as exc:  # noqa: BLE001 - protobuf raises several types
         raise WorkbenchError(f"{path} is not a readable ONNX model: {exc}") from exc
 

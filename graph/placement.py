@@ -247,14 +247,17 @@ def _place_onnxruntime(model: onnx.ModelProto, analysis: Analysis, plan: dict, t
 
 
 def quantize(model: str | Path | onnx.ModelProto, table, plan: dict | None = None, recipe: str = "tensorrt",
-             default_plan: str = "int8", out: str | Path | None = None, activation_type: str = "u8") -> Placement:
-    """Apply `plan` (or a default plan of `default_plan`) with calibration `table` (path, table dict or
-    {tensor: amax}).  Everything is checked before anything is written; `out` is written atomically."""
+             default_plan: str = "int8", out: str | Path | None = None, activation_type: str = "u8",
+             analysis: Analysis | None = None) -> Placement:
+    """Apply `plan` (or a default plan of `default_plan`) with calibration `table` (path, table dict,
+    {tensor: amax} or a loaded CalibTable).  `analysis`: `analyze(model)` when the caller already has it (a
+    search places one model many times).  Everything is checked before anything is written; `out` is
+    written atomically."""
     if recipe not in RECIPES:
         raise WorkbenchError(f"unknown recipe {recipe!r}: use one of {', '.join(RECIPES)}")
-    m = prepare_model(model)
+    m = prepare_model(model)  # a copy: the caller's model is never changed
     original_io = _io_signature(m)
-    analysis = analyze(m)
+    analysis = analysis or analyze(m)
     plan = (create_plan(analysis, default_plan) if plan is None else
             validate_plan(plan, analysis, node_ops={n.name: n.op_type for n in m.graph.node}))
     table = load_table(table)

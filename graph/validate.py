@@ -72,16 +72,15 @@ def validate(model, plan: dict, recipe: str = "tensorrt", original=None) -> list
                 problems.append(f"{n.op_type} {n.name!r}: zero point must be {sorted(allowed)} (symmetric)")
             if zp.shape != scale.shape:
                 problems.append(f"{n.op_type} {n.name!r}: zero point shape {zp.shape} != scale shape {scale.shape}")
+        data = idx.const_value(n.input[0])  # the quantized constant (a weight), else None
         if scale.size > 1 or scale.ndim > 0:
             axis = int(idx.attr(n, "axis", 1))
-            data = idx.const_value(n.input[0])
             if scale.ndim != 1:
                 problems.append(f"{n.op_type} {n.name!r}: per-channel scale must be 1-D, is {scale.shape}")
             elif data is not None and (axis >= data.ndim or data.shape[axis] != scale.shape[0]):
                 problems.append(f"{n.op_type} {n.name!r}: per-channel scale length {scale.shape[0]} does not "
                                 f"match axis {axis} of {data.shape}")
         if n.op_type == "DequantizeLinear":
-            data = idx.const_value(n.input[0])
             ok = (np.int8, np.uint8) if recipe == "tensorrt" else (np.int8, np.uint8, np.int32)
             if data is not None and data.dtype not in ok:
                 problems.append(f"DequantizeLinear {n.name!r}: weight dtype {data.dtype} is not int8")
@@ -120,7 +119,7 @@ def validate(model, plan: dict, recipe: str = "tensorrt", original=None) -> list
         else:
             for t in n.input:
                 dq = via_dq(t) if t else None
-                if dq is None or dq.op_type != "DequantizeLinear":
+                if dq is None:
                     continue
                 shared = any(c.name in residual_adds or nodes.get(c.name) == "int8"
                              for c in idx.consumers.get(t, []))

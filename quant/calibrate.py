@@ -5,13 +5,14 @@ import os
 import time
 from collections.abc import Iterable, Mapping
 
+from graph.analysis import load_model
 from workbench.errors import WorkbenchError
 
 from .collect import Padding, collect_statistics
 from .histogram import DEFAULT_BINS
 from .methods import DEFAULT_PERCENTILES, compute_all, parse_methods
 from .table import CalibrationTable, build_table
-from .tensors import activation_tensor_names, load_model, quantizable_activation_inputs
+from .tensors import activation_tensor_names, quantizable_activation_inputs
 from .weights import weight_ranges
 
 
@@ -48,9 +49,8 @@ def calibrate(model_path: str | os.PathLike, data: Iterable[Mapping], *, methods
     amaxes = {name: compute_all(st, keys) for name, st in res.stats.items()}
     t2 = time.perf_counter()
     weights = weight_ranges(model, qins, weight_method) if weight_method else {}
-    bs = sorted(set(res.batch_sizes))
-    info = {"n_samples": res.n_samples, "n_batches": res.n_batches,
-            "batch_size": bs[0] if len(bs) == 1 else max(res.batch_sizes), "passes": res.passes,
+    info = {"n_samples": res.n_samples, "n_batches": res.n_batches, "batch_size": max(res.batch_sizes),
+            "passes": res.passes,
             "padding": res.padding, "collect_s": round(t1 - t0, 3), "methods_s": round(t2 - t1, 3)}
     info.update(data_info or {})
     return build_table(model_path, res.stats, amaxes, default_method=default_key, data_info=info, bins=bins,

@@ -38,10 +38,10 @@ import numpy as np
 import onnx
 
 from evaluation import asr
+from graph.analysis import load_model
 from workbench.errors import WorkbenchError
 
 from .histogram import DEFAULT_BINS, NonFiniteError, TensorStats
-from .tensors import load_model
 
 _ORT_DTYPES = {
     onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.FLOAT16: np.float16,

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from workbench.errors import WorkbenchError
 
+from .methods import METHODS
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "experiments" / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.toml"
 
@@ -17,7 +19,7 @@ _CHOICES = {
     ("criterion", "kind"): {"absolute", "relative", "hackathon"},
     ("criterion", "metric"): {"cer_rescore", "cer_greedy", "cer_prefix", "wer_rescore"},
 }
-_METHODS = {"max", "percentile", "entropy", "mse", "qat"}  # "qat": the ranges and weights of a `wb qat` directory
+_METHODS = {*METHODS, "qat"}  # "qat": the ranges and weights of a `wb qat` directory
 
 
 def _read(path: Path) -> dict:

@@ -20,7 +20,8 @@ from calibration_data.text import DEFAULT_VOCAB
 from engines.cases import bench_cases
 from evaluation.asr import decoder_feeds, evaluate, only_inputs_of, pad_batch, prefix_beam_batch
 from evaluation.hackathon import make_cases, run_check
-from graph.analysis import analyze
+from graph.analysis import analyze, prepare_model
+from graph.calib import load_table
 from graph.placement import quantize
 from graph.plan import create_plan, edit_plan, save_plan
 from workbench.errors import WorkbenchError
@@ -29,8 +30,9 @@ from workbench.fsutil import write_json
 from .calibrate import calibrate
 from .collect import pad_batch as encoder_batch
 from .evalcache import EvalCache
+from .methods import method_key
 from .experiment import criterion_threshold, resolve_backend_and_recipe
-from .search import SearchProblem, plan_hash, search
+from .search import SearchProblem, plan_counts, plan_hash, search
 from .table import CalibrationTable
 
 KINDS = ("encoder", "decoder")
@@ -64,6 +66,8 @@ class Workspace:
         self.sources: dict[str, dict[str, Path]] = {}  # method -> kind -> FP32 model it places (default fp32)
         self._runners: dict[Path, object] = {}
         self._plans: dict[tuple[str, str], dict] = {}
+        self._loaded: dict[Path, tuple] = {}  # FP32 path -> (ModelProto, Analysis): read once, placed many times
+        self._tables: dict[Path, object] = {}  # table path -> graph.calib.CalibTable
 
     def add_source(self, method: str, models: dict[str, Path]) -> None:
         """Models of `method` are placed on these FP32 models (QAT: the fine-tuned weights), which must have
@@ -100,7 +104,14 @@ class Workspace:
         tag = hashlib.sha256(json.dumps([plan["hash"], method, recipe, base.parent.name]).encode()).hexdigest()[:16]
         out = self.dir / "models" / kind / f"{tag}.onnx"
         if not out.is_file():
-            quantize(str(base), str(self.tables[method][kind]), plan=plan, recipe=recipe, out=out)
+            if base not in self._loaded:
+                m = prepare_model(base)
+                self._loaded[base] = (m, analyze(m))
+            table = self.tables[method][kind]
+            if table not in self._tables:
+                self._tables[table] = load_table(table)
+            m, analysis = self._loaded[base]
+            quantize(m, self._tables[table], plan=plan, recipe=recipe, out=out, analysis=analysis)
             save_plan(plan, out.with_suffix(".plan.json"))
         return out
 
@@ -178,7 +189,7 @@ class Experiment:
         feats = [self.calib.features(i) for i in range(min(d["calib_utts"], len(self.calib)))]
         bs = c["batch_size"]
         enc_feeds = [encoder_batch(feats[s:s + bs]) for s in range(0, len(feats), bs)]
-        key_of = lambda m: f"percentile_{c['percentile']:g}" if m == "percentile" else m  # noqa: E731
+        key_of = lambda m: method_key(m, c["percentile"])  # noqa: E731
         self.methods = [key_of(m) for m in c["methods"]]
         methods = [m for m in c["methods"] if m != "qat"]  # "qat" ranges come with qat.dir (export_qat)
         keys = [key_of(m) for m in methods]
@@ -262,8 +273,7 @@ class Experiment:
             so.intra_op_num_threads = self.cfg["backend"]["threads"]
             return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
-        d = self.cfg["data"]
-        pool = [self.calib.features(i) for i in range(min(64, len(self.calib)))]
+        d, pool = self.cfg["data"], self.pool
         src = ws.source(method)  # single-node INT8 against the FP32 model of the same weights
         fp32_enc, int8_enc = session(src["encoder"]), session(
             ws.model("encoder", {n: "int8" for n in ws.int8_nodes("encoder")}, method))
@@ -277,7 +287,8 @@ class Experiment:
         dec_feeds = only_inputs_of(ws.runner(src["decoder"]),
                                    self.decoder_calib_feeds(ws.runner(src["encoder"]), rank, len(rank))[0])
         feeds, out = {"encoder": enc_feeds, "decoder": dec_feeds}, {"encoder": "encoder_out", "decoder": "decoder_out"}
-        refs = {k: session(src[k]).run([out[k]], feeds[k])[0] for k in KINDS}
+        fp32 = {"encoder": fp32_enc, "decoder": session(src["decoder"])}
+        refs = {k: fp32[k].run([out[k]], feeds[k])[0] for k in KINDS}
         scores = {}
         todo = [(k, n) for k in KINDS for n in ws.int8_nodes(k)]
         for kind, node in tqdm(todo, desc="sensitivity", disable=not self.progress):
@@ -295,7 +306,8 @@ class Experiment:
         if "qat" in self.methods:
             self.export_qat(ws)
         lat = cfg["latency"]
-        pool = [self.calib.features(i) for i in range(min(64, len(self.calib)))]
+        # 64 calibration utterances: real features for the latency cases, hackathon cases and sensitivity ranking
+        self.pool = pool = [self.calib.features(i) for i in range(min(64, len(self.calib)))]
         self.cases = {k: bench_cases(engines.base.onnx_io(fp32[k]), k, lat["batch_sizes"], lat["seq_lens"],
                                      feats_pool=pool) for k in KINDS}
         self.hack_cases = make_cases(ws.runner(fp32["encoder"]), pool, batch_sizes=lat["batch_sizes"],
@@ -386,8 +398,7 @@ class Experiment:
             models = models_of(flat)
             best = result.best  # its latency is the search's shorter protocol; _select re-times side by side
             out["best"] = {"label": out["label"], "calibrator": method, "plan_hash": plan_hash(flat),
-                           "n_int8": sum(v == "int8" for v in flat.values()),
-                           "n_fallback": sum(v != "int8" for v in flat.values()),
+                           **plan_counts(flat),
                            "accuracy": best["accuracy"], "latency": best["latency"], "passed": True}
             out["models"], out["flat"] = models, flat
         return out
@@ -451,8 +462,7 @@ class Experiment:
                   "fp32_objective_ms": ref["objective_ms"]}
         selected = {"label": "selected mix", "source": label, "plan_hash": plan_hash(flat), "calibrator": calibrator,
                     "same_plan": [m[0] for m in groups[plan_hash(flat)] if m[0] != label],
-                    "n_int8": sum(v == "int8" for v in flat.values()),
-                    "n_fallback": sum(v != "int8" for v in flat.values()),
+                    **plan_counts(flat),
                     "fallback_nodes": sorted(k for k, v in flat.items() if v != "int8"),
                     "accuracy": rec["accuracy"], "passed": True, "latency": lat[label], "reference_latency": ref,
                     "hackathon": {k: v for k, v in self.hackathon(ws, models).items() if k != "rows"}}

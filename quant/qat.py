@@ -45,8 +45,9 @@ from graph.analysis import analyze
 from workbench.errors import WorkbenchError
 from workbench.fsutil import atomic_path
 
+from .methods import AMAX_FLOOR
+
 QMIN, QMAX = -128, 127
-AMAX_FLOOR = 1e-8  # as quant.methods.AMAX_FLOOR: a positive scale even for constant-zero tensors
 
 
 # --------------------------------------------------------------------------------------------- quantizer
@@ -192,14 +193,16 @@ def _act_amax(table, tensor: str, node_id: str) -> float | None:
     return max(a, AMAX_FLOOR)
 
 
-def insert_quantizers(model: nn.Module, plan: dict, table, onnx_fp32_path: str | Path) -> list[str]:
+def insert_quantizers(model: nn.Module, plan: dict, table, onnx_fp32_path: str | Path, *,
+                      analysis=None) -> list[str]:
     """Quantize (in place) the input activation and weight of every Linear/Conv1d/Conv2d whose ONNX node
     in `onnx_fp32_path` (the FP32 export of this model) the plan marks int8.  `table`: a
     `quant.table.CalibrationTable`, a plain {tensor name: amax} dict, or None (activation amax = max |x| of
     the first batch).  Returns the quantized node ids.  Plan nodes of another model (not in this ONNX file)
     are ignored, so the encoder and decoder plans can be applied one after the other; an int8 node that no
-    Linear/Conv module maps to (e.g. an attention act_matmul) is an error naming it."""
-    analysis = analyze(onnx_fp32_path)
+    Linear/Conv module maps to (e.g. an attention act_matmul) is an error naming it.  `analysis`:
+    `analyze(onnx_fp32_path)` when the caller has it."""
+    analysis = analysis or analyze(onnx_fp32_path)
     qnodes = {q.id: q for q in analysis.quantizable}
     modules = dict(model.named_modules())
     int8 = [nid for nid, p in plan["nodes"].items() if p == "int8" and nid in qnodes]
@@ -310,14 +313,14 @@ def fp32_teacher(model: nn.Module) -> nn.Module:
 
 
 # --------------------------------------------------------------------------------------------- tables
-def qat_table(model: nn.Module, base, onnx_fp32_path: str | Path, *, model_info: dict | None = None):
+def qat_table(model: nn.Module, base, onnx_fp32_path: str | Path, *, analysis=None):
     """`base` (a quant.table.CalibrationTable of this ONNX model) with a method "qat" added and made the
     default: each tensor a quantizer of `model` reads gets that quantizer's amax, every other tensor (residual
     inputs, node outputs) keeps its amax of the base table's chosen method.  The per-weight section is
     dropped: the weights were fine-tuned, and placement takes their per-channel max (as QAT did)."""
     from .table import QMAX, CalibrationTable
 
-    analysis = analyze(onnx_fp32_path)
+    analysis = analysis or analyze(onnx_fp32_path)
     modules = dict(model.named_modules())
     trained: dict[str, float] = {}
     for q in analysis.quantizable:
@@ -335,6 +338,4 @@ def qat_table(model: nn.Module, base, onnx_fp32_path: str | Path, *, model_info:
     data["default_method"] = "qat"
     data.pop("weights", None)
     data["qat"] = {"base_method": base.default_method, "quantized_tensors": len(trained)}
-    if model_info:
-        data["model"] = model_info
     return CalibrationTable(data)

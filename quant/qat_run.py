@@ -2,8 +2,8 @@
 inserted -> short fine-tune with the project's training loop (models.train.train, optionally distilling from
 the FP32 model) -> a QAT directory that the rest of the workbench reads.
 
-QAT directory (assembled in `<out>.partial/` and renamed onto `<out>` only when everything succeeded; a killed
-run resumes from `<out>.partial/train/checkpoint.pt`):
+QAT directory (written atomically: it appears only when everything succeeded; a killed run resumes from
+`<out>.partial/train/checkpoint.pt`):
   weights.safetensors                    fine-tuned weights, fp16 like the shipped model (config in metadata)
   encoder.table.json, decoder.table.json calibration tables with the QAT ranges as method "qat"
   encoder.plan.json, decoder.plan.json   the plans the quantizers were inserted for
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -28,9 +27,9 @@ from graph.analysis import analyze
 from graph.plan import create_plan, load_plan, save_plan
 from graph.validate import validate
 from workbench.errors import WorkbenchError
-from workbench.fsutil import write_json
+from workbench.fsutil import atomic_dir, write_json
 
-from .qat import export_qat_onnx, insert_quantizers, qat_table, quantizers, remove_quantizers
+from .qat import export_qat_onnx, fp32_teacher, insert_quantizers, qat_table, quantizers, remove_quantizers
 from .table import CalibrationTable
 
 KINDS = ("encoder", "decoder")
@@ -109,15 +108,12 @@ def run_qat(model, tables: dict[str, str | Path], out_dir: str | Path, train_spl
     t0 = time.time()
     model = model.cpu().eval()
     fp32 = dict(zip(KINDS, export_onnx(model, work / "fp32", opset=opts.opset)))
-    plan_of = {}
-    for kind in KINDS:
-        analysis = analyze(fp32[kind])
-        plan_of[kind] = load_plan(plans[kind]) if plans and plans.get(kind) else create_plan(analysis, default="int8")
-    teacher = None
-    if opts.kd_weight > 0:
-        teacher = copy.deepcopy(model).eval().requires_grad_(False)
-    quantized = {k: insert_quantizers(model, plan_of[k], base[k], fp32[k]) if opts.fake_quant else []
-                 for k in KINDS}
+    analysis_of = {k: analyze(fp32[k]) for k in KINDS}
+    plan_of = {k: load_plan(plans[k]) if plans and plans.get(k) else create_plan(analysis_of[k], default="int8")
+               for k in KINDS}
+    teacher = fp32_teacher(model) if opts.kd_weight > 0 else None  # before the quantizers go in
+    quantized = {k: insert_quantizers(model, plan_of[k], base[k], fp32[k], analysis=analysis_of[k])
+                 if opts.fake_quant else [] for k in KINDS}
     if opts.fake_quant and not any(quantized.values()):
         raise WorkbenchError("the plans mark no node int8: nothing to fine-tune")
 
@@ -135,38 +131,29 @@ def run_qat(model, tables: dict[str, str | Path], out_dir: str | Path, train_spl
         if not (torch.isfinite(q.amax).all() and (q.amax > 0).all()):
             raise WorkbenchError("a quantizer's amax is not a positive finite number after fine-tuning")
 
-    stage = work / "final"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
-    problems = {}
-    if opts.fake_quant:
-        qdq = dict(zip(KINDS, export_qat_onnx(model, stage / "qdq", opset=opts.opset)))
-        problems = {k: validate(qdq[k], plan_of[k], "tensorrt", original=fp32[k]) for k in KINDS}
-    if any(problems.values()):
-        first = next(p for ps in problems.values() for p in ps)
-        raise WorkbenchError(f"the QAT export fails validation ({sum(map(len, problems.values()))} problems), "
-                             f"first: {first}")
-    for kind in KINDS:
-        qat_table(model, base[kind], fp32[kind]).save(table_path(stage, kind))
-        save_plan(plan_of[kind], stage / f"{kind}.plan.json")
-    shutil.copyfile(work / "train" / "train_log.jsonl", stage / "train_log.jsonl")
-    summary = {"format": "wb-qat/1", "source_weights": source, "options": asdict(opts),
-               "quantized_nodes": {k: len(v) for k, v in quantized.items()},
-               "base_methods": {k: t.default_method for k, t in base.items()},
-               "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-               "val_cer_ctc_greedy_before": round(before, 4),
-               **_summary_of_log(stage / "train_log.jsonl"), "wall_s": round(time.time() - t0, 1),
-               "validation": "graph.validate (tensorrt recipe): no problems" if opts.fake_quant else
-               "control run without quantizers: no Q/DQ export"}
-    plain = copy.deepcopy(model)
-    remove_quantizers(plain)
-    save_weights(plain, stage / WEIGHTS, extra={"qat": {k: summary.get(k) for k in ("format", "steps", "options")}})
-    write_json(stage / SUMMARY, summary)
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        shutil.rmtree(old, ignore_errors=True)
-    os.replace(stage, out)
+    with atomic_dir(out) as stage:  # the QAT directory appears only when everything below succeeded
+        if opts.fake_quant:
+            qdq = dict(zip(KINDS, export_qat_onnx(model, stage / "qdq", opset=opts.opset)))
+            problems = [p for k in KINDS for p in validate(qdq[k], plan_of[k], "tensorrt", original=fp32[k])]
+            if problems:
+                raise WorkbenchError(f"the QAT export fails validation ({len(problems)} problems), first: "
+                                     f"{problems[0]}")
+        for kind in KINDS:
+            qat_table(model, base[kind], fp32[kind], analysis=analysis_of[kind]).save(table_path(stage, kind))
+            save_plan(plan_of[kind], stage / f"{kind}.plan.json")
+        shutil.copyfile(work / "train" / "train_log.jsonl", stage / "train_log.jsonl")
+        summary = {"format": "wb-qat/1", "source_weights": source, "options": asdict(opts),
+                   "quantized_nodes": {k: len(v) for k, v in quantized.items()},
+                   "base_methods": {k: t.default_method for k, t in base.items()},
+                   "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                   "val_cer_ctc_greedy_before": round(before, 4),
+                   **_summary_of_log(stage / "train_log.jsonl"), "wall_s": round(time.time() - t0, 1),
+                   "validation": "graph.validate (tensorrt recipe): no problems" if opts.fake_quant else
+                   "control run without quantizers: no Q/DQ export"}
+        plain = copy.deepcopy(model)
+        remove_quantizers(plain)
+        save_weights(plain, stage / WEIGHTS,
+                     extra={"qat": {k: summary.get(k) for k in ("format", "steps", "options")}})
+        write_json(stage / SUMMARY, summary)
     shutil.rmtree(work, ignore_errors=True)
     return summary, model

@@ -32,6 +32,12 @@ def plan_hash(plan: Plan) -> str:
     return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def plan_counts(plan: dict[str, str]) -> dict[str, int]:
+    """{"n_int8", "n_fallback"} of a flat plan, as trace records and run.json carry them."""
+    n8 = sum(v == "int8" for v in plan.values())
+    return {"n_int8": n8, "n_fallback": len(plan) - n8}
+
+
 @dataclass
 class SearchProblem:
     nodes: list[str]
@@ -82,8 +88,7 @@ class _Search:
         self.full_evals += 1
         self.bar.update(1)
         rec = {"label": label, "stage": stage, "plan_hash": h,
-               "n_int8": sum(v == "int8" for v in plan.values()),
-               "n_fallback": sum(v != "int8" for v in plan.values()),
+               **plan_counts(plan),
                "accuracy": acc, "passed": bool(self.p.passes(acc)), "latency": None, "cached": cached}
         self.trace.append(rec)
         return rec
@@ -153,8 +158,7 @@ class _Search:
             probe = {**base_plan, **{n: self.p.fallback for n in int8_members}}
             lat = self.time_plan(probe)
             self.trace.append({"label": f"probe: {name} -> {self.p.fallback}", "stage": "latency-probe",
-                               "plan_hash": plan_hash(probe), "n_int8": sum(v == "int8" for v in probe.values()),
-                               "n_fallback": sum(v != "int8" for v in probe.values()), "accuracy": None,
+                               "plan_hash": plan_hash(probe), **plan_counts(probe), "accuracy": None,
                                "passed": None, "latency": lat, "cached": False})
             if lat["objective_ms"] < base_ms:
                 faster.append((lat["objective_ms"], name, int8_members))

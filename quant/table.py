@@ -19,13 +19,13 @@ import os
 import struct
 from pathlib import Path
 
+from graph.calib import QMAX, TABLE_FORMAT
 from workbench.errors import WorkbenchError
 from workbench.fsutil import atomic_path, read_json, sha256_file, write_json
 
 from .methods import AMAX_FLOOR
 
-FORMAT = "wb-calibration-table/1"
-QMAX = 127.0
+FORMAT = TABLE_FORMAT  # defined with graph/'s reader (graph/ does not import quant/)
 TRT_HEADER = "TRT-8601-EntropyCalibration2"
 
 

@@ -1,10 +1,11 @@
-"""Which tensors to calibrate: a minimal stand-in for the full graph analysis that `graph/` will provide.
+"""Which tensors `wb calibrate` calibrates on an arbitrary ONNX model.
 
 `quantizable_activation_inputs(model)` lists the activation input of every Conv, MatMul and Gemm whose other
 operand is a constant (an initializer, or a Constant node's output, possibly through Identity nodes), with that
 weight's name and per-output-channel axis; `include_activation_matmuls=True` adds both inputs of MatMuls between
-two activations (attention's QK^T and PV). Swap this function for `graph/`'s analysis once it lands: the collector
-only needs a list of tensor names, and `quant.weights` only needs (weight name, axis) pairs.
+two activations (attention's QK^T and PV).  This overlaps `graph.analysis` (which the pipeline and placement use)
+but its rules are wider (a constant *first* MatMul operand counts), and `wb calibrate`'s table covers them; the
+two should become one classifier (known follow-up).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from graph.analysis import load_model
 from workbench.errors import WorkbenchError
 
 QUANTIZABLE_OPS = ("Conv", "MatMul", "Gemm")
@@ -26,17 +28,6 @@ class QuantInput:
     op_type: str
     weight: str | None     # constant operand (initializer / Constant output name), None for activation x activation
     weight_axis: int | None  # per-output-channel axis of the weight
-
-
-def load_model(model: str | onnx.ModelProto, load_external_data: bool = True) -> onnx.ModelProto:
-    if isinstance(model, onnx.ModelProto):
-        return model
-    try:
-        return onnx.load(str(model), load_external_data=load_external_data)
-    except FileNotFoundError:
-        raise WorkbenchError(f"ONNX model not found: {model}") from None
-    except Exception as exc:  # protobuf decode errors and the like
-        raise WorkbenchError(f"cannot read ONNX model {model}: {exc}") from exc
 
 
 def constant_tensors(model: onnx.ModelProto) -> dict[str, np.ndarray | None]:

@@ -11,10 +11,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from graph.analysis import load_model
 from workbench.errors import WorkbenchError
 
 from .methods import AMAX_FLOOR
-from .tensors import QuantInput, constant_value, load_model
+from .tensors import QuantInput, constant_value
 
 
 def per_channel_amax(w: np.ndarray, axis: int, method: str = "max", num_bits: int = 8) -> np.ndarray:

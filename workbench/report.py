@@ -196,10 +196,10 @@ def side_by_side_of(run: dict, label: str) -> dict | None:
     return next((r for r in rows if r.get("label") == label or label in (r.get("same_plan") or [])), None)
 
 
-def qat_comparison(run: dict) -> list[dict] | None:
+def qat_comparison(run: dict, rows: list[dict] | None = None) -> list[dict] | None:
     """Issue 8's comparison, when the run has a QAT calibrator: FP32, the most accurate PTQ all-INT8, the
-    search from it, QAT all-INT8 and the search from QAT scales (rows of result_rows, relabelled)."""
-    rows = result_rows(run)
+    search from it, QAT all-INT8 and the search from QAT scales (`rows`: result_rows(run), relabelled)."""
+    rows = rows if rows is not None else result_rows(run)
     qat = next((r for r in rows if r["kind"] == "baseline" and r["calibrator"] == "qat"), None)
     if qat is None:
         return None
@@ -643,12 +643,11 @@ def _build_doc(run: dict, pngs: dict[str, bytes]) -> _Doc:
     sbs = run.get("side_by_side") or {}
     if sbs.get("rows"):
         d.h(3, "Side-by-side timing of the passing options")
+        timed = sorted(sbs["rows"], key=lambda r: r.get("objective_ms") or 0)
         d.table(["label", "same plan (same graph) as", metric_label(metric), "objective (ms)", "speedup vs FP32"],
                 [[r["label"], ", ".join(r.get("same_plan") or []) or "—", fmt_metric(metric, metric_of(r, metric)),
-                  fmt_ms(_num(r.get("objective_ms"))), fmt_x(_num(r.get("speedup_vs_fp32")))]
-                 for r in sorted(sbs["rows"], key=lambda r: r.get("objective_ms") or 0)],
-                {i for i, r in enumerate(sorted(sbs["rows"], key=lambda r: r.get("objective_ms") or 0))
-                 if sel and r["label"] == sel.get("source")})
+                  fmt_ms(_num(r.get("objective_ms"))), fmt_x(_num(r.get("speedup_vs_fp32")))] for r in timed],
+                {i for i, r in enumerate(timed) if sel and r["label"] == sel.get("source")})
         d.p(f"One option per plan (the most accurate; options with the same plan differ only in scale values, so "
             f"their engines are equally fast), re-timed interleaved run by run with FP32 "
             f"({fmt_ms(_num(sbs.get('fp32_objective_ms')))} ms here): on a noisy machine only ratios measured side "
@@ -672,7 +671,7 @@ def _build_doc(run: dict, pngs: dict[str, bytes]) -> _Doc:
     if not case_keys:
         d.p("No per-case latency was recorded in this run.")
 
-    comp = qat_comparison(run)
+    comp = qat_comparison(run, rows)
     if comp:
         d.h(3, "PTQ vs QAT")
         fp32m = comp[0].get("metric")

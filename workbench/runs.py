@@ -133,8 +133,8 @@ def compare_runs(runs_root: str | Path | None, id_a: str, id_b: str) -> dict:
     ra, rb = get_run(runs_root, id_a), get_run(runs_root, id_b)
     runs = [load_run(r["path"]) for r in (ra, rb)]
     summary = [{"field": c, "a": ra[c], "b": rb[c]} for c in _NAMES if c not in ("indexed_at",)]
-    per = [{r["label"] if r["kind"] == "baseline" else SELECTED_LABEL: _row_view(r) for r in result_rows(run)}
-           for run in runs]
+    per = [{r["label"] if r["kind"] == "baseline" else SELECTED_LABEL: _row_view(r) for r in result_rows(run)
+            if r["kind"] != "search"} for run in runs]
     labels = list(dict.fromkeys([*per[0], *per[1]]))
     labels = [lab for lab in labels if lab != SELECTED_LABEL] + ([SELECTED_LABEL] if SELECTED_LABEL in labels else [])
     rows = [{"label": lab, "a": per[0].get(lab), "b": per[1].get(lab)} for lab in labels]

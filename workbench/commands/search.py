@@ -63,24 +63,24 @@ def publish(run_dir: Path, out: Path) -> None:
 
 def summary(run: dict, paths: dict) -> str:
     """The one-screen summary printed at the end of a run."""
+    from workbench.report import result_rows
+
     crit = run["criterion"]
     metric = crit["metric"]
     lines = [f"run {run['id']}: {run['status'].upper()}  ({run['n_full_evals']} full evaluations in the search, "
              f"{run['wall_s']:.0f} s)", f"criterion: {crit['text']}"
              + (f" -> threshold {100 * crit['threshold']:.2f} %" if crit.get("threshold") is not None else "")]
-    fp32_ms = next(b["latency"]["objective_ms"] for b in run["baselines"] if b["label"] == "FP32")
-    searches = [x["best"] for x in run.get("searches") or [] if x.get("best")]
-    rows = run["baselines"] + searches + ([run["selected"]] if run["selected"] else [])
+    # result_rows: baselines, each search's best, the selected mix, with the report's speedups
+    entries = run["baselines"] + [x["best"] for x in run.get("searches") or [] if x.get("best")] + \
+        ([run["selected"]] if run["selected"] else [])
     lines.append(f"{'':<30}{metric:>12}{'passes':>8}{'hackathon':>11}{'latency ms':>12}{'speedup':>9}")
-    for r in rows:
-        if "accuracy" not in r:
-            lines.append(f"{r['label']:<30}  not run: {r.get('error', '')[:70]}")
+    for e, r in zip(entries, result_rows(run)):
+        if r["metric"] is None:
+            lines.append(f"{r['label']:<30}  not run: {e.get('error', '')[:70]}")
             continue
-        h = r.get("hackathon") or {}
-        ref = (r.get("reference_latency") or {}).get("objective_ms", fp32_ms)  # the selected mix: side by side
-        lines.append(f"{r['label']:<30}{100 * r['accuracy'][metric]:>11.2f}%{'yes' if r.get('passed') else 'no':>8}"
-                     f"{h.get('passed', '?')!s:>7}/{h.get('total', '?')!s:<3}{r['latency']['objective_ms']:>12.1f}"
-                     f"{ref / r['latency']['objective_ms']:>8.2f}x")
+        speedup = f"{r['speedup']:>8.2f}x" if r["speedup"] is not None else f"{'?':>9}"
+        lines.append(f"{r['label']:<30}{100 * r['metric']:>11.2f}%{'yes' if r['passed'] else 'no':>8}"
+                     f"{r['hackathon'] or '?/?':>10} {r['objective_ms']:>12.1f}{speedup}")
     if run["selected"]:
         lines.append(f"selected: {run['selected']['source']} (re-timed side by side with FP32), "
                      f"{run['selected']['n_int8']} INT8 nodes, {run['selected']['n_fallback']} kept in "
