@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Mapping
@@ -121,10 +122,25 @@ class OrtEngineRunner:
         self.input_names, self.output_names = self._ort.input_names, self._ort.output_names
         self.session = self._ort.session
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def check(self, feeds: dict[str, np.ndarray]) -> None:
         self._ort.check_feeds(feeds)
         check_in_range(self.artifact.shapes, feeds, f"engine {self.artifact.path}")
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.check(feeds)
         return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+
+    def time_runs(self, feeds: dict[str, np.ndarray], warmup: int, iters: int) -> tuple[list[float], str]:
+        """Seconds per `session.run`, the feeds checked once before (not inside the timed loop)."""
+        self.check(feeds)
+        for _ in range(warmup):
+            self.session.run(self.output_names, feeds)
+        out = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            self.session.run(self.output_names, feeds)
+            out.append(time.perf_counter() - t0)
+        return out, "perf_counter"
 
 
 def load(artifact: EngineArtifact, threads: int | None = None, providers=None) -> OrtEngineRunner:
