@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import statistics
 import time
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from core.host import host_info, library_versions
 from evaluation.interface import BEAM, FEATURE_DIM, MAX_HYP_PAD
 from evaluation.runners import OrtRunner, guess_kind
 from workbench.errors import WorkbenchError
@@ -228,11 +228,7 @@ def resolve_backend(backend: str) -> str:
 
 
 def _versions(backend: str) -> dict:
-    import onnx
-
-    versions = {"python": platform.python_version(), "numpy": np.__version__, "onnx": onnx.__version__}
-    versions.update(_backend_module(backend).versions())
-    return versions
+    return library_versions() | _backend_module(backend).versions()
 
 
 def build(onnx_path: str | os.PathLike, shapes: Mapping | None, out_dir: str | os.PathLike, backend: str = "auto",
@@ -275,7 +271,9 @@ def build(onnx_path: str | os.PathLike, shapes: Mapping | None, out_dir: str | o
                 "source": {"path": str(onnx_path.resolve()), "sha256": key_fields["source_sha256"]},
                 "io": io, "shapes": shapes, "options": options, "versions": versions, "build_key": build_key,
                 "files": {role: {"name": name, "sha256": sha256_file(tmp / name)} for role, name in files.items()},
-                "build_s": round(time.perf_counter() - t0, 3), **extra}
+                "build_s": round(time.perf_counter() - t0, 3),
+                "host": host_info(),  # where it was built (and, for ONNX Runtime, where it runs): CPU and int8 ISA
+                **extra}
         write_json(tmp / META_FILE, meta)
     return EngineArtifact(out_dir, meta)
 

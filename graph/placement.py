@@ -24,10 +24,16 @@ cannot be installed on this machine; whether TensorRT fuses every placement as i
 calibration) fed with OUR ranges (tensors_range built from the table, scale/zero point forced through
 `TensorQuantOverrides`) and `nodes_to_quantize` = the plan's int8 nodes.  It also quantizes the outputs of
 int8 nodes, which ORT needs to fuse QLinearConv/QLinearMatMul, so the table must cover those tensors too.
-Activations are uint8 (U8S8, scale amax/127, zero point 128) by default: on x86 the CPU EP fuses every
-Conv and MatMul (attention and depthwise included) with U8S8, while with S8S8 it leaves activation MatMuls
-and depthwise Convs as DQ->float kernels (measured: tiny encoder 34/34 vs 23/34 integer kernels;
-trained small encoder 64/64 vs 43/64, decoder 30/30 vs 18/30, and U8S8 was the faster of the two).
+Its int8 arithmetic is chosen per CPU (`ort_mode`, ORT_MODES; "auto" = `ort_mode_for(core.host.cpu_info())`):
+  * "u8s8": uint8 activations (scale amax/127, zero point 128), int8 weights.  On x86 the CPU EP fuses every
+    Conv and MatMul (attention and depthwise included) with U8S8, while S8S8 leaves activation MatMuls and
+    depthwise Convs as DQ->float kernels (measured: tiny encoder 34/34 vs 23/34 integer kernels; trained
+    small encoder 64/64 vs 43/64, decoder 30/30 vs 18/30, and U8S8 was the faster of the two);
+  * "u8s8-rr": the same with 7-bit weights (`reduce_range`).  Without VNNI, ORT's x86 kernels add pairs of
+    u8 x s8 products in int16 with saturation (VPMADDUBSW); 7-bit weights keep that sum in range
+    (2 x 255 x 64 < 32768), at the cost of one bit of weight resolution;
+  * "s8s8": int8 activations and weights (the TensorRT convention; it saturates the same way without VNNI).
+The measurement behind "auto" is experiments/results/ort_int8_modes.md.
 """
 from __future__ import annotations
 
@@ -38,6 +44,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from core.host import cpu_info
 from workbench.errors import WorkbenchError
 from workbench.fsutil import atomic_path
 
@@ -48,6 +55,24 @@ from .plan import create_plan, validate_plan
 
 RECIPES = ("tensorrt", "onnxruntime")
 WEIGHT_SUFFIX = "_quantized"
+# ONNX Runtime recipe modes: (activation type, 7-bit weights)
+ORT_MODES = {"u8s8": ("u8", False), "u8s8-rr": ("u8", True), "s8s8": ("s8", False)}
+
+
+def ort_mode_for(cpu: dict) -> str:
+    """The ONNX Runtime recipe's mode for a CPU (`core.host.parse_cpuinfo`): full 8-bit U8S8 where int8
+    products accumulate without saturation (VNNI, AMX, Arm dot product), else U8S8 with 7-bit weights
+    (experiments/results/ort_int8_modes.md: on an AVX2-only CPU it is the mode that keeps the accuracy)."""
+    return "u8s8" if cpu.get("vnni") else "u8s8-rr"
+
+
+def resolve_ort_mode(mode: str) -> str:
+    """A concrete ORT_MODES key: "auto" resolves for this machine's CPU."""
+    if mode == "auto":
+        return ort_mode_for(cpu_info())
+    if mode not in ORT_MODES:
+        raise WorkbenchError(f"unknown ONNX Runtime int8 mode {mode!r}: use auto or one of {', '.join(ORT_MODES)}")
+    return mode
 
 
 @dataclass
@@ -202,7 +227,7 @@ def _place_tensorrt(model: onnx.ModelProto, analysis: Analysis, plan: dict, tabl
 
 
 def _place_onnxruntime(model: onnx.ModelProto, analysis: Analysis, plan: dict, table: CalibTable,
-                       activation_type: str = "u8") -> tuple[onnx.ModelProto, dict]:
+                       mode: str) -> tuple[onnx.ModelProto, dict]:
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
     from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
@@ -218,6 +243,7 @@ def _place_onnxruntime(model: onnx.ModelProto, analysis: Analysis, plan: dict, t
             need.setdefault(t, q.id)
         out = next(n for n in model.graph.node if n.name == q.id).output[0]
         need.setdefault(out, q.id)
+    activation_type, reduce_range = ORT_MODES[mode]
     u8 = activation_type == "u8"
     zp = np.array(128, np.uint8) if u8 else np.array(0, np.int8)
     ranges, overrides = {}, {}
@@ -233,24 +259,29 @@ def _place_onnxruntime(model: onnx.ModelProto, analysis: Analysis, plan: dict, t
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # numpy overflow/NaN warnings on zero points of unused ranges
-        quantizer = QDQQuantizer(model, True, False, QuantType.QInt8, QuantType.QUInt8 if u8 else QuantType.QInt8,
-                                 TensorsData(CalibrationMethod.MinMax, ranges), [q.id for q in int8],
-                                 [q.id for q in analysis.quantizable if plan["nodes"][q.id] != "int8"], ops,
-                                 {"ActivationSymmetric": not u8, "WeightSymmetric": True,
-                                  "TensorQuantOverrides": overrides})
+        quantizer = QDQQuantizer(
+            model=model, per_channel=True, reduce_range=reduce_range, weight_qType=QuantType.QInt8,
+            activation_qType=QuantType.QUInt8 if u8 else QuantType.QInt8,
+            tensors_range=TensorsData(CalibrationMethod.MinMax, ranges),
+            nodes_to_quantize=[q.id for q in int8],
+            nodes_to_exclude=[q.id for q in analysis.quantizable if plan["nodes"][q.id] != "int8"],
+            op_types_to_quantize=ops,
+            extra_options={"ActivationSymmetric": not u8, "WeightSymmetric": True,
+                           "TensorQuantOverrides": overrides})
         quantizer.quantize_model()
     out = quantizer.model.model
     ordered = toposort(list(out.graph.node), out.graph)  # the quantizer appends its nodes at the end
     del out.graph.node[:]
     out.graph.node.extend(ordered)
-    return out, {"int8_nodes": len(int8), "activation_type": activation_type}
+    return out, {"int8_nodes": len(int8), "ort_mode": mode}
 
 
 def quantize(model: str | Path | onnx.ModelProto, table, plan: dict | None = None, recipe: str = "tensorrt",
-             default_plan: str = "int8", out: str | Path | None = None, activation_type: str = "u8",
+             default_plan: str = "int8", out: str | Path | None = None, ort_mode: str = "auto",
              analysis: Analysis | None = None) -> Placement:
     """Apply `plan` (or a default plan of `default_plan`) with calibration `table` (path, table dict,
-    {tensor: amax} or a loaded CalibTable).  `analysis`: `analyze(model)` when the caller already has it (a
+    {tensor: amax} or a loaded CalibTable).  `ort_mode`: the onnxruntime recipe's int8 arithmetic (ORT_MODES
+    or "auto" for this CPU; the report names the one used).  `analysis`: `analyze(model)` when the caller already has it (a
     search places one model many times).  Everything is checked before anything is written; `out` is
     written atomically."""
     if recipe not in RECIPES:
@@ -280,7 +311,7 @@ def quantize(model: str | Path | onnx.ModelProto, table, plan: dict | None = Non
         if "int8" in nodes.values():
             report |= _place_tensorrt(m, analysis_now, plan, table)
     else:
-        m, r = _place_onnxruntime(m, analysis, plan, table, activation_type)
+        m, r = _place_onnxruntime(m, analysis, plan, table, resolve_ort_mode(ort_mode))
         report |= r
     if _io_signature(m) != original_io:
         raise WorkbenchError("internal error: the graph inputs/outputs changed during placement")

@@ -5,6 +5,7 @@ import copy
 import tomllib
 from pathlib import Path
 
+from graph.placement import ORT_MODES, resolve_ort_mode
 from workbench.errors import WorkbenchError
 
 from .methods import METHODS
@@ -15,6 +16,7 @@ DEFAULT_CONFIG = CONFIG_DIR / "default.toml"
 _CHOICES = {
     ("quantize", "recipe"): {"auto", "onnxruntime", "tensorrt"},
     ("quantize", "fallback"): {"fp32", "fp16"},
+    ("quantize", "ort_mode"): {"auto", *ORT_MODES},
     ("backend", "name"): {"auto", "onnxruntime", "tensorrt"},
     ("criterion", "kind"): {"absolute", "relative", "hackathon"},
     ("criterion", "metric"): {"cer_rescore", "cer_greedy", "cer_prefix", "wer_rescore"},
@@ -74,13 +76,15 @@ def load_config(*paths: str | Path) -> dict:
 
 
 def resolve_backend_and_recipe(cfg: dict) -> dict:
-    """Settle "auto": TensorRT when usable (with TensorRT's placement), else ONNX Runtime (with its own)."""
+    """Settle "auto": TensorRT when usable (with TensorRT's placement), else ONNX Runtime (with its own), and
+    the ONNX Runtime recipe's int8 mode for this CPU."""
     import engines
 
     cfg = copy.deepcopy(cfg)
     cfg["backend"]["name"] = engines.resolve_backend(cfg["backend"]["name"])
     if cfg["quantize"]["recipe"] == "auto":
         cfg["quantize"]["recipe"] = "tensorrt" if cfg["backend"]["name"] == "tensorrt" else "onnxruntime"
+    cfg["quantize"]["ort_mode"] = resolve_ort_mode(cfg["quantize"]["ort_mode"])  # this CPU's, recorded in run.json
     return cfg
 
 

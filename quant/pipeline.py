@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from tqdm import tqdm
 
 import engines
 from calibration_data.corpus import ensure_corpus, load_split
+from core.host import describe, host_info
 from calibration_data.text import DEFAULT_VOCAB
 from engines.cases import bench_cases
 from evaluation.asr import decoder_feeds, evaluate, only_inputs_of, pad_batch, prefix_beam_batch
@@ -101,7 +101,9 @@ class Workspace:
         recipe = self.cfg["quantize"]["recipe"]
         if any(p == "fp16" for p in plan["nodes"].values()):
             recipe = "tensorrt"  # the ONNX Runtime recipe has no FP16; the TensorRT one writes FP16-typed graphs
-        tag = hashlib.sha256(json.dumps([plan["hash"], method, recipe, base.parent.name]).encode()).hexdigest()[:16]
+        ort_mode = self.cfg["quantize"]["ort_mode"] if recipe == "onnxruntime" else None  # part of the graph
+        tag = hashlib.sha256(json.dumps([plan["hash"], method, recipe, base.parent.name] + ([ort_mode] if ort_mode else []))
+                             .encode()).hexdigest()[:16]
         out = self.dir / "models" / kind / f"{tag}.onnx"
         if not out.is_file():
             if base not in self._loaded:
@@ -111,7 +113,8 @@ class Workspace:
             if table not in self._tables:
                 self._tables[table] = load_table(table)
             m, analysis = self._loaded[base]
-            quantize(m, self._tables[table], plan=plan, recipe=recipe, out=out, analysis=analysis)
+            quantize(m, self._tables[table], plan=plan, recipe=recipe, out=out, analysis=analysis,
+                     ort_mode=ort_mode or "auto")
             save_plan(plan, out.with_suffix(".plan.json"))
         return out
 
@@ -346,11 +349,11 @@ class Experiment:
         searches = [self.search_from(ws, b, passes, crit) for b in starts]
         selected, timing = self._select(ws, searches, baselines, baseline_models)
         first = searches[0]
+        host = host_info()
         run = {"format": "wb-run/1", "id": self.dir.name, "created": dt.datetime.now(dt.timezone.utc).isoformat(),
                "model": "wenet-small" if not cfg["model"]["weights"] else Path(cfg["model"]["weights"]).stem,
                "backend": cfg["backend"]["name"], "recipe": cfg["quantize"]["recipe"],
-               "device": f"CPU: {platform.processor() or platform.machine()}, "
-                         f"{cfg['backend']['threads']} threads (ONNX Runtime); TensorRT not measured",
+               "host": host, "device": self._device(host),
                "status": "passed" if selected else first["status"], "criterion": crit, "config": cfg,
                "baselines": baselines, "selected": selected, "side_by_side": timing,
                "searches": [{k: v for k, v in x.items() if k not in ("models", "flat", "trace", "sensitivity")}
@@ -362,6 +365,14 @@ class Experiment:
             run["traces"] = {x["calibrator"]: x["trace"] for x in searches}
         write_json(self.dir / "run.json", run)
         return run
+
+    def _device(self, host: dict) -> str:
+        """One line naming what measured the run's numbers (the int8 ISA decides ONNX Runtime's int8 accuracy)."""
+        cfg = self.cfg
+        if cfg["backend"]["name"] != "onnxruntime":
+            return f"TensorRT ({cfg['backend']['name']}) on the GPU; host CPU {describe(host)}"
+        mode = f", int8 mode {cfg['quantize']['ort_mode']}" if cfg["quantize"]["recipe"] == "onnxruntime" else ""
+        return f"CPU: {describe(host)}, {cfg['backend']['threads']} threads (ONNX Runtime{mode}); TensorRT not measured"
 
     def search_from(self, ws: Workspace, start: dict, passes, crit: dict) -> dict:
         """The precision search starting from the all-INT8 baseline `start` (its calibrator's ranges and

@@ -1,18 +1,25 @@
 """graph/ on the tiny WeNet model: FP32 identity, INT8 and FP16 error bounds, ORT integer kernels, surgery,
-the `wb quantize` command."""
+the `wb quantize` command.
+
+INT8 error bounds come in two kinds. The graph's own arithmetic (Q/DQ evaluated as written, ONNX Runtime with
+graph optimisations off: DequantizeLinear -> float op) does not depend on the CPU. The fused integer kernels
+do: without VNNI, ONNX Runtime's x86 kernels add u8 x s8 product pairs in int16 with saturation, so the same
+8-bit graph is less accurate on an AVX2-only CPU (core.host). Those bounds are chosen per ISA and say so."""
 import argparse
 import json
 from collections import Counter
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 import onnxruntime as ort
 import pytest
 import torch
 
+from core.host import cpu_info
 from graph.analysis import analyze
 from graph.calib import observe_amax
-from graph.placement import quantize
+from graph.placement import ORT_MODES, quantize, resolve_ort_mode
 from graph.plan import create_plan, edit_plan
 from graph.surgery import fix_hyps_length
 from graph.validate import validate
@@ -23,8 +30,16 @@ INT_KERNELS = {"QLinearConv", "QLinearMatMul", "MatMulInteger", "MatMulIntegerTo
                "DynamicQuantizeMatMul", "QGemm", "QAttention"}
 
 
-def _sess(m, opt_path=None):
+# Fused-kernel error bound of a full 8-bit graph: 0.06 where int8 products accumulate without saturation (VNNI,
+# AMX, Arm dot product; measured ~0.02), 0.25 on CPUs without (measured on an AVX2-only AMD EPYC: 0.162 encoder,
+# 0.020 decoder for the tensorrt recipe, 0.199 encoder for ORT U8S8).
+FUSED_8BIT_BOUND = 0.06 if cpu_info()["vnni"] else 0.25
+
+
+def _sess(m, opt_path=None, fused=True):
     so = ort.SessionOptions()
+    if not fused:  # the graph's arithmetic as written: no QDQ fusion into integer kernels
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if opt_path:
         so.optimized_model_filepath = str(opt_path)
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
@@ -65,8 +80,9 @@ def test_fp32_plan_is_bitwise_identical(which, request):
 
 
 def test_int8_tensorrt_encoder_and_decoder(enc, dec):
-    # Bounds: relative L2 of encoder_out / decoder_out vs FP32 on inputs the rough max table saw.
-    # Measured ~0.02 on the tiny random-init model; bound 0.06.
+    # Bounds: relative L2 of encoder_out / decoder_out vs FP32 on inputs the rough max table saw. The graph's
+    # arithmetic (what TensorRT computes): measured 0.023 / 0.003 on the tiny random-init model, bound 0.06 on
+    # every CPU. ONNX Runtime's fused kernels on the same graph: FUSED_8BIT_BOUND, by ISA.
     for path, table, feeds, out in (enc + (0,), dec + (0,)):
         a = analyze(path)
         plan = create_plan(a, "int8")
@@ -82,9 +98,11 @@ def test_int8_tensorrt_encoder_and_decoder(enc, dec):
         residual = {p.residual_input for p in a.patterns_of("residual_add") if plan["nodes"][p.gemm] == "int8"}
         assert ops["DequantizeLinear"] == len(weights) + len(acts | residual)
         assert ops["QuantizeLinear"] == len(acts | residual)
-        ref, got = _sess(path).run(None, feeds[0]), _sess(res.model).run(None, feeds[0])
-        err = _rel(got[out], ref[out])
+        ref = _sess(path).run(None, feeds[0])
+        err = _rel(_sess(res.model, fused=False).run(None, feeds[0])[out], ref[out])
         assert err < 0.06, (path, err)
+        fused = _rel(_sess(res.model).run(None, feeds[0])[out], ref[out])
+        assert fused < FUSED_8BIT_BOUND, (path, fused, cpu_info()["isa"])
 
 
 def test_fp16_plan_keeps_layernorm_fp32(enc):
@@ -128,11 +146,35 @@ def test_fp16_overflow_tensor_kept_fp32(enc):
     assert ty[by["/encoder/encoders.0/feed_forward/w_1/Add"].output[0]] == onnx.TensorProto.FLOAT
 
 
+@pytest.mark.parametrize("mode", list(ORT_MODES))
+def test_onnxruntime_recipe_modes(enc, dec, mode, tmp_path):
+    """Every mode places a graph that validates and whose own arithmetic is accurate (any CPU); weights of the
+    7-bit mode stay within +-64."""
+    for path, table, feeds in (enc, dec):
+        a = analyze(path)
+        plan = create_plan(a, "int8", act_matmul="int8")
+        res = quantize(path, table, plan, recipe="onnxruntime", ort_mode=mode)
+        assert res.report["ort_mode"] == mode
+        onnx.checker.check_model(res.model, full_check=True)
+        assert validate(res.model, res.plan, recipe="onnxruntime", original=path) == []
+        ref = _sess(path).run(None, feeds[0])[0]
+        assert _rel(_sess(res.model, fused=False).run(None, feeds[0])[0], ref) < 0.06  # measured <= 0.022
+        w8 = [numpy_helper.to_array(i) for i in res.model.graph.initializer if i.data_type == onnx.TensorProto.INT8
+              and len(i.dims) >= 2]
+        assert w8
+        peak = max(int(np.abs(w.astype(np.int32)).max()) for w in w8)
+        assert (peak <= 64) if ORT_MODES[mode][1] else (peak > 64), (mode, peak)
+
+
 def test_onnxruntime_recipe_fuses_integer_kernels(enc, dec, tmp_path):
+    # The mode `auto` picks for this CPU fuses every int8 node into an integer kernel and stays accurate there:
+    # relative error < 0.06 on every ISA (measured 0.022 with u8s8-rr on AVX2-only, where u8s8 gives 0.199).
+    mode = resolve_ort_mode("auto")
     for path, table, feeds in (enc, dec):
         a = analyze(path)
         plan = create_plan(a, "int8", act_matmul="int8")
         res = quantize(path, table, plan, recipe="onnxruntime")
+        assert res.report["ort_mode"] == mode
         onnx.checker.check_model(res.model, full_check=True)
         assert validate(res.model, res.plan, recipe="onnxruntime", original=path) == []
         opt = tmp_path / "opt.onnx"
@@ -141,7 +183,7 @@ def test_onnxruntime_recipe_fuses_integer_kernels(enc, dec, tmp_path):
         n_int8 = sum(1 for v in plan["nodes"].values() if v == "int8")
         assert kernels >= 0.9 * n_int8, (path, kernels, n_int8)  # measured: all of them (U8S8)
         ref = _sess(path).run(None, feeds[0])[0]
-        assert _rel(s.run(None, feeds[0])[0], ref) < 0.06
+        assert _rel(s.run(None, feeds[0])[0], ref) < 0.06, (path, mode, cpu_info()["isa"])
 
 
 def test_surgery_fixes_hyps_length(dec, tmp_path):

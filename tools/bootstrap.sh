@@ -29,7 +29,10 @@ wb_need_debs() {
 
 wb_need_venv() {
     local stamp="$WB_VENV/.wb-stamp" want
-    want="$(cat "$WB_ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
+    # constraints.txt: the exact versions CI tested (WB_LOCK=0 installs from pyproject.toml's ranges instead)
+    local lock=()
+    [ "${WB_LOCK:-1}" != 0 ] && [ -f "$WB_ROOT/constraints.txt" ] && lock=(-c "$WB_ROOT/constraints.txt")
+    want="$(cat "$WB_ROOT/pyproject.toml" "${lock[@]:1}" | sha256sum | cut -c1-16)"
     if [ -x "$WB_VENV/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then return 0; fi
     local py="${PYTHON:-python3}"
     [ -x "$WB_VENV/bin/python" ] || { wb_log "creating venv $WB_VENV"; "$py" -m venv "$WB_VENV"; }
@@ -37,10 +40,10 @@ wb_need_venv() {
     if ! "$WB_VENV/bin/python" -c 'import torch' >/dev/null 2>&1; then
         # A pinned torch first: on these machines pip takes a local CPU wheel for it; elsewhere the registry's build.
         wb_log "installing torch ${WB_TORCH_SPEC:-torch==2.13.0}"
-        "${pip[@]}" install "${WB_TORCH_SPEC:-torch==2.13.0}" 2> >(grep -v 'is ignored' >&2)
+        "${pip[@]}" install "${WB_TORCH_SPEC:-torch==2.13.0}" "${lock[@]}" 2> >(grep -v 'is ignored' >&2)
     fi
     wb_log "installing the project (editable) and its dependencies"
-    "${pip[@]}" install -e "$WB_ROOT[dev]" 2> >(grep -v 'is ignored' >&2)
+    "${pip[@]}" install -e "$WB_ROOT[dev]" "${lock[@]}" 2> >(grep -v 'is ignored' >&2)
     echo "$want" > "$stamp"
 }
 

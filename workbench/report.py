@@ -239,6 +239,16 @@ def fmt_pass(v: bool | None) -> str:
     return "—" if v is None else "yes" if v else "NO"
 
 
+def host_words(host: dict | None) -> str:
+    """The int8 ISA flags and library versions of a run's host record (core.host.host_info), in one line."""
+    if not host:
+        return "not recorded (a run made before hosts were recorded)"
+    flags = (host.get("cpu") or {}).get("flags") or {}
+    have = [f for f, on in flags.items() if on] or ["none of " + ", ".join(flags)]
+    versions = ", ".join(f"{k} {v}" for k, v in (host.get("versions") or {}).items())
+    return f"{' '.join(have)}; {versions}"
+
+
 def metric_label(name: str) -> str:
     return METRIC_LABELS.get(name, name)
 
@@ -621,6 +631,7 @@ def _build_doc(run: dict, pngs: dict[str, bytes]) -> _Doc:
     wall = _num(run.get("wall_s"))
     d.kv([("created", str(run.get("created", "?"))), ("model", str(run.get("model", "?"))),
           ("backend", str(run.get("backend", "?"))), ("device", str(run.get("device", "?"))),
+          ("CPU int8 flags and versions", host_words(run.get("host"))),
           ("status", str(status)),
           ("full evaluations", f"{run.get('n_full_evals', '?')} (cache hits: {run.get('n_cache_hits', 0)})"),
           ("wall time", f"{wall / 60:.1f} min" if wall is not None else "?")])

@@ -12,6 +12,8 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+from core.host import same_isa
+
 from .errors import WorkbenchError
 from .fsutil import atomic_path
 from .report import (fp32_baseline, load_run, metric_label, objective_of, metric_of, result_rows, run_json_path,
@@ -21,7 +23,8 @@ INDEX_NAME = "index.sqlite"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 COLUMNS = (  # (name, SQL type); id is the primary key
-    ("id", "TEXT PRIMARY KEY"), ("created", "TEXT"), ("model", "TEXT"), ("backend", "TEXT"), ("status", "TEXT"),
+    ("id", "TEXT PRIMARY KEY"), ("created", "TEXT"), ("model", "TEXT"), ("backend", "TEXT"), ("cpu", "TEXT"),
+    ("isa", "TEXT"), ("status", "TEXT"),
     ("metric", "TEXT"), ("fp32_metric", "REAL"), ("selected_metric", "REAL"), ("selected_objective_ms", "REAL"),
     ("fp32_objective_ms", "REAL"), ("speedup", "REAL"), ("n_full_evals", "INTEGER"), ("path", "TEXT"),
     ("indexed_at", "TEXT"),
@@ -45,9 +48,11 @@ def summarize(run: dict, run_dir: str | Path) -> dict[str, Any]:
     fp32, sel = fp32_baseline(run), run.get("selected")
     fp32_obj, sel_obj = objective_of(fp32), objective_of(sel)
     n_full = run.get("n_full_evals")
+    cpu = (run.get("host") or {}).get("cpu") or {}
     return {
         "id": run["id"], "created": str(run.get("created") or ""), "model": run.get("model"),
-        "backend": run.get("backend"), "status": run.get("status"), "metric": metric,
+        "backend": run.get("backend"), "cpu": cpu.get("model"), "isa": cpu.get("isa"), "status": run.get("status"),
+        "metric": metric,
         "fp32_metric": metric_of(fp32, metric), "selected_metric": metric_of(sel, metric),
         "selected_objective_ms": sel_obj, "fp32_objective_ms": fp32_obj,
         "speedup": fp32_obj / sel_obj if fp32_obj is not None and sel_obj else None,
@@ -62,6 +67,10 @@ def _connect(path: Path) -> sqlite3.Connection:
         con = sqlite3.connect(path, timeout=30)
         con.row_factory = sqlite3.Row
         con.execute(_SCHEMA)
+        have = {r[1] for r in con.execute("PRAGMA table_info(runs)")}
+        for name, sql_type in COLUMNS:  # an index written by an older version gains the new columns
+            if name not in have:
+                con.execute(f"ALTER TABLE runs ADD COLUMN {name} {sql_type.replace('PRIMARY KEY', '')}")
         return con
     except sqlite3.DatabaseError as exc:
         raise WorkbenchError(f"run index {path} is unreadable ({exc}); rebuild it with `wb runs reindex`") from exc
@@ -127,8 +136,10 @@ def _row_view(r: dict) -> dict:
 def compare_runs(runs_root: str | Path | None, id_a: str, id_b: str) -> dict:
     """Side by side: the two index rows, and each baseline/selected row matched by label.
 
-    Returns {"a": row_a, "b": row_b, "summary": [{"field", "a", "b"}], "rows": [{"label", "a", "b"}]}, where a
-    per-label entry is None in a run that lacks that label.
+    Returns {"a": row_a, "b": row_b, "summary": [{"field", "a", "b"}], "rows": [{"label", "a", "b"}],
+    "warnings": [str]}, where a per-label entry is None in a run that lacks that label; a warning says when the
+    two runs were measured on different int8 ISAs (or one of them did not record its CPU), since INT8 accuracy
+    and speed on a CPU depend on it.
     """
     ra, rb = get_run(runs_root, id_a), get_run(runs_root, id_b)
     runs = [load_run(r["path"]) for r in (ra, rb)]
@@ -138,8 +149,13 @@ def compare_runs(runs_root: str | Path | None, id_a: str, id_b: str) -> dict:
     labels = list(dict.fromkeys([*per[0], *per[1]]))
     labels = [lab for lab in labels if lab != SELECTED_LABEL] + ([SELECTED_LABEL] if SELECTED_LABEL in labels else [])
     rows = [{"label": lab, "a": per[0].get(lab), "b": per[1].get(lab)} for lab in labels]
+    warnings = []
+    if not same_isa(runs[0].get("host"), runs[1].get("host")):
+        warnings.append(f"the runs were measured on different CPUs' int8 instruction sets (A: {ra['isa'] or 'not recorded'}"
+                        f" on {ra['cpu'] or '?'}, B: {rb['isa'] or 'not recorded'} on {rb['cpu'] or '?'}): INT8 accuracy "
+                        f"and latency on a CPU depend on it (VNNI or not), so their numbers are not comparable")
     return {"a": ra, "b": rb, "metric_label": {"a": metric_label(ra["metric"]), "b": metric_label(rb["metric"])},
-            "summary": summary, "rows": rows}
+            "summary": summary, "rows": rows, "warnings": warnings}
 
 
 def reindex(runs_root: str | Path | None = None) -> dict:

@@ -54,6 +54,7 @@ def cmd_build(args) -> None:
 
 
 def cmd_bench(args) -> None:
+    from core.host import describe, host_info
     from engines import EngineArtifact, bench, bench_cases, format_bench_table, load
     from engines.cases import corpus_pool
     from workbench.fsutil import write_json
@@ -66,10 +67,12 @@ def cmd_bench(args) -> None:
     rows = bench(runner, cases, warmup=args.warmup, iters=args.iters)
     for r in rows:
         r.update({"engine": str(art.path), "backend": art.backend, "kind": art.kind})
+    host = host_info()
     print(format_bench_table(rows, f"{art.backend} {art.kind} {art.path} ({features}; {args.warmup} warm-up, "
-                                   f"{args.iters} timed runs; throughput = bs*sl / median latency)"))
+                                   f"{args.iters} timed runs; throughput = bs*sl / median latency)\n"
+                                   f"measured on {describe(host)}"))
     if args.json:
-        write_json(args.json, {"engine": str(art.path), "backend": art.backend, "kind": art.kind,
+        write_json(args.json, {"engine": str(art.path), "backend": art.backend, "kind": art.kind, "host": host,
                                "threads": getattr(runner, "threads", None), "features": features, "rows": rows})
         print(f"wrote {args.json}")
 

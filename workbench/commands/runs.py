@@ -1,6 +1,7 @@
 """`wb runs list|compare|report|reindex`: the index of search runs and their reports."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 
@@ -23,12 +24,12 @@ def cmd_list(args) -> None:
     if not runs:
         print(f"no runs indexed under {_root(args.root)} (`wb runs reindex` builds the index from run.json files)")
         return
-    rows = [[r["id"], r["created"], r["model"] or "?", r["backend"] or "?", r["status"] or "?", r["metric"],
+    rows = [[r["id"], r["created"], r["model"] or "?", r["backend"] or "?", r["isa"] or "?", r["status"] or "?", r["metric"],
              fmt_metric(r["metric"], r["fp32_metric"]), fmt_metric(r["metric"], r["selected_metric"]),
              _f(r["selected_objective_ms"], ".2f"), _f(r["speedup"], ".2f", "×"), _f(r["n_full_evals"], "d"), r["path"]]
             for r in runs]
-    print(_table(["id", "created", "model", "backend", "status", "metric", "FP32", "selected", "sel. ms",
-                  "speedup", "evals", "path"], rows, right={6, 7, 8, 9, 10}))
+    print(_table(["id", "created", "model", "backend", "int8 ISA", "status", "metric", "FP32", "selected", "sel. ms",
+                  "speedup", "evals", "path"], rows, right={7, 8, 9, 10, 11}))
 
 
 def cmd_compare(args) -> None:
@@ -36,6 +37,8 @@ def cmd_compare(args) -> None:
     from workbench.runs import compare_runs
 
     c = compare_runs(args.root, args.a, args.b)
+    for w in c["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
     ma, mb = c["a"]["metric"], c["b"]["metric"]
     num = {"fp32_metric", "selected_metric"}
     srows = []
