@@ -63,6 +63,8 @@ def test_artifact_layout(artifacts, tiny_onnx):
     assert meta["shapes"]["speech"] == {"min": [1, 16, 80], "opt": [16, 256, 80], "max": [16, 1024, 80]}
     assert meta["options"] == {"threads": 2, "providers": ["CPUExecutionProvider"]}
     assert {"onnxruntime", "onnx", "numpy", "python"} <= set(meta["versions"])
+    from core.host import cpu_info
+    assert meta["host"]["cpu"] == cpu_info() and meta["host"]["cpu"]["isa"]  # where it was built and runs
     for role in ("engine", "optimized", "kernels"):
         assert art.file(role).is_file()
     assert (art.path / "encoder.optimized.onnx").is_file()
@@ -298,6 +300,7 @@ def test_cli_build_and_bench(tiny_onnx, tmp_path, capsys):
     assert "median (ms)" in printed and "throughput" in printed
     data = json.loads(js.read_text())
     assert data["backend"] == "onnxruntime" and data["threads"] == 1
+    assert data["host"]["cpu"]["isa"] in printed  # the table names the CPU it was measured on
     assert [(r["bs"], r["sl"]) for r in data["rows"]] == [(1, 16), (1, 64), (2, 16), (2, 64)]
     with pytest.raises(WorkbenchError, match="outside the engine's built range"):
         _cli(["bench", "--engine", str(out), "--seq-lens", "128", "--batch-sizes", "1", "--iters", "1"])

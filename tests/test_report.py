@@ -267,3 +267,49 @@ def test_qat_comparison_and_side_by_side(tmp_path):
     assert "| QAT + search | 7.91 % |" in section
     sbs = md.split("### Side-by-side timing")[1].split("###")[0]
     assert "| **INT8 all (qat)** | **INT8 all (max)** |" in sbs
+
+
+def test_runs_record_their_cpu_and_compare_warns_across_isas(tmp_path, capsys):
+    """run.json's host record reaches the index and the report; `wb runs compare` warns when two runs were
+    measured on different int8 ISAs (and when one of them did not record its CPU)."""
+    from core.host import parse_cpuinfo
+    from workbench.cli import main
+
+    def host(flags):
+        return {"cpu": parse_cpuinfo(f"model name\t: Test CPU\nflags\t\t: {flags}\n", "x86_64"),
+                "versions": {"onnxruntime": "1.32.0"}}
+
+    root = tmp_path / "runs"
+    runs = {"avx2": make_run("20261201-0001-aaaaaa"), "vnni": make_run("20261201-0002-bbbbbb"),
+            "avx2b": make_run("20261201-0003-cccccc"), "none": make_run("20261201-0004-dddddd")}
+    runs["avx2"]["host"] = runs["avx2b"]["host"] = host("avx avx2")
+    runs["vnni"]["host"] = host("avx2 avx512f avx512_vnni")
+    for name, run in runs.items():
+        index_run(save(run, root / name), root)
+    rows = {r["id"]: r for r in list_runs(root)}
+    assert rows["20261201-0001-aaaaaa"]["isa"] == "avx2" and rows["20261201-0002-bbbbbb"]["isa"] == "avx512-vnni"
+    assert rows["20261201-0004-dddddd"]["isa"] is None
+    assert compare_runs(root, "20261201-0001", "20261201-0003")["warnings"] == []
+    w = compare_runs(root, "20261201-0001", "20261201-0002")["warnings"]
+    assert len(w) == 1 and "avx2" in w[0] and "avx512-vnni" in w[0]
+    assert compare_runs(root, "20261201-0001", "20261201-0004")["warnings"]
+    assert main(["runs", "compare", "20261201-0001", "20261201-0002", "--root", str(root)]) == 0
+    assert "warning: the runs were measured on different CPUs' int8 instruction sets" in capsys.readouterr().err
+    md = write_report(root / "vnni")["markdown"].read_text()
+    assert "avx512_vnni" in md and "onnxruntime 1.32.0" in md
+
+
+def test_old_index_gains_new_columns(tmp_path):
+    """An index written before the cpu/isa columns existed is migrated, not refused."""
+    import sqlite3
+
+    root = tmp_path / "runs"
+    root.mkdir()
+    con = sqlite3.connect(root / "index.sqlite")
+    con.execute("CREATE TABLE runs (id TEXT PRIMARY KEY, created TEXT, model TEXT, backend TEXT, status TEXT, "
+                "metric TEXT, fp32_metric REAL, selected_metric REAL, selected_objective_ms REAL, "
+                "fp32_objective_ms REAL, speedup REAL, n_full_evals INTEGER, path TEXT, indexed_at TEXT)")
+    con.commit()
+    con.close()
+    index_run(save(make_run(), root / "a"), root)
+    assert list_runs(root)[0]["isa"] is None
