@@ -230,7 +230,7 @@ def load_split(cache_dir: str | os.PathLike, split: str) -> Split:
     if not (directory / "meta.json").is_file():
         raise WorkbenchError(
             f"corpus split {split!r} not found in {Path(cache_dir)}: generate it first with "
-            "calibration_data.corpus.ensure_corpus()"
+            f"`wb data --cache {Path(cache_dir)} --splits {split}`"
         )
     return Split(directory)
 

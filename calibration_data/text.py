@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from pathlib import Path
 from typing import Iterable, Sequence
+
+from workbench.errors import WorkbenchError
 
 BLANK = "<blank>"
 UNK = "<unk>"
@@ -62,8 +65,39 @@ class CharVocab:
             if i in (self.blank, self.sos_eos) or not 0 <= i < len(self.tokens):
                 continue
             tok = self.tokens[i]
-            out.append(" " if tok == SPACE else ("" if tok == UNK else tok))
+            out.append("" if tok == UNK else tok.replace(SPACE, " "))  # '▁' alone (char) or leading a BPE piece
         return "".join(out).strip()
+
+    def missing_characters(self, texts: Iterable[str]) -> list[str]:
+        """Characters of `texts` that no token contains: a model with this vocabulary can never output them, so
+        a CER against such references measures the vocabulary, not the model."""
+        have = {SPACE if c == " " else c for t in self.tokens[1:-1] if t != UNK for c in t}
+        return sorted({c for text in texts for c in text if (SPACE if c == " " else c) not in have})
+
+
+def load_units(path: str | Path) -> CharVocab:
+    """A vocabulary from WeNet's `units.txt` (`data/dict/lang_char.txt`): one `token id` per line, ids 0..V-1,
+    `<blank>` 0, `<unk>` 1, `<sos/eos>` last."""
+    path = Path(path)
+    try:
+        lines = [ln.split() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise WorkbenchError(f"cannot read vocabulary {path}: {exc}") from None
+    units: dict[int, str] = {}
+    for k, parts in enumerate(lines, 1):
+        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+            raise WorkbenchError(f"{path} line {k}: expected 'token id' (WeNet units.txt), got {' '.join(parts)!r}")
+        tok, i = parts[0], int(parts[1])
+        if i in units:
+            raise WorkbenchError(f"{path} line {k}: id {i} is given twice ({units[i]!r} and {tok!r})")
+        units[i] = tok
+    if sorted(units) != list(range(len(units))):
+        raise WorkbenchError(f"{path}: ids must be 0..{len(units) - 1} without gaps")
+    try:
+        return CharVocab([units[i] for i in range(len(units))])
+    except ValueError as exc:
+        raise WorkbenchError(f"{path}: {exc} (got {units.get(0)!r}, {units.get(1)!r}, ..., "
+                             f"{units.get(len(units) - 1)!r})") from None
 
 
 DEFAULT_VOCAB = CharVocab()

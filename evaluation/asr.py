@@ -79,6 +79,23 @@ def decoder_feeds(
     }
 
 
+def decoder_calibration_feeds(encoder: Runner, decoder_inputs: Sequence[str], feats: Sequence[np.ndarray],
+                              batch_size: int, progress: bool = False) -> list[dict[str, np.ndarray]]:
+    """Decoder inputs as WeNet's pipeline produces them, one feed dict per batch of `feats`: the FP32 `encoder`'s
+    outputs and the CTC prefix beam search's hypotheses, restricted to `decoder_inputs` (the names the decoder
+    takes: a reverse_weight-0 export lacks `r_hyps_pad_sos_eos`). <sos/eos> is the last output unit, as in
+    every WeNet vocabulary."""
+    feats = check_feats(feats)
+    out = []
+    for s in tqdm(range(0, len(feats), batch_size), desc="decoder feeds", unit="batch", disable=not progress):
+        speech, lens = pad_batch(feats[s:s + batch_size])
+        enc = encoder.run({"speech": speech, "speech_lengths": lens})
+        sos_eos = enc["ctc_log_probs"].shape[-1] - 1
+        feeds = decoder_feeds(enc["encoder_out"], enc["encoder_out_lens"], prefix_beam_batch(enc), sos_eos)
+        out.append({name: feeds[name] for name in decoder_inputs if name in feeds})
+    return out
+
+
 def only_inputs_of(runner: Runner, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Drop feeds the model does not take (WeNet prunes `r_hyps_pad_sos_eos` when reverse_weight is 0)."""
     return {name: value for name, value in feeds.items() if name in runner.input_names}
@@ -141,6 +158,11 @@ def evaluate(
     """Corpus CER of the three decodings and WER of the rescored one, with per-utterance hypotheses."""
     if len(feats) != len(texts):
         raise WorkbenchError(f"{len(feats)} feature matrices but {len(texts)} transcripts")
+    missing = vocab.missing_characters(texts)
+    if missing:
+        raise WorkbenchError(f"the references contain {len(missing)} character(s) that no unit of the {len(vocab)}-unit "
+                             f"vocabulary holds ({' '.join(repr(c) for c in missing[:10])}): the model can never output "
+                             f"them, so its CER would measure the vocabulary; evaluate on data in its language")
     hyps = recognize(encoder, decoder, feats, vocab, batch_size=batch_size, progress=progress)
     for h, ref in zip(hyps, texts):
         h["ref"] = ref

@@ -42,6 +42,7 @@ class QuantNode:
     weight_axis: int | None = None
     weight_shape: list[int] | None = None
     patterns: list[str] = field(default_factory=list)  # ids of patterns this node feeds or belongs to
+    output: str | None = None  # the node's (first) output tensor
 
 
 @dataclass
@@ -360,6 +361,7 @@ def analyze(model: str | Path | onnx.ModelProto, include_act_matmul: bool = True
     for n in model.graph.node:
         q = _classify(idx, n, include_act_matmul)
         if q is not None:
+            q.output = n.output[0]
             qnodes[q.id] = q
     patterns = _layernorm_patterns(idx) + _activation_patterns(idx) + _residual_patterns(idx, qnodes)
     # pattern membership: a node belongs to a pattern it is part of, or whose output it consumes

@@ -22,6 +22,14 @@ class CalibTable:
     max_abs: dict[str, float] = field(default_factory=dict)  # observed max |x| (for FP16 overflow), when known
     weights: dict[str, tuple[int, list[float]]] = field(default_factory=dict)  # init -> (axis, per-channel amax)
     source: str = "<dict>"
+    fingerprint: str | None = None  # structure fingerprint of the model it was calibrated on, when recorded
+
+    def check_model(self, fingerprint: str) -> None:
+        """A table of another model (its recorded structure fingerprint differs) is refused in one line."""
+        if self.fingerprint is not None and self.fingerprint != fingerprint:
+            raise WorkbenchError(f"calibration table {self.source} was made for another model (structure "
+                                 f"{self.fingerprint[:12]}…, this model's is {fingerprint[:12]}…): calibrate this "
+                                 f"model with `wb calibrate --model ...`")
 
     def scale(self, tensor: str, needed_by: str) -> float:
         if tensor not in self.amax:
@@ -72,7 +80,7 @@ def load_table(table: str | Path | dict | CalibTable) -> CalibTable:
             max_abs[name] = float(e["amax"]["max"])
     for name, e in (table.get("weights") or {}).items():
         weights[name] = (int(e["axis"]), [float(x) for x in e["amax"]])
-    return CalibTable(amax, max_abs, weights, source)
+    return CalibTable(amax, max_abs, weights, source, (table.get("model") or {}).get("fingerprint"))
 
 
 def observe_amax(model, feeds: list[dict], tensors: list[str] | None = None) -> dict[str, float]:

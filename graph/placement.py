@@ -116,6 +116,19 @@ def quantize_weight(w: np.ndarray, axis: int, amax: np.ndarray) -> tuple[np.ndar
     return q, scale
 
 
+def calibration_tensors(analysis: Analysis) -> list[str]:
+    """Every activation tensor placement may need a range for, whatever the recipe and plan: the inputs of
+    every quantizable node (attention MatMuls included), their outputs (the onnxruntime recipe quantizes
+    those) and the residual-Add inputs (the tensorrt recipe). A table covering these serves every plan of the
+    model; `wb calibrate` and the pipeline both calibrate exactly this set."""
+    names: set[str] = set()
+    for q in analysis.quantizable:
+        names.update(q.act_inputs)
+        names.add(q.output)
+    names.update(p.residual_input for p in analysis.patterns_of("residual_add"))
+    return sorted(n for n in names if n)
+
+
 def required_tensors(analysis: Analysis, plan: dict, recipe: str = "tensorrt") -> dict[str, str]:
     """{tensor: node that needs it}: the activation tensors a calibration table must cover for `plan`."""
     nodes = plan["nodes"]
@@ -125,6 +138,8 @@ def required_tensors(analysis: Analysis, plan: dict, recipe: str = "tensorrt") -
             continue
         for t in q.act_inputs:
             need.setdefault(t, q.id)
+        if recipe == "onnxruntime":  # ORT quantizes the outputs too, to fuse QLinearConv/QLinearMatMul
+            need.setdefault(q.output, q.id)
     if recipe == "tensorrt" and plan.get("options", {}).get("residual_add", True):
         for p in analysis.patterns_of("residual_add"):
             if nodes.get(p.gemm) == "int8":
@@ -236,13 +251,7 @@ def _place_onnxruntime(model: onnx.ModelProto, analysis: Analysis, plan: dict, t
     if not int8:
         return model, {"int8_nodes": 0}
     idx = GraphIndex(model)
-    # ORT quantizes inputs and outputs of the int8 nodes: every such tensor needs a range from the table
-    need: dict[str, str] = {}
-    for q in int8:
-        for t in q.act_inputs:
-            need.setdefault(t, q.id)
-        out = next(n for n in model.graph.node if n.name == q.id).output[0]
-        need.setdefault(out, q.id)
+    need = required_tensors(analysis, plan, "onnxruntime")  # inputs and outputs of the int8 nodes
     activation_type, reduce_range = ORT_MODES[mode]
     u8 = activation_type == "u8"
     zp = np.array(128, np.uint8) if u8 else np.array(0, np.int8)
@@ -292,6 +301,7 @@ def quantize(model: str | Path | onnx.ModelProto, table, plan: dict | None = Non
     plan = (create_plan(analysis, default_plan) if plan is None else
             validate_plan(plan, analysis, node_ops={n.name: n.op_type for n in m.graph.node}))
     table = load_table(table)
+    table.check_model(analysis.fingerprint)
     nodes = plan["nodes"]
     if recipe == "onnxruntime":
         bad = [n for n, p in nodes.items() if p == "fp16"]

@@ -5,7 +5,7 @@
      "default": "int8",
      "nodes": {node_id: "int8" | "fp16" | "fp32", ...},     # every quantizable node, resolved
      "options": {"residual_add": true, ...},
-     "hash": sha256 of the canonical JSON of {model sha256, resolved node precisions}}
+     "hash": sha256 of the canonical JSON of {model sha256, resolved node precisions, placement options}}
 
 The model hash is a *structure* fingerprint (node ids, ops, kinds, weight shapes, opset), not a file hash:
 a plan stays valid across re-export and re-training of one architecture, and a plan for another model
@@ -46,8 +46,11 @@ def resolved_nodes(plan: dict) -> dict[str, str]:
 
 
 def plan_hash(plan: dict) -> str:
-    blob = json.dumps({"model": plan["model"]["sha256"], "nodes": resolved_nodes(plan)}, sort_keys=True,
-                      separators=(",", ":"))
+    """sha256 of everything in the plan that changes the placed graph: the model, each node's precision and the
+    placement options (DEFAULT_OPTIONS' keys; the other stored options only record how the nodes were chosen)."""
+    options = dict(DEFAULT_OPTIONS) | {k: v for k, v in (plan.get("options") or {}).items() if k in DEFAULT_OPTIONS}
+    blob = json.dumps({"model": plan["model"]["sha256"], "nodes": resolved_nodes(plan), "options": options},
+                      sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -146,6 +149,10 @@ def validate_plan(plan: dict, analysis: Analysis | None = None, source: str = "p
         _check_precision(p, f"{source} node {nid!r}")
     plan["options"] = dict(DEFAULT_OPTIONS) | (plan.get("options") or {})
     if analysis is not None:
+        if plan["model"].get("sha256") != analysis.fingerprint:
+            raise WorkbenchError(f"{source} was made for another model (model sha256 "
+                                 f"{str(plan['model'].get('sha256'))[:12]}…, this model's is "
+                                 f"{analysis.fingerprint[:12]}…)")
         ids = set(analysis.ids)
         unknown = [n for n in plan["nodes"] if n not in ids]
         if unknown and node_ops and unknown[0] in node_ops:
@@ -155,10 +162,6 @@ def validate_plan(plan: dict, analysis: Analysis | None = None, source: str = "p
         if unknown:
             raise WorkbenchError(f"{source} names node {unknown[0]!r} which is not a quantizable node of the "
                                  f"model" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
-        if plan["model"].get("sha256") != analysis.fingerprint:
-            raise WorkbenchError(f"{source} was made for another model (model sha256 "
-                                 f"{str(plan['model'].get('sha256'))[:12]}…, this model's is "
-                                 f"{analysis.fingerprint[:12]}…)")
         plan["nodes"] = {q: plan["nodes"].get(q, plan["default"]) for q in analysis.ids}
     return _finish(plan)
 

@@ -5,14 +5,14 @@ import os
 import time
 from collections.abc import Iterable, Mapping
 
-from graph.analysis import load_model
+from graph.analysis import analyze, load_model
+from graph.placement import calibration_tensors
 from workbench.errors import WorkbenchError
 
 from .collect import Padding, collect_statistics
 from .histogram import DEFAULT_BINS
 from .methods import DEFAULT_PERCENTILES, compute_all, parse_methods
 from .table import CalibrationTable, build_table
-from .tensors import activation_tensor_names, quantizable_activation_inputs
 from .weights import weight_ranges
 
 
@@ -23,8 +23,9 @@ def calibrate(model_path: str | os.PathLike, data: Iterable[Mapping], *, methods
               progress: bool = True, data_info: dict | None = None) -> CalibrationTable:
     """Calibrate `model_path` on `data` (feed dicts) and return the table (not saved: call `.save(path)`).
 
-    tensors: activation tensors to calibrate (default: `quantizable_activation_inputs`, with activation x
-    activation MatMuls when `include_activation_matmuls`). padding: a `Padding`, None (count padding), or "auto"
+    tensors: activation tensors to calibrate (default: `graph.placement.calibration_tensors`, every tensor
+    any recipe and plan may need, so one table serves them all; without `include_activation_matmuls` the
+    attention MatMuls' inputs are left out). padding: a `Padding`, None (count padding), or "auto"
     (WeNet encoder spec when the model has `speech` and `speech_lengths`)."""
     keys = parse_methods(methods, percentiles)
     default_key = parse_methods(default_method, percentiles)
@@ -34,11 +35,12 @@ def calibrate(model_path: str | os.PathLike, data: Iterable[Mapping], *, methods
     if default_key not in keys:
         keys.append(default_key)
     model = load_model(model_path)
-    qins = quantizable_activation_inputs(model, include_activation_matmuls=include_activation_matmuls)
+    analysis = analyze(model, include_act_matmul=include_activation_matmuls)
+    if not analysis.quantizable:
+        raise WorkbenchError(f"{model_path}: no Conv/ConvTranspose/MatMul/Gemm with a constant weight found to "
+                             f"calibrate")
     if tensors is None:
-        tensors = activation_tensor_names(qins)
-        if not tensors:
-            raise WorkbenchError(f"{model_path}: no Conv/MatMul/Gemm with a constant weight found to calibrate")
+        tensors = calibration_tensors(analysis)
     if padding == "auto":
         names = {i.name for i in model.graph.input}
         padding = Padding.wenet_encoder() if {"speech", "speech_lengths"} <= names else None
@@ -48,10 +50,10 @@ def calibrate(model_path: str | os.PathLike, data: Iterable[Mapping], *, methods
     t1 = time.perf_counter()
     amaxes = {name: compute_all(st, keys) for name, st in res.stats.items()}
     t2 = time.perf_counter()
-    weights = weight_ranges(model, qins, weight_method) if weight_method else {}
+    weights = weight_ranges(model, analysis, weight_method) if weight_method else {}
     info = {"n_samples": res.n_samples, "n_batches": res.n_batches, "batch_size": max(res.batch_sizes),
             "passes": res.passes,
             "padding": res.padding, "collect_s": round(t1 - t0, 3), "methods_s": round(t2 - t1, 3)}
     info.update(data_info or {})
     return build_table(model_path, res.stats, amaxes, default_method=default_key, data_info=info, bins=bins,
-                       weights=weights)
+                       weights=weights, fingerprint=analysis.fingerprint)

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 from tqdm import tqdm
 
 import engines
@@ -18,7 +17,7 @@ from calibration_data.corpus import ensure_corpus, load_split
 from core.host import describe, host_info
 from calibration_data.text import DEFAULT_VOCAB
 from engines.cases import bench_cases
-from evaluation.asr import decoder_feeds, evaluate, only_inputs_of, pad_batch, prefix_beam_batch
+from evaluation.asr import decoder_calibration_feeds, evaluate
 from evaluation.hackathon import make_cases, run_check
 from graph.analysis import analyze, prepare_model
 from graph.calib import load_table
@@ -177,15 +176,9 @@ class Experiment:
             ws.tables.setdefault("qat", {})[kind] = p
 
     # --- stage 2: calibration -------------------------------------------------------------------------------
-    def decoder_calib_feeds(self, enc_runner, feats: list[np.ndarray], batch: int) -> list[dict]:
+    def decoder_calib_feeds(self, enc_runner, dec_runner, feats: list[np.ndarray], batch: int) -> list[dict]:
         """Decoder inputs as the pipeline produces them: FP32 encoder outputs + CTC prefix-beam hypotheses."""
-        out = []
-        for s in range(0, len(feats), batch):
-            speech, lens = pad_batch(feats[s:s + batch])
-            enc = enc_runner.run({"speech": speech, "speech_lengths": lens})
-            nb = prefix_beam_batch(enc)
-            out.append(decoder_feeds(enc["encoder_out"], enc["encoder_out_lens"], nb, DEFAULT_VOCAB.sos_eos))
-        return out
+        return decoder_calibration_feeds(enc_runner, dec_runner.input_names, feats, batch)
 
     def calibrate_all(self, ws: Workspace) -> None:
         c, d = self.cfg["calibration"], self.cfg["data"]
@@ -202,13 +195,13 @@ class Experiment:
             path = self.dir / "calibration" / f"{kind}.json"
             if not path.is_file():
                 if kind == "decoder":
-                    dec_feeds = self.decoder_calib_feeds(ws.runner(ws.fp32["encoder"]), feats, bs)
-                    dec_feeds = [only_inputs_of(ws.runner(ws.fp32["decoder"]), f) for f in dec_feeds]
+                    dec_feeds = self.decoder_calib_feeds(ws.runner(ws.fp32["encoder"]), ws.runner(ws.fp32["decoder"]),
+                                                         feats, bs)
+                # the default tensor set (graph.placement.calibration_tensors) serves both recipes and any plan
                 table = calibrate(ws.fp32[kind], enc_feeds if kind == "encoder" else dec_feeds,
                                   methods=",".join(methods), percentiles=(c["percentile"],),
-                                  default_method=keys[0], tensors=self._tensors_to_calibrate(ws, kind),
-                                  progress=self.progress, data_info={"split": d["calib_split"],
-                                                                     "n_utts": len(feats)})
+                                  default_method=keys[0], progress=self.progress,
+                                  data_info={"split": d["calib_split"], "n_utts": len(feats)})
                 table.save(path)
             table = CalibrationTable.load(path)
             for key in keys:
@@ -216,20 +209,6 @@ class Experiment:
                 if not p.is_file():
                     table.with_method(key).save(p)
                 ws.tables.setdefault(key, {})[kind] = p
-
-    @staticmethod
-    def _tensors_to_calibrate(ws: Workspace, kind: str) -> list[str]:
-        """Inputs of every quantizable node, their outputs (the ONNX Runtime recipe quantizes those too) and
-        the residual-Add inputs (the TensorRT recipe): one pass covers both recipes and any plan."""
-        a = ws.analysis[kind]
-        names = set()
-        model = onnx.load(str(ws.fp32[kind]), load_external_data=False)
-        outputs = {n.name: list(n.output) for n in model.graph.node}
-        for q in a.quantizable:
-            names.update(q.act_inputs)
-            names.update(outputs.get(q.id, []))
-        names.update(p.residual_input for p in a.patterns_of("residual_add"))
-        return sorted(n for n in names if n)
 
     # --- stage 3: evaluation primitives -----------------------------------------------------------------------
     def accuracy(self, ws: Workspace, models: dict[str, Path]) -> dict:
@@ -287,8 +266,7 @@ class Experiment:
             err.append(_nsr(b, a))
         rank = [pool[i] for i in np.argsort(err)[::-1][: d["ranking_utts"]]]
         enc_feeds = encoder_batch(rank)
-        dec_feeds = only_inputs_of(ws.runner(src["decoder"]),
-                                   self.decoder_calib_feeds(ws.runner(src["encoder"]), rank, len(rank))[0])
+        dec_feeds = self.decoder_calib_feeds(ws.runner(src["encoder"]), ws.runner(src["decoder"]), rank, len(rank))[0]
         feeds, out = {"encoder": enc_feeds, "decoder": dec_feeds}, {"encoder": "encoder_out", "decoder": "decoder_out"}
         fp32 = {"encoder": fp32_enc, "decoder": session(src["decoder"])}
         refs = {k: fp32[k].run([out[k]], feeds[k])[0] for k in KINDS}

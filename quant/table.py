@@ -108,8 +108,10 @@ class CalibrationTable:
 
 
 def build_table(model_path: str | os.PathLike, stats: dict, amaxes: dict[str, dict[str, float]], *,
-                default_method: str, data_info: dict, bins: int, weights: dict | None = None) -> CalibrationTable:
-    """Assemble the table from TensorStats and per-tensor {method key: amax}."""
+                default_method: str, data_info: dict, bins: int, weights: dict | None = None,
+                fingerprint: str | None = None) -> CalibrationTable:
+    """Assemble the table from TensorStats and per-tensor {method key: amax}. `fingerprint`: the model's
+    structure fingerprint (graph.analysis), by which placement refuses a table of another model."""
     if any(default_method not in a for a in amaxes.values()):
         raise WorkbenchError(f"default method {default_method!r} is not among the computed methods")
     tensors = {}
@@ -122,7 +124,8 @@ def build_table(model_path: str | os.PathLike, stats: dict, amaxes: dict[str, di
         }
     data = {
         "format": FORMAT,
-        "model": {"path": str(model_path), "sha256": sha256_file(model_path) if Path(model_path).is_file() else None},
+        "model": {"path": str(model_path), "sha256": sha256_file(model_path) if Path(model_path).is_file() else None,
+                  "fingerprint": fingerprint},
         "data": data_info, "bins": bins, "default_method": default_method, "tensors": tensors,
         "weights": weights or {},
     }

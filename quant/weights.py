@@ -1,6 +1,6 @@
 """Per-output-channel weight ranges, read from the initializers directly (no data needed).
 
-The channel axis is that of the consuming op (`quant.tensors.QuantInput.weight_axis`): Conv W [Cout, Cin/g, k..]
+The channel axis is that of the consuming op (`graph.analysis.QuantNode.weight_axis`): Conv W [Cout, Cin/g, k..]
 axis 0; MatMul x @ W with W [K, N] axis 1 (output columns; the last axis for batched W); Gemm B axis 1, or 0 with
 transB=1. amax is max |w| over every other axis, floored at `quant.methods.AMAX_FLOOR` (an all-zero channel still
 gets a usable scale). `method="mse"` picks, per channel, the amax among 100 candidates in (0, max] that minimises
@@ -11,11 +11,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from graph.analysis import load_model
+from graph.analysis import Analysis, GraphIndex, load_model
 from workbench.errors import WorkbenchError
 
 from .methods import AMAX_FLOOR
-from .tensors import QuantInput, constant_value
 
 
 def per_channel_amax(w: np.ndarray, axis: int, method: str = "max", num_bits: int = 8) -> np.ndarray:
@@ -44,18 +43,24 @@ def per_channel_amax(w: np.ndarray, axis: int, method: str = "max", num_bits: in
     return np.maximum(amax, AMAX_FLOOR)
 
 
-def weight_ranges(model: str | onnx.ModelProto, inputs: list[QuantInput], method: str = "max") -> dict[str, dict]:
-    """{weight name: {"axis": int, "amax": [per-channel floats], "method": str}} for each weighted QuantInput."""
+def weight_ranges(model: str | onnx.ModelProto, analysis: Analysis, method: str = "max") -> dict[str, dict]:
+    """{weight source: {"axis": int, "amax": [per-channel floats], "method": str, "node": str}} for each weighted
+    quantizable node. Keyed by the initializer (or Constant) the weight is computed from, with the axis and
+    values of the tensor the node reads (after any Identity/Transpose/Cast), which is what placement looks up."""
     m = load_model(model)
+    idx = GraphIndex(m)
     out: dict[str, dict] = {}
-    for q in inputs:
-        if q.weight is None or q.weight in out:
+    for q in analysis.quantizable:
+        if q.weight is None or q.weight_source in out:
             continue
-        w = constant_value(m, q.weight)
+        resolved = idx.resolve_weight(q.weight)
+        if resolved is None:
+            raise WorkbenchError(f"node {q.id!r}: weight {q.weight!r} is not constant")
+        w = resolved[2]
         try:
             amax = per_channel_amax(w, q.weight_axis, method)
         except ValueError:
-            raise WorkbenchError(f"weight {q.weight!r} (of node {q.node!r}) has NaN or Inf values") from None
-        out[q.weight] = {"axis": int(q.weight_axis % max(w.ndim, 1)), "node": q.node, "method": method,
-                         "amax": [float(a) for a in amax]}
+            raise WorkbenchError(f"weight {q.weight_source!r} (of node {q.id!r}) has NaN or Inf values") from None
+        out[q.weight_source] = {"axis": int(q.weight_axis % max(w.ndim, 1)), "node": q.id, "method": method,
+                                "amax": [float(a) for a in amax]}
     return out

@@ -16,7 +16,8 @@ from quant.collect import Padding, collect_statistics, encoder_feeds, pad_batch
 from quant.histogram import TensorStats
 from quant.methods import AMAX_FLOOR, amax_entropy, amax_mse, amax_percentile
 from quant.table import CalibrationTable, read_trt_cache, write_trt_cache
-from quant.tensors import activation_tensor_names, quantizable_activation_inputs
+from graph.analysis import analyze
+from graph.placement import calibration_tensors
 from quant.weights import per_channel_amax
 from workbench.errors import WorkbenchError
 
@@ -210,14 +211,15 @@ def _bin(table, t):
 
 def test_quantizable_inputs_and_weight_axes(tiny_onnx):
     enc, _ = tiny_onnx
-    qins = quantizable_activation_inputs(enc)
-    ops = Counter(q.op_type for q in qins)
+    qins = analyze(enc, include_act_matmul=False).quantizable
+    ops = Counter(q.op for q in qins)
     assert ops["Conv"] == 8 and ops["MatMul"] >= 10
     assert all(q.weight for q in qins)
-    with_act = quantizable_activation_inputs(enc, include_activation_matmuls=True)
-    assert len(with_act) == len(qins) + 2 * 6  # 3 activation x activation MatMuls per block, 2 blocks
-    conv = next(q for q in qins if q.op_type == "Conv")
-    mm = next(q for q in qins if q.op_type == "MatMul")
+    with_act = analyze(enc).quantizable
+    assert len(with_act) == len(qins) + 6  # 3 activation x activation MatMuls per block, 2 blocks
+    assert all(len(q.act_inputs) == 2 for q in with_act if q.kind == "act_matmul")
+    conv = next(q for q in qins if q.op == "Conv")
+    mm = next(q for q in qins if q.op == "MatMul")
     assert conv.weight_axis == 0 and mm.weight_axis == 1
     w = np.arange(24, dtype=np.float32).reshape(4, 6) - 12
     assert per_channel_amax(w, 1).tolist() == np.abs(w).max(axis=0).tolist()
@@ -242,7 +244,7 @@ def test_max_matches_onnxruntime_minmax(tiny_onnx, tmp_path):
                             calibrate_method=CalibrationMethod.MinMax)
     cal.collect_data(Reader())
     ranges = cal.compute_data()
-    names = activation_tensor_names(quantizable_activation_inputs(enc))
+    names = sorted({t for q in analyze(enc, include_act_matmul=False).quantizable for t in q.act_inputs})
     res = collect_statistics(enc, names, batches, padding=Padding(), progress=False)
     checked = 0
     for n in names:

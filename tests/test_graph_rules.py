@@ -213,6 +213,12 @@ def test_plan_create_edit_diff_roundtrip(tmp_path):
     save_plan(p2, tmp_path / "p.json")
     assert load_plan(tmp_path / "p.json", a) == p2
     assert create_plan(a, "int8")["hash"] == p["hash"]  # stable
+    # options that change the placed graph change the hash; a stored default equals an absent one
+    assert create_plan(a, "int8", residual_add=False)["hash"] != p["hash"]
+    assert create_plan(a, "int8", fp16_overflow_threshold=1000.0)["hash"] != p["hash"]
+    assert create_plan(a, "int8", residual_add=True)["hash"] == p["hash"]
+    bare = {k: v for k, v in p.items() if k not in ("options", "hash")}
+    assert validate_plan(bare, a)["hash"] == p["hash"]
     assert create_plan(conv_model and analyze(conv_model()), "fp32", exclude_first_conv=True)["nodes"]["c1"] == "fp32"
     assert create_plan(analyze(conv_model()), "int8", exclude_first_conv=True)["nodes"]["c1"] == "fp32"
     with pytest.raises(WorkbenchError, match="no node 'nope'"):

@@ -48,9 +48,15 @@ def cmd_export(args) -> None:
     print(f"exported {'trained' if trained else 'RANDOM-INIT'} {model.cfg.name} model: {enc}, {dec}")
 
 
+def _vocab(args):
+    """--vocab (WeNet units.txt) or the bundled 31 characters."""
+    from calibration_data.text import DEFAULT_VOCAB, load_units
+
+    return load_units(args.vocab) if args.vocab else DEFAULT_VOCAB
+
+
 def cmd_evaluate(args) -> None:
     from calibration_data.corpus import load_split
-    from calibration_data.text import DEFAULT_VOCAB
     from evaluation.asr import evaluate
     from evaluation.runners import OrtRunner
 
@@ -60,7 +66,7 @@ def cmd_evaluate(args) -> None:
     enc = OrtRunner(args.encoder, kind="encoder", threads=args.threads)
     dec = OrtRunner(args.decoder, kind="decoder", threads=args.threads)
     t0 = time.time()
-    res = evaluate(enc, dec, feats, split.texts[:n], DEFAULT_VOCAB, batch_size=args.batch_size)
+    res = evaluate(enc, dec, feats, split.texts[:n], _vocab(args), batch_size=args.batch_size)
     summary = {k: v for k, v in res.items() if k != "utterances"} | {"split": args.split, "wall_s": round(time.time() - t0, 1)}
     print(json.dumps(summary, indent=2))
     if args.json:
@@ -73,6 +79,8 @@ def cmd_check(args) -> None:
     from evaluation.hackathon import format_table, make_cases, run_check
     from evaluation.runners import OrtRunner
 
+    if bool(args.ref_encoder) != bool(args.ref_decoder):
+        raise WorkbenchError("give both --ref-encoder and --ref-decoder (or neither: the PyTorch model is the reference)")
     if args.ref_encoder and args.ref_decoder:
         ref_e, ref_d = OrtRunner(args.ref_encoder, kind="encoder"), OrtRunner(args.ref_decoder, kind="decoder")
     else:  # the PyTorch model itself is the FP32 reference
@@ -83,6 +91,19 @@ def cmd_check(args) -> None:
     split = load_split(args.cache, args.split)
     pool = [split.features(i) for i in range(min(len(split), 64))]
     cand_e, cand_d = OrtRunner(args.encoder, kind="encoder"), OrtRunner(args.decoder, kind="decoder")
+    for name, runner in (("reference", ref_d), ("candidate", cand_d)):
+        if "decoder_out" not in runner.output_names:
+            raise WorkbenchError(f"the {name} decoder has no output decoder_out, which the hackathon check compares: "
+                                 f"WeNet's export_onnx_gpu.py writes it only with --decoder_fastertransformer; "
+                                 f"re-export the decoder with that flag")
+    if args.vocab:
+        import numpy as np
+
+        units = _vocab(args)
+        probe = ref_e.run({"speech": pool[0][None], "speech_lengths": np.array([len(pool[0])], np.int32)})
+        n = probe["ctc_log_probs"].shape[-1]
+        if n != len(units):
+            raise WorkbenchError(f"the encoder has {n} output units but the vocabulary {args.vocab} has {len(units)}")
     rows = run_check(ref_e, ref_d, cand_e, cand_d, make_cases(ref_e, pool))
     print(format_table(rows))
     if args.json:
@@ -138,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, default=0)
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--vocab", type=Path, help="WeNet units.txt of the model (default: the bundled 31 characters)")
     s.add_argument("--json", type=Path)
     s.set_defaults(func=cmd_evaluate)
 
@@ -149,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--decoder", type=Path, required=True)
     s.add_argument("--cache", **cache)
     s.add_argument("--split", default="calib")
+    s.add_argument("--vocab", type=Path, help="WeNet units.txt: checked against the encoder's output units")
     s.add_argument("--json", type=Path)
     s.set_defaults(func=cmd_check)
 

@@ -22,6 +22,14 @@ def _check_writable_dir(directory: Path) -> None:
         raise WorkbenchError(f"directory {directory} is not writable")
 
 
+def check_writable_target(target: str | os.PathLike) -> None:
+    """Fail before the work, not after it: `target` must be a file path (not a directory) in a writable directory."""
+    target = Path(target)
+    if target.is_dir():
+        raise WorkbenchError(f"{target} is a directory: give a file path to write")
+    _check_writable_dir(target.parent)
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `target`; rename it onto `target` only if the block succeeds."""
