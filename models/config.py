@@ -24,7 +24,7 @@ class ModelConfig:
     cnn_module_kernel: int = 15
     # WeNet's U2++ confs (e.g. AISHELL train_u2++_conformer.yaml) use layer_norm and causal: true.
     cnn_module_norm: str = "batch_norm"  # "batch_norm" | "layer_norm" in the conv module
-    causal: bool = False  # causal depthwise conv: left-pad K-1 frames, padding 0 (any K, even ones too)
+    causal: bool = False  # conv module input left-padded by K-1 zero frames, depthwise padding 0 (any K)
     dropout_rate: float = 0.1
     positional_dropout_rate: float = 0.1
     attention_dropout_rate: float = 0.0
@@ -42,7 +42,8 @@ class ModelConfig:
         if self.cnn_module_norm not in CNN_MODULE_NORMS:
             raise WorkbenchError(f"cnn_module_norm must be one of {CNN_MODULE_NORMS}, not {self.cnn_module_norm!r}")
         if not self.causal and self.cnn_module_kernel % 2 == 0:
-            raise WorkbenchError(f"a non-causal conv module needs an odd cnn_module_kernel, not {self.cnn_module_kernel}")
+            raise WorkbenchError(f"a non-causal conv module needs an odd cnn_module_kernel, "
+                                 f"not {self.cnn_module_kernel}")
         if self.vocab_size < 3:  # <blank>, at least one unit, <sos/eos> = vocab_size - 1
             raise WorkbenchError(f"vocab_size must be >= 3, not {self.vocab_size}")
 
