@@ -8,6 +8,9 @@ from calibration_data.text import DEFAULT_VOCAB
 from workbench.errors import WorkbenchError
 
 
+CNN_MODULE_NORMS = ("batch_norm", "layer_norm")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str
@@ -19,6 +22,9 @@ class ModelConfig:
     linear_units: int = 1024
     num_blocks: int = 6
     cnn_module_kernel: int = 15
+    # WeNet's U2++ confs (e.g. AISHELL train_u2++_conformer.yaml) use layer_norm and causal: true.
+    cnn_module_norm: str = "batch_norm"  # "batch_norm" | "layer_norm" in the conv module
+    causal: bool = False  # conv module input left-padded by K-1 zero frames, depthwise padding 0 (any K)
     dropout_rate: float = 0.1
     positional_dropout_rate: float = 0.1
     attention_dropout_rate: float = 0.0
@@ -31,6 +37,15 @@ class ModelConfig:
     ctc_weight: float = 0.3
     lsm_weight: float = 0.1
     reverse_weight: float = 0.3
+
+    def __post_init__(self):
+        if self.cnn_module_norm not in CNN_MODULE_NORMS:
+            raise WorkbenchError(f"cnn_module_norm must be one of {CNN_MODULE_NORMS}, not {self.cnn_module_norm!r}")
+        if not self.causal and self.cnn_module_kernel % 2 == 0:
+            raise WorkbenchError(f"a non-causal conv module needs an odd cnn_module_kernel, "
+                                 f"not {self.cnn_module_kernel}")
+        if self.vocab_size < 3:  # <blank>, at least one unit, <sos/eos> = vocab_size - 1
+            raise WorkbenchError(f"vocab_size must be >= 3, not {self.vocab_size}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

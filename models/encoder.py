@@ -17,7 +17,7 @@ class ConformerEncoderLayer(nn.Module):
         self.self_attn = RelPositionMultiHeadedAttention(cfg.attention_heads, size, cfg.attention_dropout_rate)
         self.feed_forward = PositionwiseFeedForward(size, cfg.linear_units, cfg.dropout_rate, nn.SiLU())
         self.feed_forward_macaron = PositionwiseFeedForward(size, cfg.linear_units, cfg.dropout_rate, nn.SiLU())
-        self.conv_module = ConvolutionModule(size, cfg.cnn_module_kernel)
+        self.conv_module = ConvolutionModule(size, cfg.cnn_module_kernel, cfg.cnn_module_norm, cfg.causal)
         self.norm_ff = nn.LayerNorm(size, eps=1e-5)
         self.norm_mha = nn.LayerNorm(size, eps=1e-5)
         self.norm_ff_macaron = nn.LayerNorm(size, eps=1e-5)

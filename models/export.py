@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from evaluation import interface
+from workbench.errors import WorkbenchError
 from workbench.fsutil import atomic_path
 
 from .asr_model import ASRModel
@@ -21,6 +22,12 @@ ENCODER_INPUTS = [s.name for s in interface.ENCODER_INPUTS]
 ENCODER_OUTPUTS = [s.name for s in interface.ENCODER_OUTPUTS]
 DECODER_INPUTS = [s.name for s in interface.DECODER_INPUTS]
 DECODER_OUTPUTS = ["decoder_out", "best_index"]  # export_onnx_gpu.py's order with --decoder_fastertransformer
+# How decoder_out's dims are named. export_onnx_gpu.py (export_rescoring_decoder's dynamic_axes) names no axis
+# of decoder_out, so the legacy exporter's shape inference makes up a name for every dim of it, beam and V
+# included ("Reshapedecoder_out_dim_0".."_3" with torch 2.13): that is "wenet". "named" (ours so far) fixes
+# {0: "B", 2: "T2_OUT"}; "unknown" clears every dim (no dim_param, no dim_value), as tools that drop
+# symbolic shapes leave it.
+DECODER_OUT_AXES = ("named", "wenet", "unknown")
 
 
 class EncoderForExport(nn.Module):
@@ -42,15 +49,19 @@ class EncoderForExport(nn.Module):
 
 
 class DecoderForExport(nn.Module):
-    """export_onnx_gpu.py `Decoder` with `--decoder_fastertransformer` (outputs decoder_out and best_index):
-    batched attention rescoring of the beam's hypotheses, ctc_weight and reverse_weight baked in."""
+    """export_onnx_gpu.py `Decoder`: batched attention rescoring of the beam's hypotheses, ctc_weight and
+    reverse_weight baked in. Outputs (decoder_out, best_index) with `decoder_fastertransformer` (our default),
+    else best_index alone (WeNet's default). The forward always takes the 6 inputs, as WeNet's: with
+    reverse_weight 0 r_hyps_pad_sos_eos feeds nothing, and the exporter drops it from the graph."""
 
-    def __init__(self, model: ASRModel, ctc_weight: float, reverse_weight: float, beam_size: int = BEAM):
+    def __init__(self, model: ASRModel, ctc_weight: float, reverse_weight: float, beam_size: int = BEAM,
+                 decoder_fastertransformer: bool = True):
         super().__init__()
         self.decoder = model.decoder
         self.ctc_weight = ctc_weight
         self.reverse_weight = reverse_weight
         self.beam_size = beam_size
+        self.decoder_fastertransformer = decoder_fastertransformer
 
     def forward(self, encoder_out, encoder_lens, hyps_pad_sos_eos, hyps_lens_sos, r_hyps_pad_sos_eos, ctc_score):
         B, T, F = encoder_out.shape
@@ -87,7 +98,9 @@ class DecoderForExport(nn.Module):
         score = torch.sum(score, axis=1)
         score = torch.reshape(score, (B, bz)) + self.ctc_weight * ctc_score
         best_index = torch.argmax(score, dim=1)
-        return decoder_out, best_index
+        if self.decoder_fastertransformer:
+            return decoder_out, best_index
+        return best_index
 
 
 def dummy_encoder_inputs(batch: int = 2, frames: int = 100, dim: int = 80, seed: int = 0):
@@ -118,7 +131,13 @@ def dummy_decoder_inputs(model: ASRModel, batch: int = 2, t_out: int = 24, beam:
     return encoder_out, encoder_out_lens, hyps, hyps_lens, r_hyps, ctc_score
 
 
-def _export(module: nn.Module, args, path: Path, inputs, outputs, dynamic_axes, opset: int) -> None:
+def _clear_dims(model: onnx.ModelProto, output: str) -> None:
+    for d in next(o for o in model.graph.output if o.name == output).type.tensor_type.shape.dim:
+        d.Clear()
+
+
+def _export(module: nn.Module, args, path: Path, inputs, outputs, dynamic_axes, opset: int,
+            unknown_dims: str | None = None) -> None:
     # The exporter restores the wrapper's training flag recursively afterwards: a fresh wrapper is in
     # training mode and would flip the whole model to train() (dropout on, BatchNorm batch stats).
     module.eval()
@@ -127,15 +146,24 @@ def _export(module: nn.Module, args, path: Path, inputs, outputs, dynamic_axes, 
         # dynamo=False: WeNet's TorchScript-traced graph with dynamic_axes (the dynamo exporter emits other ops).
         torch.onnx.export(module, args, str(tmp), dynamo=False, opset_version=opset, do_constant_folding=True,
                           input_names=inputs, output_names=outputs, dynamic_axes=dynamic_axes)
+        if unknown_dims:
+            m = onnx.load(str(tmp))
+            _clear_dims(m, unknown_dims)
+            onnx.save(m, str(tmp))
         onnx.checker.check_model(str(tmp))
 
 
 def export_onnx(model: ASRModel, out_dir: str | Path, opset: int = 13, ctc_weight: float = 0.5,
-                reverse_weight: float | None = None, beam: int = BEAM) -> tuple[Path, Path]:
+                reverse_weight: float | None = None, beam: int = BEAM, *, decoder_fastertransformer: bool = True,
+                decoder_out_axes: str = "named") -> tuple[Path, Path]:
     """Write encoder.onnx and decoder.onnx. Opset 13 decomposes LayerNorm as WeNet's export does;
-    opset >= 17 gives native LayerNormalization. Returns the two paths."""
+    opset >= 17 gives native LayerNormalization. `decoder_fastertransformer` False exports WeNet's default
+    decoder (best_index only); `decoder_out_axes` is one of DECODER_OUT_AXES. With reverse_weight 0 the
+    decoder has WeNet's 5 inputs (no r_hyps_pad_sos_eos). Returns the two paths."""
     if opset < 13:
         raise ValueError("opset must be >= 13 (per-channel Q/DQ needs 13)")
+    if decoder_out_axes not in DECODER_OUT_AXES:
+        raise WorkbenchError(f"decoder_out_axes must be one of {DECODER_OUT_AXES}, not {decoder_out_axes!r}")
     out_dir = Path(out_dir)
     rw = model.cfg.reverse_weight if reverse_weight is None else reverse_weight
     model = model.eval()
@@ -146,14 +174,19 @@ def export_onnx(model: ASRModel, out_dir: str | Path, opset: int = 13, ctc_weigh
                  "encoder_out": {0: "B", 1: "T_OUT"}, "encoder_out_lens": {0: "B"},
                  "ctc_log_probs": {0: "B", 1: "T_OUT"}, "beam_log_probs": {0: "B", 1: "T_OUT"},
                  "beam_log_probs_idx": {0: "B", 1: "T_OUT"}}, opset)
-        dec_inputs = list(DECODER_INPUTS)
+        # All 6 names even when reverse_weight is 0, as WeNet: names are given to the traced inputs before the
+        # exporter drops the unused r_hyps_pad_sos_eos (5 names would call that one ctc_score and leave the
+        # real ctc_score unnamed, 'onnx::Mul_5').
         dec_axes = {"encoder_out": {0: "B", 1: "T"}, "encoder_out_lens": {0: "B"},
                     "hyps_pad_sos_eos": {0: "B", 2: "T2"}, "hyps_lens_sos": {0: "B"},
-                    "r_hyps_pad_sos_eos": {0: "B", 2: "T2"}, "ctc_score": {0: "B"},
-                    "decoder_out": {0: "B", 2: "T2_OUT"}, "best_index": {0: "B"}}
-        if rw <= 0:  # WeNet prunes the unused reverse input
-            dec_inputs.remove("r_hyps_pad_sos_eos")
-            dec_axes.pop("r_hyps_pad_sos_eos")
-        _export(DecoderForExport(model, ctc_weight, rw, beam), dummy_decoder_inputs(model, beam=beam), dec_path,
-                dec_inputs, DECODER_OUTPUTS, dec_axes, opset)
+                    "r_hyps_pad_sos_eos": {0: "B", 2: "T2"}, "ctc_score": {0: "B"}, "best_index": {0: "B"}}
+        if rw <= 0:
+            dec_axes.pop("r_hyps_pad_sos_eos")  # not in the graph: the exporter would warn about the name
+        dec_outputs = DECODER_OUTPUTS if decoder_fastertransformer else ["best_index"]
+        if decoder_fastertransformer and decoder_out_axes == "named":
+            dec_axes["decoder_out"] = {0: "B", 2: "T2_OUT"}
+        unknown = "decoder_out" if decoder_fastertransformer and decoder_out_axes == "unknown" else None
+        _export(DecoderForExport(model, ctc_weight, rw, beam, decoder_fastertransformer),
+                dummy_decoder_inputs(model, beam=beam), dec_path, DECODER_INPUTS, dec_outputs, dec_axes, opset,
+                unknown)
     return enc_path, dec_path

@@ -173,15 +173,22 @@ class PositionwiseFeedForward(nn.Module):
 
 
 class ConvolutionModule(nn.Module):
-    """Pointwise conv + GLU, depthwise conv (K, non-causal), BatchNorm, SiLU, pointwise conv; padding zeroed."""
+    """Pointwise conv + GLU, depthwise conv (K), BatchNorm or LayerNorm, SiLU, pointwise conv; padding zeroed.
+    As wenet/models/transformer/convolution.py: causal pads K-1 zero frames on the left of the module's input
+    (before pointwise_conv1, so the padded frames reach the depthwise conv as GLU(bias), not zeros)."""
 
-    def __init__(self, channels: int, kernel_size: int):
+    def __init__(self, channels: int, kernel_size: int, norm: str = "batch_norm", causal: bool = False):
         super().__init__()
-        assert (kernel_size - 1) % 2 == 0
+        if causal:
+            padding, self.lorder = 0, kernel_size - 1
+        else:
+            assert (kernel_size - 1) % 2 == 0
+            padding, self.lorder = (kernel_size - 1) // 2, 0
         self.pointwise_conv1 = nn.Conv1d(channels, 2 * channels, 1)
-        self.depthwise_conv = nn.Conv1d(channels, channels, kernel_size, padding=(kernel_size - 1) // 2,
-                                        groups=channels)
-        self.norm = nn.BatchNorm1d(channels)
+        self.depthwise_conv = nn.Conv1d(channels, channels, kernel_size, padding=padding, groups=channels)
+        self.use_layer_norm = norm == "layer_norm"
+        # LayerNorm normalises the channel dim, so WeNet transposes to (B, T, C) around it.
+        self.norm = nn.LayerNorm(channels, eps=1e-5) if self.use_layer_norm else nn.BatchNorm1d(channels)
         self.pointwise_conv2 = nn.Conv1d(channels, channels, 1)
         self.activation = nn.SiLU()
 
@@ -189,10 +196,16 @@ class ConvolutionModule(nn.Module):
         x = x.transpose(1, 2)
         if mask_pad.size(2) > 0:
             x = x.masked_fill(~mask_pad, 0.0)
+        if self.lorder > 0:  # exports as an ONNX Pad
+            x = nn.functional.pad(x, (self.lorder, 0), "constant", 0.0)
         x = self.pointwise_conv1(x)
         x = nn.functional.glu(x, dim=1)
         x = self.depthwise_conv(x)
+        if self.use_layer_norm:
+            x = x.transpose(1, 2)
         x = self.activation(self.norm(x))
+        if self.use_layer_norm:
+            x = x.transpose(1, 2)
         x = self.pointwise_conv2(x)
         if mask_pad.size(2) > 0:
             x = x.masked_fill(~mask_pad, 0.0)
