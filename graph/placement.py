@@ -241,6 +241,24 @@ def _place_tensorrt(model: onnx.ModelProto, analysis: Analysis, plan: dict, tabl
     return report
 
 
+def _fold_weight_paths(model: onnx.ModelProto, nodes: list) -> None:
+    """Point each node whose weight sits behind Identity/Transpose/Cast (as in WeNet's own exports) at an
+    initializer holding the folded value: ORT's quantizer only recognises weights that are initializers, and
+    would otherwise ask for activation ranges of the weight path."""
+    idx = GraphIndex(model)
+    by_name = {n.name: n for n in model.graph.node}
+    for q in nodes:
+        if q.weight is None or q.weight == q.weight_source or q.weight in idx.inits:
+            continue
+        _, _, value = idx.resolve_weight(q.weight)
+        name = f"{q.weight}_folded"
+        if name not in idx.inits:
+            model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+            idx.inits[name] = model.graph.initializer[-1]
+        by_name[q.id].input[q.weight_input_index] = name
+    _prune(model.graph)
+
+
 def _place_onnxruntime(model: onnx.ModelProto, analysis: Analysis, plan: dict, table: CalibTable,
                        mode: str) -> tuple[onnx.ModelProto, dict]:
     from onnxruntime.quantization import QuantType
@@ -250,6 +268,7 @@ def _place_onnxruntime(model: onnx.ModelProto, analysis: Analysis, plan: dict, t
     int8 = [q for q in analysis.quantizable if plan["nodes"][q.id] == "int8"]
     if not int8:
         return model, {"int8_nodes": 0}
+    _fold_weight_paths(model, int8)
     idx = GraphIndex(model)
     need = required_tensors(analysis, plan, "onnxruntime")  # inputs and outputs of the int8 nodes
     activation_type, reduce_range = ORT_MODES[mode]

@@ -15,7 +15,7 @@ from tqdm import tqdm
 import engines
 from calibration_data.corpus import ensure_corpus, load_split
 from core.host import describe, host_info
-from calibration_data.text import DEFAULT_VOCAB
+from calibration_data.text import DEFAULT_VOCAB, load_units
 from engines.cases import bench_cases
 from evaluation.asr import decoder_calibration_feeds, evaluate
 from evaluation.hackathon import make_cases, run_check
@@ -132,6 +132,7 @@ class Experiment:
         self.cfg, self.dir, self.progress = cfg, Path(run_dir), progress
         self.dir.mkdir(parents=True, exist_ok=True)
         self.cache = EvalCache(self.dir / "cache.jsonl")
+        self.vocab = load_units(cfg["model"]["vocab"]) if cfg["model"]["vocab"] else DEFAULT_VOCAB  # before any work
         d = cfg["data"]
         corpus = ensure_corpus(cache_dir, {d["calib_split"]: max(512, d["calib_utts"]),
                                            d["eval_split"]: max(500, d["eval_utts"])}, progress=progress)
@@ -213,7 +214,7 @@ class Experiment:
     # --- stage 3: evaluation primitives -----------------------------------------------------------------------
     def accuracy(self, ws: Workspace, models: dict[str, Path]) -> dict:
         res = evaluate(ws.runner(models["encoder"]), ws.runner(models["decoder"]), self.eval_feats,
-                       self.eval_texts, DEFAULT_VOCAB, progress=False)
+                       self.eval_texts, self.vocab, progress=False)
         return {k: res[k] for k in METRICS}
 
     def latency(self, ws: Workspace, models: dict[str, Path], search: bool = False) -> dict:

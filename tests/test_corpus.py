@@ -126,7 +126,7 @@ def test_unwritable_cache(tmp_path):
 
 
 def test_missing_split_and_corpus(tmp_path, monkeypatch):
-    with pytest.raises(WorkbenchError, match="ensure_corpus"):
+    with pytest.raises(WorkbenchError, match="wb data --cache .* --splits"):
         load_split(tmp_path, "test")
     monkeypatch.setenv("WB_FORTUNES_DIR", str(tmp_path))
     with pytest.raises(WorkbenchError, match="apt-get install fortunes fortunes-min"):

@@ -20,6 +20,9 @@ def register(subparsers) -> None:
     s.add_argument("--recipe", choices=["tensorrt", "onnxruntime"], default="tensorrt",
                    help="tensorrt: TensorRT explicit-quantization Q/DQ (checked by our validator and ONNX "
                         "Runtime, not by TensorRT); onnxruntime: placement fused by ORT's CPU EP")
+    s.add_argument("--ort-mode", default="auto",
+                   help="onnxruntime recipe's int8 arithmetic (u8s8, u8s8-rr, s8s8): auto = u8s8 on CPUs with "
+                        "VNNI/AMX, u8s8-rr (7-bit weights) on AVX2-only ones, whose int16 accumulation saturates")
     s.add_argument("--out", type=Path, required=True, help="quantized ONNX to write")
     s.add_argument("--write-plan", type=Path, help="also write the resolved plan here")
     s.set_defaults(func=run)
@@ -31,11 +34,16 @@ def run(args: argparse.Namespace) -> None:
     from graph.plan import counts, create_plan, load_plan, save_plan
     from graph.validate import check_or_raise
 
+    from workbench.fsutil import check_writable_target
+
+    for target in (args.out, args.write_plan):  # before the work, not after it
+        if target is not None:
+            check_writable_target(target)
     model = prepare_model(args.model)
     analysis = analyze(model)
     plan = load_plan(args.plan, analysis) if args.plan else create_plan(analysis, args.default_plan)
     # quantize -> validate -> write: nothing is written unless both succeed
-    res = quantize(model, args.table, plan, recipe=args.recipe)
+    res = quantize(model, args.table, plan, recipe=args.recipe, ort_mode=args.ort_mode)
     check_or_raise(res.model, res.plan, args.recipe, original=model)
     import onnx
     from workbench.fsutil import atomic_path
