@@ -89,6 +89,22 @@ def default_shapes(onnx_path: str | os.PathLike, kind: str | None = None,
     return shapes
 
 
+def shapes_from_feeds(feeds: Sequence[Mapping[str, np.ndarray]]) -> Shapes:
+    """Shape ranges that admit every feed given: per input and axis, min and max over the feeds, opt the
+    largest (a task's calibration, evaluation and latency feeds together cover what the engine will see)."""
+    if not feeds:
+        raise WorkbenchError("no feeds to derive engine shape ranges from")
+    shapes: Shapes = {}
+    for name in feeds[0]:
+        dims = [list(np.shape(f[name])) for f in feeds]
+        if len({len(d) for d in dims}) != 1:
+            raise WorkbenchError(f"input {name}: feeds of different ranks {sorted({len(d) for d in dims})}")
+        lo = [min(d[i] for d in dims) for i in range(len(dims[0]))]
+        hi = [max(d[i] for d in dims) for i in range(len(dims[0]))]
+        shapes[name] = {"min": [max(1, x) for x in lo], "opt": [max(1, x) for x in hi], "max": [max(1, x) for x in hi]}
+    return shapes
+
+
 def check_shapes(shapes: Mapping, io: dict, where: str) -> Shapes:
     """Validate (and normalise to lists) a shape-range dict against the model's inputs."""
     inputs = io["inputs"]

@@ -87,11 +87,12 @@ def build_files(onnx_path: Path, tmp: Path, kind: str, shapes: dict, options: di
     from engines.base import onnx_io
 
     io = onnx_io(onnx_path)
-    inputs, outputs = INTERFACES[kind]
-    problems = "; ".join(p for p in (interface_mismatch(kind, "inputs", inputs, list(io["inputs"])),
-                                     interface_mismatch(kind, "outputs", outputs, list(io["outputs"]))) if p)
-    if problems:
-        raise WorkbenchError(f"{onnx_path} does not have WeNet's {kind} interface: {problems}")
+    if kind in INTERFACES:  # a WeNet encoder/decoder must have WeNet's interface; a "generic" model has its own
+        inputs, outputs = INTERFACES[kind]
+        problems = "; ".join(p for p in (interface_mismatch(kind, "inputs", inputs, list(io["inputs"])),
+                                         interface_mismatch(kind, "outputs", outputs, list(io["outputs"]))) if p)
+        if problems:
+            raise WorkbenchError(f"{onnx_path} does not have WeNet's {kind} interface: {problems}")
     engine, optimized = f"{kind}.onnx", f"{kind}.optimized.onnx"
     shutil.copyfile(onnx_path, tmp / engine)
     try:

@@ -32,8 +32,25 @@ def interface_mismatch(kind: str, where: str, specs: Sequence[TensorSpec], names
     return "; ".join(parts)
 
 
+GENERIC = "generic"  # any ONNX model: its own inputs (names, dtypes, ranks) are the interface
+ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+              "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
+
+
 def guess_kind(input_names: Sequence[str]) -> str:
-    return "decoder" if "hyps_pad_sos_eos" in input_names else "encoder"
+    """"decoder" / "encoder" for WeNet's interface (by its distinctive inputs), else "generic"."""
+    if "hyps_pad_sos_eos" in input_names:
+        return "decoder"
+    return "encoder" if "speech" in input_names else GENERIC
+
+
+def graph_interface(session) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """The interface of any model, read from its ONNX Runtime session (unknown element types are not checked)."""
+    def specs(args):
+        return tuple(TensorSpec(a.name, ORT_DTYPES.get(a.type), len(a.shape or ())) for a in args)
+
+    return specs(session.get_inputs()), specs(session.get_outputs())
 
 
 class OrtRunner:
@@ -63,9 +80,12 @@ class OrtRunner:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.kind = kind or guess_kind(self.input_names)
-        if self.kind not in INTERFACES:
-            raise WorkbenchError(f"unknown model kind {self.kind!r}: expected 'encoder' or 'decoder'")
-        inputs, outputs = INTERFACES[self.kind]
+        if self.kind == GENERIC:
+            inputs, outputs = graph_interface(self.session)
+        elif self.kind in INTERFACES:
+            inputs, outputs = INTERFACES[self.kind]
+        else:
+            raise WorkbenchError(f"unknown model kind {self.kind!r}: expected 'encoder', 'decoder' or '{GENERIC}'")
         problems = "; ".join(
             p
             for p in (
@@ -93,7 +113,7 @@ class OrtRunner:
             )
         for name, value in feeds.items():
             spec = self._specs[name]
-            if not isinstance(value, np.ndarray) or value.dtype != spec.dtype:
+            if not isinstance(value, np.ndarray) or (spec.dtype is not None and value.dtype != spec.dtype):
                 got = value.dtype if isinstance(value, np.ndarray) else type(value).__name__
                 raise WorkbenchError(
                     f"input {name} of {self.path} must be {np.dtype(spec.dtype)}, got {got}"

@@ -23,6 +23,7 @@ from graph.analysis import analyze, prepare_model
 from graph.calib import load_table
 from graph.placement import quantize
 from graph.plan import create_plan, edit_plan, save_plan
+from tasks.fidelity import noise_to_signal
 from workbench.errors import WorkbenchError
 from workbench.fsutil import write_json
 
@@ -31,7 +32,7 @@ from .collect import pad_batch as encoder_batch
 from .evalcache import EvalCache
 from .methods import method_key
 from .experiment import criterion_threshold, resolve_backend_and_recipe
-from .search import SearchProblem, plan_counts, plan_hash, search
+from .search import SearchProblem, node_key, plan_counts, plan_hash, search, split_plan
 from .table import CalibrationTable
 
 KINDS = ("encoder", "decoder")
@@ -41,18 +42,6 @@ TIME_RANGES = {"encoder": (7, 256, 2048), "decoder": (1, 64, 512)}
 METRICS = ("cer_rescore", "cer_greedy", "cer_prefix", "wer_rescore")
 
 
-def _key(kind: str, node: str) -> str:
-    return f"{kind}:{node}"
-
-
-def _nsr(got: np.ndarray, ref: np.ndarray) -> float:
-    """Noise-to-signal power ratio of `got` against `ref`."""
-    return float(np.sum((got - ref) ** 2) / max(float(np.sum(ref ** 2)), 1e-12))
-
-
-def _split_plan(flat: dict[str, str], kind: str) -> dict[str, str]:
-    prefix = f"{kind}:"
-    return {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
 
 
 class Workspace:
@@ -264,7 +253,7 @@ class Experiment:
         for f in pool:
             feeds = {"speech": f[None], "speech_lengths": np.array([len(f)], np.int32)}
             a, b = fp32_enc.run(["encoder_out"], feeds)[0], int8_enc.run(["encoder_out"], feeds)[0]
-            err.append(_nsr(b, a))
+            err.append(noise_to_signal(b, a))
         rank = [pool[i] for i in np.argsort(err)[::-1][: d["ranking_utts"]]]
         enc_feeds = encoder_batch(rank)
         dec_feeds = self.decoder_calib_feeds(ws.runner(src["encoder"]), ws.runner(src["decoder"]), rank, len(rank))[0]
@@ -275,7 +264,7 @@ class Experiment:
         todo = [(k, n) for k in KINDS for n in ws.int8_nodes(k)]
         for kind, node in tqdm(todo, desc="sensitivity", disable=not self.progress):
             got = session(ws.model(kind, {node: "int8"}, method)).run([out[kind]], feeds[kind])[0]
-            scores[_key(kind, node)] = _nsr(got, refs[kind])
+            scores[node_key(kind, node)] = noise_to_signal(got, refs[kind])
         return self.cache.get_or_compute(f"sensitivity:{method}", lambda: scores)
 
     # --- the whole run ----------------------------------------------------------------------------------------
@@ -361,7 +350,7 @@ class Experiment:
         nodes = [n for k in KINDS for n in self._keys(ws, k)]
 
         def models_of(flat):
-            return {k: ws.model(k, _split_plan(flat, k), method) for k in KINDS}
+            return {k: ws.model(k, split_plan(flat, k), method) for k in KINDS}
 
         def accuracy_of(flat):
             models = models_of(flat)
@@ -395,7 +384,7 @@ class Experiment:
 
     @staticmethod
     def _keys(ws: Workspace, kind: str) -> list[str]:
-        return [_key(kind, n) for n in ws.int8_nodes(kind)]
+        return [node_key(kind, n) for n in ws.int8_nodes(kind)]
 
     def side_by_side(self, ws: Workspace, options: dict[str, dict[str, Path]]) -> dict[str, dict]:
         """Latency of each option ({label: models}) with all options interleaved run by run on each case
@@ -469,7 +458,7 @@ class Experiment:
         groups: dict[str, list[str]] = {}
         for kind in KINDS:
             for q in ws.analysis[kind].quantizable:
-                groups.setdefault(f"{kind} {q.kind}", []).append(_key(kind, q.id))
+                groups.setdefault(f"{kind} {q.kind}", []).append(node_key(kind, q.id))
         return groups
 
     def _finalize(self, ws: Workspace, models: dict[str, Path], flat: dict[str, str]) -> None:
@@ -481,7 +470,7 @@ class Experiment:
         final.mkdir(exist_ok=True)
         for kind in KINDS:
             shutil.copyfile(models[kind], final / f"{kind}.onnx")
-            plan = edit_plan(ws.base_plan(kind, "fp32"), set_nodes=_split_plan(flat, kind))
+            plan = edit_plan(ws.base_plan(kind, "fp32"), set_nodes=split_plan(flat, kind))
             save_plan(plan, final / f"{kind}.plan.json")
             engines.build(final / f"{kind}.onnx", engines.default_shapes(final / f"{kind}.onnx", kind,
                                                                          time_range=TIME_RANGES[kind]),

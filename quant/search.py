@@ -32,6 +32,17 @@ def plan_hash(plan: Plan) -> str:
     return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def node_key(graph: str, node: str) -> str:
+    """The key of a graph's node in a flat plan over several graphs: "graph:node"."""
+    return f"{graph}:{node}"
+
+
+def split_plan(flat: Plan, graph: str) -> dict[str, str]:
+    """The nodes of `graph` in a flat plan, keyed by node id."""
+    prefix = f"{graph}:"
+    return {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+
+
 def plan_counts(plan: dict[str, str]) -> dict[str, int]:
     """{"n_int8", "n_fallback"} of a flat plan, as trace records and run.json carry them."""
     n8 = sum(v == "int8" for v in plan.values())

@@ -41,7 +41,7 @@ def _feeds(args, inputs: dict):
     """(feed batches, data description) for the model's kind and the options given."""
     from calibration_data.corpus import default_cache_dir, load_split
     from calibration_data.feeds import load_npz_feeds
-    from evaluation.runners import guess_kind
+    from evaluation.runners import GENERIC, guess_kind
     from quant.collect import encoder_feeds
 
     from ..errors import WorkbenchError
@@ -51,7 +51,7 @@ def _feeds(args, inputs: dict):
         feeds = feeds[:args.limit] if args.limit else feeds
         return feeds, {"source": str(args.data), "files": len(feeds)}
     kind = guess_kind(list(inputs))
-    if kind == "encoder" and not {"speech", "speech_lengths"} <= set(inputs):
+    if kind == GENERIC or (kind == "encoder" and not {"speech", "speech_lengths"} <= set(inputs)):
         raise WorkbenchError(f"{args.model} is not a WeNet encoder or decoder (inputs {sorted(inputs)}): give its "
                              f"calibration feeds with --data DIR (.npz files keyed by input name)")
     split = load_split(args.cache or default_cache_dir(), args.split)

@@ -1,0 +1,371 @@
+"""The experiment on any Task (tasks.base): calibration -> baselines -> sensitivity -> precision search ->
+side-by-side selection -> deliverables -> run.json, keyed by the task's graph names and metrics.
+
+The same stages as the bundled WeNet pipeline (quant/pipeline.py, which will become the `wenet_asr` task on
+this one), written against the Task interface only: graphs, feeds, metrics and latency cases come from the
+task. Engines are built and run through `engines` (never raw sessions); every expensive result is cached in
+the run directory, so a killed run resumes.
+"""
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+import engines
+from core.host import describe, host_info
+from graph.analysis import analyze, prepare_model
+from graph.calib import load_table
+from graph.placement import quantize
+from graph.plan import create_plan, edit_plan, save_plan
+from quant.calibrate import calibrate
+from quant.evalcache import EvalCache
+from quant.methods import method_key
+from quant.search import SearchProblem, node_key, plan_counts, plan_hash, search, split_plan
+from quant.table import CalibrationTable
+from tasks.base import Task, check_metrics
+from tasks.fidelity import noise_to_signal
+from workbench.errors import WorkbenchError
+from workbench.fsutil import sha256_file, write_json
+
+
+def criterion_of(cfg: dict, task: Task, reference: float) -> dict:
+    """The pass rule as data, in the metric's own direction: absolute (FP32 -/+ delta), relative (FP32 x (1 -/+
+    delta)) or fixed (the value delta itself, e.g. cosine >= 0.99)."""
+    c = cfg["criterion"]
+    m = task.metric(c["metric"])
+    hi, d, kind = m.higher_is_better, float(c["delta"]), c["kind"]
+    if kind == "absolute":
+        thr = reference - d if hi else reference + d
+        text = f"{m.name} {'>=' if hi else '<='} FP32 {m.name} {'-' if hi else '+'} {d:g} (absolute)"
+    elif kind == "relative":
+        thr = reference * (1 - d) if hi else reference * (1 + d)
+        text = f"{m.name} {'>=' if hi else '<='} FP32 {m.name} x (1 {'-' if hi else '+'} {d:g})"
+    elif kind == "fixed":
+        thr, text = d, f"{m.name} {'>=' if hi else '<='} {d:g}"
+    else:
+        raise WorkbenchError(f"config criterion.kind = {kind!r} is not one of absolute, relative, fixed for a task")
+    if not np.isfinite(thr):
+        raise WorkbenchError(f"criterion {text} gives the threshold {thr} (FP32 {m.name} is {reference}): use "
+                             f"criterion.kind = \"fixed\" for this metric")
+    return {"metric": m.name, "kind": kind, "delta": d, "reference": reference, "threshold": thr,
+            "higher_is_better": hi, "text": text}
+
+
+def _latency_key(feeds: dict) -> tuple[int, int]:
+    """(bs, sl) for the report: the leading two dimensions of the first input."""
+    shape = list(np.shape(next(iter(feeds.values()))))
+    return (shape[0] if shape else 1, shape[1] if len(shape) > 1 else 1)
+
+
+class TaskWorkspace:
+    """Placed models and engines of the run, cached on disk by (graph, plan hash, method, recipe, mode)."""
+
+    def __init__(self, run_dir: Path, cfg: dict, task: Task):
+        self.dir, self.cfg, self.task = run_dir, cfg, task
+        self.fp32 = {g.name: Path(g.path) for g in task.graphs}
+        self.loaded = {name: prepare_model(p) for name, p in self.fp32.items()}
+        self.analysis = {name: analyze(m) for name, m in self.loaded.items()}
+        self.tables: dict[str, dict[str, object]] = {}  # method -> graph -> loaded CalibTable
+        self._runners: dict[Path, object] = {}
+        self._shapes: dict[str, dict] = {}
+
+    def int8_nodes(self, graph: str) -> list[str]:
+        return [n for n, p in create_plan(self.analysis[graph], "int8")["nodes"].items() if p == "int8"]
+
+    def model(self, graph: str, nodes: dict[str, str], method: str, default: str = "fp32") -> Path:
+        if default == "fp32" and all(p == "fp32" for p in nodes.values()):
+            return self.fp32[graph]
+        plan = edit_plan(create_plan(self.analysis[graph], default=default), set_nodes=nodes)
+        recipe = "tensorrt" if "fp16" in plan["nodes"].values() else self.cfg["quantize"]["recipe"]
+        mode = self.cfg["quantize"]["ort_mode"] if recipe == "onnxruntime" else None
+        tag = hashlib.sha256(json.dumps([plan["hash"], method, recipe, mode]).encode()).hexdigest()[:16]
+        out = self.dir / "models" / graph / f"{tag}.onnx"
+        if not out.is_file():
+            quantize(self.loaded[graph], self.tables[method][graph], plan=plan, recipe=recipe, out=out,
+                     analysis=self.analysis[graph], ort_mode=mode or "auto")
+            save_plan(plan, out.with_suffix(".plan.json"))
+        return out
+
+    def shapes(self, graph: str) -> dict:
+        """The task's shape ranges, else ranges that admit all of the graph's calibration, evaluation and
+        latency feeds."""
+        if graph not in self._shapes:
+            spec = self.task.graph(graph)
+            if spec.shapes:
+                self._shapes[graph] = spec.shapes
+            else:
+                feeds = list(self.task.ranking_feeds(graph, {})) + list(self.task.latency_cases(graph).values())
+                feeds += list(getattr(self.task, "feeds", lambda g, w: [])(graph, "eval"))
+                self._shapes[graph] = engines.base.shapes_from_feeds(feeds)
+        return self._shapes[graph]
+
+    def runner(self, graph: str, model: Path):
+        if model not in self._runners:
+            art = engines.build(model, self.shapes(graph), self.dir / "engines" / graph / model.stem,
+                                backend=self.cfg["backend"]["name"], kind="generic",
+                                threads=self.cfg["backend"]["threads"])
+            self._runners[model] = engines.load(art)
+        return self._runners[model]
+
+    def runners(self, models: dict[str, Path]) -> dict:
+        return {g: self.runner(g, p) for g, p in models.items()}
+
+
+class TaskExperiment:
+    def __init__(self, cfg: dict, task: Task, run_dir: Path, progress: bool = True):
+        self.cfg, self.task, self.dir, self.progress = cfg, task, Path(run_dir), progress
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.cache = EvalCache(self.dir / "cache.jsonl")
+        self.ws = TaskWorkspace(self.dir, cfg, task)
+        self.names = [g.name for g in task.graphs]
+
+    # --- stages -------------------------------------------------------------------------------------------
+    def calibrate_all(self) -> None:
+        c = self.cfg["calibration"]
+        methods = [m for m in c["methods"] if m != "qat"]
+        if not methods:
+            raise WorkbenchError("config calibration.methods names no PTQ calibrator (max, percentile, entropy, mse)")
+        keys = [method_key(m, c["percentile"]) for m in methods]
+        self.methods = keys
+        fp32_runners = {}
+        for g in self.names:
+            path = self.dir / "calibration" / f"{g}.json"
+            if not path.is_file():
+                feeds = list(self.task.calibration_feeds(g, fp32_runners))
+                table = calibrate(self.ws.fp32[g], feeds, methods=",".join(methods), percentiles=(c["percentile"],),
+                                  default_method=keys[0], padding=None, progress=self.progress,
+                                  data_info={"task": self.task.name, "graph": g, "feeds": len(feeds)})
+                table.save(path)
+            table = CalibrationTable.load(path)
+            for key in keys:
+                p = self.dir / "calibration" / f"{g}.{key}.json"
+                if not p.is_file():
+                    table.with_method(key).save(p)
+                self.ws.tables.setdefault(key, {})[g] = load_table(p)
+            fp32_runners[g] = self.ws.runner(g, self.ws.fp32[g])
+
+    def accuracy(self, models: dict[str, Path]) -> dict:
+        return check_metrics(self.task, self.task.evaluate(self.ws.runners(models)), f"models {sorted(models)}")
+
+    def latency(self, models: dict[str, Path], search: bool = False) -> dict:
+        lat = self.cfg["latency"]
+        warmup, iters = (lat["search_warmup"], lat["search_iters"]) if search else (lat["warmup"], lat["iters"])
+        rows, total = [], 0.0
+        for g, path in models.items():
+            for r in engines.bench(self.ws.runner(g, path), self.cases[g], warmup=warmup, iters=iters):
+                rows.append({"model": g, **{k: r[k] for k in ("bs", "sl", "median_ms", "p90_ms", "throughput")}})
+                total += r["median_ms"]
+        return {"objective_ms": total, "cases": rows, "warmup": warmup, "iters": iters}
+
+    def _content_key(self, prefix: str, models: dict[str, Path]) -> str:
+        return prefix + hashlib.sha256(json.dumps({g: sha256_file(p) for g, p in sorted(models.items())})
+                                       .encode()).hexdigest()[:24]
+
+    def full_record(self, label: str, models: dict[str, Path], **extra) -> dict:
+        rec = self.cache.get_or_compute(self._content_key("baseline:", models), lambda: {
+            "accuracy": self.accuracy(models), "latency": self.latency(models)})
+        return {"label": label, **extra, **rec}
+
+    def sensitivity(self, method: str) -> dict[str, float]:
+        """Noise-to-signal ratio of each graph's main output with only one node in INT8, on the task's ranking
+        feeds (a cheap ranking; the task's metric decides)."""
+        cached = self.cache.entries.get(f"sensitivity:{method}")
+        if cached is not None:
+            return cached
+        scores = {}
+        todo = [(g, n) for g in self.names for n in self.ws.int8_nodes(g)]
+        feeds = {g: self.task.ranking_feeds(g, {}) for g in self.names}
+        refs = {}
+        for g in self.names:
+            r = self.ws.runner(g, self.ws.fp32[g])
+            out = self.task.graph(g).main_output or r.output_names[0]
+            refs[g] = (out, [r.run(f)[out] for f in feeds[g]])
+        for g, node in tqdm(todo, desc="sensitivity", disable=not self.progress):
+            r = self.ws.runner(g, self.ws.model(g, {node: "int8"}, method))
+            out, ref = refs[g]
+            scores[node_key(g, node)] = float(np.mean([noise_to_signal(r.run(f)[out], a)
+                                                       for f, a in zip(feeds[g], ref)]))
+        return self.cache.get_or_compute(f"sensitivity:{method}", lambda: scores)
+
+    def _better(self, a: dict, b: dict) -> bool:
+        m = self.task.metric(self.crit["metric"])
+        return m.better(a["accuracy"][m.name], b["accuracy"][m.name])
+
+    def _most_accurate(self, records: list[dict]) -> dict:
+        best = records[0]
+        for r in records[1:]:
+            if self._better(r, best):
+                best = r
+        return best
+
+    def run(self) -> dict:
+        t0 = time.time()
+        cfg = self.cfg
+        self.calibrate_all()
+        self.cases = {}
+        for g in self.names:
+            cases = {}
+            for feeds in self.task.latency_cases(g).values():
+                cases.setdefault(_latency_key(feeds), feeds)
+            self.cases[g] = cases
+        all_of = lambda g, prec: {n: prec for n in self.ws.int8_nodes(g)}  # noqa: E731
+        fp32 = dict(self.ws.fp32)
+        baselines = [self.full_record("FP32", fp32, precision="fp32", calibrator=None)]
+        models_of_label = {"FP32": (fp32, {node_key(g, n): "fp32" for g in self.names for n in self.ws.int8_nodes(g)})}
+        self.crit = crit = criterion_of(cfg, self.task, baselines[0]["accuracy"][cfg["criterion"]["metric"]])
+        hi = crit["higher_is_better"]
+        passes = (lambda acc: acc[crit["metric"]] >= crit["threshold"] - 1e-12) if hi else \
+            (lambda acc: acc[crit["metric"]] <= crit["threshold"] + 1e-12)
+        try:
+            fp16 = {g: self.ws.model(g, all_of(g, "fp16"), self.methods[0], default="fp16") for g in self.names}
+            baselines.append(self.full_record("FP16", fp16, precision="fp16", calibrator=None))
+            models_of_label["FP16"] = (fp16, {node_key(g, n): "fp16" for g in self.names for n in self.ws.int8_nodes(g)})
+        except WorkbenchError as exc:  # an FP16 graph the backend cannot build or run is a result, not a crash
+            baselines.append({"label": "FP16", "precision": "fp16", "calibrator": None, "error": str(exc)[:300]})
+        for m in tqdm(self.methods, desc="baselines", disable=not self.progress):
+            models = {g: self.ws.model(g, all_of(g, "int8"), m) for g in self.names}
+            label = f"INT8 all ({m})"
+            baselines.append(self.full_record(label, models, precision="int8", calibrator=m))
+            models_of_label[label] = (models, {node_key(g, n): "int8" for g in self.names for n in self.ws.int8_nodes(g)})
+        for b in baselines:
+            if "accuracy" in b:
+                b["passed"] = passes(b["accuracy"])
+        int8 = [b for b in baselines if b.get("precision") == "int8"]
+        start = self._most_accurate(int8)
+        search_rec = self.search_from(start, passes)
+        selected, timing = self.select(search_rec, baselines, models_of_label)
+        host = host_info()
+        run = {"format": "wb-run/1", "id": self.dir.name, "created": dt.datetime.now(dt.timezone.utc).isoformat(),
+               "model": self.task.name, "backend": cfg["backend"]["name"], "recipe": cfg["quantize"]["recipe"],
+               "host": host, "device": f"CPU: {describe(host)}, {cfg['backend']['threads']} threads (ONNX Runtime"
+                                       f"{', int8 mode ' + cfg['quantize']['ort_mode'] if cfg['quantize']['recipe'] == 'onnxruntime' else ''}"
+                                       f"); TensorRT not measured",
+               "task": {"name": self.task.name, "graphs": self.names, "links": self.task.links,
+                        "metrics": {m.name: {"higher_is_better": m.higher_is_better} for m in self.task.metrics}},
+               "status": "passed" if selected else search_rec["status"], "criterion": crit, "config": cfg,
+               "baselines": baselines, "selected": selected, "side_by_side": timing,
+               "searches": [{k: v for k, v in search_rec.items() if k not in ("models", "flat", "trace", "sensitivity")}],
+               "sensitivity": search_rec["sensitivity"], "trace": search_rec["trace"],
+               "n_full_evals": search_rec["n_full_evals"], "n_cache_hits": search_rec["n_cache_hits"],
+               "wall_s": round(time.time() - t0, 1)}
+        write_json(self.dir / "run.json", run)
+        return run
+
+    def search_from(self, start: dict, passes) -> dict:
+        method = start["calibrator"]
+        sens = self.sensitivity(method)
+        nodes = [node_key(g, n) for g in self.names for n in self.ws.int8_nodes(g)]
+
+        def models_of(flat):
+            return {g: self.ws.model(g, split_plan(flat, g), method) for g in self.names}
+
+        groups: dict[str, list[str]] = {}
+        for g in self.names:
+            for q in self.ws.analysis[g].quantizable:
+                groups.setdefault(f"{g} {q.kind}", []).append(node_key(g, q.id))
+        problem = SearchProblem(nodes=nodes, fallback=self.cfg["quantize"]["fallback"],
+                                accuracy=lambda flat: self.accuracy(models_of(flat)), passes=passes,
+                                latency=lambda flat: self.latency(models_of(flat), search=True), sensitivity=sens,
+                                groups=groups, max_full_evals=self.cfg["budget"]["max_full_evals"])
+        begin = {n: "int8" for n in nodes}
+        cache = EvalCache(self.dir / f"search_cache.{method}.jsonl")
+        cache.get_or_compute(f"acc:{plan_hash(begin)}", lambda: start["accuracy"])
+        cache.get_or_compute(f"lat:{plan_hash(begin)}", lambda: start["latency"])
+        result = search(problem, cache, progress=self.progress)
+        out = {"label": f"search from {method}", "calibrator": method, "status": result.status,
+               "n_full_evals": result.n_full_evals, "n_cache_hits": result.n_cache_hits, "trace": result.trace,
+               "sensitivity": sens, "best": None}
+        if result.best is not None:
+            flat = result.plans[result.best["plan_hash"]]
+            out["best"] = {"label": out["label"], "calibrator": method, "plan_hash": plan_hash(flat),
+                           **plan_counts(flat), "accuracy": result.best["accuracy"],
+                           "latency": result.best["latency"], "passed": True}
+            out["models"], out["flat"] = models_of(flat), flat
+        return out
+
+    def select(self, search_rec: dict, baselines: list[dict], models_of_label: dict) -> tuple[dict | None, dict | None]:
+        """The fastest passing option (one per plan, the most accurate of each), re-timed side by side with FP32;
+        options within the tie tolerance count as equally fast and the most accurate of them wins."""
+        options = [(b["label"], *models_of_label[b["label"]], b) for b in baselines
+                   if b.get("passed") and b["label"] in models_of_label]
+        if search_rec["best"]:
+            options.append((search_rec["label"], search_rec["models"], search_rec["flat"], search_rec["best"]))
+        if not options:
+            return None, None
+        groups: dict[str, list] = {}
+        for o in options:
+            groups.setdefault(plan_hash(o[2]), []).append(o)
+        reps = {h: self._most_accurate_option(g) for h, g in groups.items()}
+        timed = {o[0]: o[1] for o in reps.values()}
+        timed.setdefault("FP32", self.ws.fp32)
+        lat = self.cache.get_or_compute(self._content_key("side-by-side:", {
+            f"{label}/{g}": p for label, models in timed.items() for g, p in models.items()}),
+            lambda: self.side_by_side(timed))
+        fastest = min(lat[o[0]]["objective_ms"] for o in reps.values())
+        tol = self.cfg["latency"]["tie_tolerance"]
+        ties = [o for o in reps.values() if lat[o[0]]["objective_ms"] <= fastest * (1 + tol)]
+        label, models, flat, rec = self._most_accurate_option(ties)
+        self.finalize(models, flat)
+        ref = lat["FP32"]
+        timing = {"note": "passing options re-timed interleaved run by run with FP32; one per plan",
+                  "rows": [{"label": o[0], "same_plan": [m[0] for m in groups[h] if m[0] != o[0]],
+                            "objective_ms": lat[o[0]]["objective_ms"],
+                            "speedup_vs_fp32": ref["objective_ms"] / lat[o[0]]["objective_ms"],
+                            "accuracy": o[3]["accuracy"]} for h, o in reps.items()],
+                  "fp32_objective_ms": ref["objective_ms"]}
+        selected = {"label": "selected mix", "source": label, "plan_hash": plan_hash(flat),
+                    "calibrator": rec.get("calibrator"), **plan_counts(flat),
+                    "fallback_nodes": sorted(k for k, v in flat.items() if v != "int8"),
+                    "accuracy": rec["accuracy"], "passed": True, "latency": lat[label], "reference_latency": ref}
+        return selected, timing
+
+    def _most_accurate_option(self, options: list) -> tuple:
+        best = options[0]
+        for o in options[1:]:
+            if self._better(o[3], best[3]):
+                best = o
+        return best
+
+    def side_by_side(self, options: dict[str, dict[str, Path]]) -> dict[str, dict]:
+        lat = self.cfg["latency"]
+        out = {label: {"objective_ms": 0.0, "cases": [], "warmup": lat["warmup"], "iters": lat["iters"],
+                       "interleaved": True} for label in options}
+        for g in self.names:
+            runners = {label: self.ws.runner(g, models[g]) for label, models in options.items()}
+            for label, rows in engines.bench_interleaved(runners, self.cases[g], lat["warmup"], lat["iters"]).items():
+                for r in rows:
+                    out[label]["cases"].append({"model": g, **{k: r[k] for k in ("bs", "sl", "median_ms", "p90_ms",
+                                                                                  "throughput")}})
+                    out[label]["objective_ms"] += r["median_ms"]
+        return out
+
+    def finalize(self, models: dict[str, Path], flat: dict[str, str]) -> None:
+        """The selected mix's models, plans and engines under run_dir/final/."""
+        import shutil
+
+        final = self.dir / "final"
+        final.mkdir(exist_ok=True)
+        for g in self.names:
+            shutil.copyfile(models[g], final / f"{g}.onnx")
+            save_plan(edit_plan(create_plan(self.ws.analysis[g], "fp32"), set_nodes=split_plan(flat, g)),
+                      final / f"{g}.plan.json")
+            engines.build(final / f"{g}.onnx", self.ws.shapes(g), final / f"{g}_engine",
+                          backend=self.cfg["backend"]["name"], kind="generic", threads=self.cfg["backend"]["threads"])
+
+
+def run_task_experiment(cfg: dict, task: Task, run_dir: str | Path, progress: bool = True) -> dict:
+    """Run the whole experiment for `task` (a loaded, checked Task) into `run_dir`."""
+    from quant.experiment import resolve_backend_and_recipe
+
+    cfg = resolve_backend_and_recipe(copy.deepcopy(cfg))
+    if cfg["backend"]["name"] != "onnxruntime":
+        raise WorkbenchError("the task pipeline runs on the onnxruntime backend for now (TensorRT runners need "
+                             "WeNet's interface); set backend.name = \"onnxruntime\"")
+    return TaskExperiment(cfg, task, Path(run_dir), progress).run()

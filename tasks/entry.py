@@ -1,0 +1,57 @@
+"""User code through entry points: `[task] entry = "mypkg.tasks:make_task"` (a callable returning a Task,
+given the [task] options table) and `[task] metric = "mypkg.metrics:score"` for the generic task."""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+from workbench.errors import WorkbenchError
+
+from .base import Task, check_task_shape
+
+
+def load_callable(spec: str, what: str) -> Callable:
+    """`module:attribute` -> the callable, with one clear error for each way it can be wrong."""
+    module, sep, attr = spec.partition(":")
+    if not sep or not module or not attr:
+        raise WorkbenchError(f"{what} {spec!r} must be 'module:callable' (e.g. mypkg.tasks:make_task)")
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as exc:
+        raise WorkbenchError(f"{what} {spec!r}: cannot import {module!r} ({exc}); is it installed or on "
+                             f"PYTHONPATH?") from None
+    fn = getattr(mod, attr, None)
+    if not callable(fn):
+        raise WorkbenchError(f"{what} {spec!r}: {module} has no callable {attr!r}")
+    return fn
+
+
+def load_task(cfg: dict, base_dir=None) -> Task:
+    """The task of an experiment config's [task] table: built in (`kind`) or a user entry point (`entry`)."""
+    t = cfg["task"]
+    if t.get("entry"):
+        fn = load_callable(t["entry"], "task entry point")
+        task = fn(dict(t.get("options") or {}))
+        if not isinstance(task, Task):
+            raise WorkbenchError(f"task entry point {t['entry']!r} returned {type(task).__name__}, not a "
+                                 f"tasks.base.Task")
+    elif t["kind"] == "onnx":
+        from .onnx_task import OnnxTask
+
+        task = OnnxTask.from_config(t, base_dir)
+    else:
+        raise WorkbenchError(f"config task.kind = {t['kind']!r}: this pipeline knows 'onnx' (and 'wenet_asr', "
+                             f"the bundled model's own pipeline), or give task.entry")
+    check_task_shape(task)
+    task.check()
+    return task
+
+
+def call_metric(fn: Callable, reference: list, candidate: list, where: str) -> dict[str, Any]:
+    """A user metric: fn(reference outputs, candidate outputs) -> {name: float} or a float (named "user")."""
+    value = fn(reference, candidate)
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, (int, float)):
+        return {"user": float(value)}
+    raise WorkbenchError(f"user metric {where} returned {type(value).__name__}; return a float or a dict of floats")
