@@ -27,9 +27,15 @@ wb_need_debs() {
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
+# Extras to install: WB_EXTRAS (comma-separated), else dev, plus tensorrt-rtx in CI (its checks must run there).
+wb_extras() {
+    if [ -n "${WB_EXTRAS:-}" ]; then echo "$WB_EXTRAS"; elif [ -n "${CI:-}" ]; then echo "dev,tensorrt-rtx"; else echo "dev"; fi
+}
+
 wb_need_venv() {
-    local stamp="$WB_VENV/.wb-stamp" want
-    want="$(cat "$WB_ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
+    local stamp="$WB_VENV/.wb-stamp" want extras
+    extras="$(wb_extras)"
+    want="$( (cat "$WB_ROOT/pyproject.toml"; echo "extras=$extras") | sha256sum | cut -c1-16)"
     if [ -x "$WB_VENV/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then return 0; fi
     local py="${PYTHON:-python3}"
     [ -x "$WB_VENV/bin/python" ] || { wb_log "creating venv $WB_VENV"; "$py" -m venv "$WB_VENV"; }
@@ -39,8 +45,8 @@ wb_need_venv() {
         wb_log "installing torch ${WB_TORCH_SPEC:-torch==2.13.0}"
         "${pip[@]}" install "${WB_TORCH_SPEC:-torch==2.13.0}" 2> >(grep -v 'is ignored' >&2)
     fi
-    wb_log "installing the project (editable) and its dependencies"
-    "${pip[@]}" install -e "$WB_ROOT[dev]" 2> >(grep -v 'is ignored' >&2)
+    wb_log "installing the project (editable) and its dependencies (extras: $extras)"
+    "${pip[@]}" install -e "$WB_ROOT[$extras]" 2> >(grep -v 'is ignored' >&2)
     echo "$want" > "$stamp"
 }
 
