@@ -23,6 +23,7 @@ Timing uses CUDA events around `execute_async_v3` (GPU time of the enqueue, copi
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib
 import json
 from dataclasses import dataclass
@@ -181,13 +182,17 @@ class Flavour:
             out["timing_cache"] = str(cache) if cache else None
         return out
 
+    @functools.cache  # noqa: B019 - two flavours, one logger each: TensorRT keeps the first logger it was given
+    def logger(self):
+        return self.api().Logger(self.api().Logger.WARNING)
+
     def parse(self, onnx_path: Path):
         """(builder, network, logger) of a parsed ONNX model; WorkbenchError with the parser's errors."""
-        trt = self.api()
-        logger = trt.Logger(trt.Logger.WARNING)
+        trt, logger = self.api(), self.logger()
         builder = trt.Builder(logger)
         flags = 0
-        if not self.rtx and int(trt.__version__.split(".")[0]) == 10:  # 11.x and RTX are always strongly typed
+        # 11.x is always strongly typed; so is RTX (its builder has no precision flags at all)
+        if not self.rtx and int(trt.__version__.split(".")[0]) == 10:
             flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
         network = builder.create_network(flags)
         parser = trt.OnnxParser(network, logger)
@@ -312,8 +317,7 @@ class TrtEngineRunner:
         self.trt, self.cudart, self.flavour = trt, _cudart(), flavour
         self.artifact, self.kind = artifact, artifact.kind
         self.path = artifact.verified_file("engine")
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
+        self._runtime = trt.Runtime(flavour.logger())
         self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
             raise WorkbenchError(
