@@ -17,6 +17,7 @@ rtx_builds.json, rtx_builds.md, and the report again (it lists the plan sizes).
 """
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -49,6 +50,11 @@ def resolve_run_dir(path: str | Path) -> Path:
     return run_dir
 
 
+def _slug(label: str) -> str:
+    """"INT8 all (max)" -> "int8_all_max": a directory name."""
+    return re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
+
+
 def _tensorrt_recipe(run_dir: Path, run: dict, label: str, kind: str, onnx_path: Path, plan: dict,
                      calibrator: str) -> tuple[Path, dict]:
     """(model, plan): `onnx_path` itself when the run placed by the TensorRT recipe, else the same plan placed
@@ -56,7 +62,7 @@ def _tensorrt_recipe(run_dir: Path, run: dict, label: str, kind: str, onnx_path:
     if run["recipe"] == "tensorrt":
         return onnx_path, plan
     source = run_dir / "models" / ("qat_fp32" if calibrator == "qat" else "fp32") / f"{kind}.onnx"
-    out = run_dir / "rtx" / "models" / f"{label.replace(' ', '_').replace('(', '').replace(')', '')}.{kind}.onnx"
+    out = run_dir / "rtx" / "models" / f"{_slug(label)}.{kind}.onnx"
     if not out.is_file():
         quantize(str(source), run_dir / "calibration" / f"{kind}.{calibrator}.json", plan=plan, recipe="tensorrt",
                  out=out)
@@ -123,7 +129,7 @@ def check_run(path: str | Path, compute_capability: int = 89, log=print) -> dict
             t0 = time.perf_counter()
             try:
                 shapes = engines.default_shapes(onnx_path, kind, time_range=TIME_RANGES[kind])
-                art = engines.build(onnx_path, shapes, run_dir / "rtx" / variant.replace(" ", "_") / f"{kind}_engine",
+                art = engines.build(onnx_path, shapes, run_dir / "rtx" / _slug(variant) / f"{kind}_engine",
                                     backend="tensorrt-rtx", kind=kind, compute_capabilities=[compute_capability])
                 row.update(plan_bytes=art.meta["plan_bytes"], build_s=art.meta["build_s"], reused=art.reused,
                            engine=str(art.path.relative_to(run_dir)))

@@ -281,3 +281,14 @@ def test_rtx_options_checked():
     assert trt_backend._targets(["8.9", 80, "SM89"]) == [80, 89]
     with pytest.raises(WorkbenchError, match="unknown tensorrt-rtx build options.*timing_cache"):
         RTX.normalize_options({"timing_cache": "x"})
+
+
+def test_rtx_check_needs_a_run(tmp_path):
+    from quant.rtx_check import _slug, resolve_run_dir
+
+    with pytest.raises(WorkbenchError, match="neither a run directory nor a published run"):
+        resolve_run_dir(tmp_path)
+    (tmp_path / "run.json").write_text(json.dumps({"id": "no-such-run-here"}))
+    with pytest.raises(WorkbenchError, match="has no models.json"):
+        resolve_run_dir(tmp_path)
+    assert _slug("INT8 all (percentile_99.99)") == "int8_all_percentile_99_99"
