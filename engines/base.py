@@ -27,7 +27,7 @@ from workbench.fsutil import atomic_dir, read_json, sha256_file, write_json
 
 FORMAT = "workbench-engine"
 FORMAT_VERSION = 1
-BACKENDS = ("onnxruntime", "tensorrt")
+BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx")
 META_FILE = "engine.json"
 WARMUP, ITERS = 10, 30  # the hackathon's timing: 10 warm-up and 30 timed runs per case
 
@@ -226,8 +226,10 @@ class EngineArtifact:
 def _backend_module(backend: str):
     if backend == "onnxruntime":
         from engines import ort_backend as mod
-    elif backend == "tensorrt":
-        from engines import trt_backend as mod
+    elif backend in ("tensorrt", "tensorrt-rtx"):  # one implementation, two APIs (engines.trt_backend.Flavour)
+        from engines.trt_backend import FLAVOURS
+
+        mod = FLAVOURS[backend]
     else:
         raise WorkbenchError(f"unknown backend {backend!r}: expected auto, {' or '.join(BACKENDS)}")
     return mod
@@ -236,9 +238,9 @@ def _backend_module(backend: str):
 def resolve_backend(backend: str) -> str:
     """"auto" -> "tensorrt" when TensorRT and a GPU are usable, else "onnxruntime"."""
     if backend == "auto":
-        from engines import trt_backend
+        from engines.trt_backend import TENSORRT
 
-        return "tensorrt" if trt_backend.available()[0] else "onnxruntime"
+        return "tensorrt" if TENSORRT.available()[0] else "onnxruntime"
     _backend_module(backend)
     return backend
 
@@ -252,7 +254,8 @@ def build(onnx_path: str | os.PathLike, shapes: Mapping | None, out_dir: str | o
     """Build (or reuse) the engine artifact `out_dir` for `onnx_path`.
 
     `shapes`: {input: {"min","opt","max"}} or None for `default_shapes`. `options` are backend build options
-    (onnxruntime: threads, providers; tensorrt: opt_level, workspace_mb, timing_cache). The artifact is reused
+    (onnxruntime: threads, providers; tensorrt: opt_level, workspace_mb, timing_cache; tensorrt-rtx: opt_level,
+    workspace_mb, compute_capabilities). The artifact is reused
     when its engine.json has the same build key, i.e. same source sha256, backend, backend version, kind,
     shapes and options; otherwise it is rebuilt into a temporary directory that replaces `out_dir` at the end.
     """

@@ -1,19 +1,32 @@
-"""TensorRT backend for TensorRT 10.x and 11.x (explicit quantization: strongly typed network from a Q/DQ,
-optionally FP16-typed, ONNX model; no precision builder flags and no calibrators, which 11.x removed).
+"""TensorRT backends, one implementation speaking two APIs of the same shape: TensorRT 10.x/11.x (`tensorrt`,
+backend "tensorrt") and TensorRT-RTX 1.x (`tensorrt_rtx_bindings`, backend "tensorrt-rtx"). Both take a
+strongly typed network from a Q/DQ, optionally FP16-typed, ONNX model (no precision flags, no calibrators).
 
-UNVERIFIED HERE: every function of this module (`available`, `check_usable`, `versions`, `normalize_options`,
-`build_files`, `load`, `TrtEngineRunner` and its methods) is unverified: TensorRT and an NVIDIA GPU cannot be
-had in this workplace. Only the paths that report their absence (and the engine-file checks that run before
-TensorRT is imported) are exercised by the tests. The ONNX Runtime backend is the verified one.
+They differ where the APIs do, and only there (`Flavour.rtx` branches):
+  * RTX builds ahead of time for named compute capabilities (`compute_capabilities`, e.g. [89]) with no GPU
+    and no CUDA driver: the build is verified here, on CPU. TensorRT 10/11 needs a GPU to build.
+  * RTX's builder timing cache is a no-op (deprecated in RTX 1.2); its cache is the runtime cache of
+    JIT-compiled kernels, kept beside the artifact (`rtx_runtime.cache`) by the runner. TensorRT 10/11 keeps
+    its timing cache (`trt_timing.cache`, or the `timing_cache` option) beside the artifact.
+  * An RTX plan is inspected (layers.json) only where a GPU of a built compute capability can deserialize
+    it; elsewhere engine.json says plainly why not (`runnable_here`, `why_not_runnable`), and loading it
+    (`wb bench`) fails with that reason.
 
-Artifact files: `<kind>.plan` (serialized engine, e.g. encoder.plan / decoder.plan), `layers.json` (engine
-inspector, `ProfilingVerbosity.DETAILED`, per-layer precisions and tactics). The timing cache lives beside the
-artifact (`trt_timing.cache` in its parent, or the `timing_cache` option) so that rebuilds reuse it.
+UNVERIFIED HERE: running either flavour (`TrtEngineRunner`: deserialize, execute, CUDA-event timing), and all of
+the TensorRT 10/11 flavour: no GPU in this workplace's CI. Verified here: RTX's ONNX parser and builder
+(tests/test_rtx.py, the CI's `wb rtx-check`).
+
+Artifact files: `<kind>.plan` (serialized engine, e.g. encoder.plan / decoder.plan) and, where the engine
+could be deserialized, `layers.json` (engine inspector, `ProfilingVerbosity.DETAILED`).
 Timing uses CUDA events around `execute_async_v3` (GPU time of the enqueue, copies excluded).
 """
 from __future__ import annotations
 
+import ctypes
+import functools
+import importlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
@@ -25,9 +38,7 @@ from evaluation.runners import interface_mismatch
 from workbench.errors import WorkbenchError
 from workbench.fsutil import atomic_path
 
-UNKEYED_OPTIONS = ("timing_cache",)  # a cache: it changes build time, not what is built
-KNOWN_OPTIONS = ("opt_level", "workspace_mb", "timing_cache")
-SUPPORTED_MAJORS = (10, 11)
+RTX_TARGETS = (75, 80, 86, 89, 120, 121)  # RTX 1.7's ComputeCapability members (SM75 ... SM121)
 
 
 def _cudart():
@@ -46,54 +57,26 @@ def _ck(result, what: str):
     return rest[0] if len(rest) == 1 else rest
 
 
-def _trt_major(trt) -> int:
-    return int(trt.__version__.split(".")[0])
-
-
-def available() -> tuple[bool, str]:
-    """(usable, reason): TensorRT 10/11 importable, cuda-python importable, and at least one CUDA GPU."""
+def cuda_devices() -> tuple[list[int], str]:
+    """Compute capabilities (major*10 + minor, e.g. 89) of the visible CUDA GPUs, read through the driver API
+    (libcuda) so that it needs no Python package; ([], why) when there are none."""
     try:
-        import tensorrt as trt
-    except Exception as e:  # ImportError, or a broken install failing to load libnvinfer
-        return False, f"the TensorRT Python package (tensorrt) is not installed or does not load ({e})"
-    if _trt_major(trt) not in SUPPORTED_MAJORS:
-        return False, f"TensorRT {trt.__version__} is installed; this backend supports TensorRT 10.x and 11.x"
-    try:
-        cudart = _cudart()
-    except ImportError as e:
-        return False, f"cuda-python (cuda.bindings / cuda.cudart) is not installed ({e})"
-    err, count = cudart.cudaGetDeviceCount()
-    if int(err) != 0 or count < 1:
-        return False, f"no CUDA GPU is visible (cudaGetDeviceCount: {err}, {count} devices)"
-    return True, f"TensorRT {trt.__version__}, {count} CUDA device(s)"
-
-
-def check_usable() -> None:
-    ok, reason = available()
-    if not ok:
-        raise WorkbenchError(
-            f"the TensorRT backend cannot run here: {reason}. It needs TensorRT 10.x or 11.x, cuda-python and an "
-            "NVIDIA GPU; the ONNX Runtime backend (--backend onnxruntime, or --backend auto) is the verified one")
-
-
-def versions() -> dict:
-    import tensorrt as trt
-
-    return {"tensorrt": trt.__version__}
-
-
-def normalize_options(options: Mapping) -> dict:
-    unknown = set(options) - set(KNOWN_OPTIONS)
-    if unknown:
-        raise WorkbenchError(f"unknown tensorrt build options {sorted(unknown)}: known are {', '.join(KNOWN_OPTIONS)}")
-    opt_level = options.get("opt_level", 3)
-    if not isinstance(opt_level, int) or not 0 <= opt_level <= 5:
-        raise WorkbenchError(f"opt_level must be an integer 0..5, got {opt_level!r}")
-    workspace = options.get("workspace_mb")
-    if workspace is not None and (not isinstance(workspace, int) or workspace < 1):
-        raise WorkbenchError(f"workspace_mb must be a positive integer, got {workspace!r}")
-    cache = options.get("timing_cache")
-    return {"opt_level": opt_level, "workspace_mb": workspace, "timing_cache": str(cache) if cache else None}
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError as e:
+        return [], f"no NVIDIA driver here (libcuda.so.1 does not load: {e})"
+    err = cuda.cuInit(0)
+    if err != 0:
+        return [], f"the CUDA driver does not initialise (cuInit error {err})"
+    count = ctypes.c_int(0)
+    cuda.cuDeviceGetCount(ctypes.byref(count))
+    ccs = []
+    for i in range(count.value):
+        dev, major, minor = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+        cuda.cuDeviceGet(ctypes.byref(dev), i)
+        cuda.cuDeviceGetAttribute(ctypes.byref(major), 75, dev)  # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR
+        cuda.cuDeviceGetAttribute(ctypes.byref(minor), 76, dev)  # ..._MINOR
+        ccs.append(major.value * 10 + minor.value)
+    return ccs, "" if ccs else "no CUDA GPU is visible"
 
 
 def _layer_summary(layers_json: str) -> dict:
@@ -107,74 +90,249 @@ def _layer_summary(layers_json: str) -> dict:
             "fp16_layers": sum("half" in t or "fp16" in t for t in texts)}
 
 
-def build_files(onnx_path: Path, tmp: Path, kind: str, shapes: dict, options: dict) -> tuple[dict, dict]:
-    import tensorrt as trt
+@dataclass(frozen=True)
+class Flavour:
+    """One TensorRT API: the engines.base backend protocol (check_usable, versions, normalize_options,
+    build_files, load, UNKEYED_OPTIONS) over the Python module `module`."""
 
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    flags = 0
-    if _trt_major(trt) == 10:  # 11.x is always strongly typed and deprecates the flag
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise WorkbenchError(f"TensorRT's ONNX parser rejected {onnx_path}: " + " | ".join(errors[:5]))
-    names = [network.get_input(i).name for i in range(network.num_inputs)]
-    outputs = [network.get_output(i).name for i in range(network.num_outputs)]
-    ins, outs = INTERFACES[kind]
-    problems = "; ".join(p for p in (interface_mismatch(kind, "inputs", ins, names),
-                                     interface_mismatch(kind, "outputs", outs, outputs)) if p)
-    if problems:
-        raise WorkbenchError(f"{onnx_path} does not have WeNet's {kind} interface: {problems}")
+    backend: str  # the engine.json backend name, also the key of its version in `versions()`
+    module: str
+    label: str
+    majors: tuple[int, ...]
+    rtx: bool
+    install: str  # how to get it, for error messages
 
-    config = builder.create_builder_config()
-    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-    config.builder_optimization_level = options["opt_level"]
-    if options["workspace_mb"]:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options["workspace_mb"] << 20)
-    profile = builder.create_optimization_profile()
-    for name in names:
-        profile.set_shape(name, shapes[name]["min"], shapes[name]["opt"], shapes[name]["max"])
-    config.add_optimization_profile(profile)
-    cache_path = Path(options["timing_cache"] or tmp.parent / "trt_timing.cache")
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    @property
+    def UNKEYED_OPTIONS(self) -> tuple[str, ...]:  # noqa: N802 - the backend protocol's name
+        return () if self.rtx else ("timing_cache",)  # a cache changes build time, not what is built
 
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        raise WorkbenchError(f"TensorRT failed to build an engine for {onnx_path} (its log above says why)")
-    plan_name = f"{kind}.plan"
-    (tmp / plan_name).write_bytes(memoryview(plan))
-    with atomic_path(cache_path) as t:
-        t.write_bytes(memoryview(config.get_timing_cache().serialize()))
+    @property
+    def known_options(self) -> tuple[str, ...]:
+        return ("compute_capabilities", "opt_level", "workspace_mb") if self.rtx else \
+            ("opt_level", "workspace_mb", "timing_cache")
 
-    engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
-    if engine is None:
-        raise WorkbenchError(f"TensorRT could not deserialize the engine it just built for {onnx_path}")
-    layers = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
-    (tmp / "layers.json").write_text(layers)
-    return {"engine": plan_name, "layers": "layers.json"}, {"timing_cache": str(cache_path),
-                                                           "layer_summary": _layer_summary(layers)}
+    def api(self):
+        """The imported API module; WorkbenchError when it is missing or of an unsupported version."""
+        try:
+            trt = importlib.import_module(self.module)
+        except Exception as e:  # ImportError, or a broken install failing to load its libraries
+            raise WorkbenchError(f"the {self.backend} backend needs {self.label} ({self.install}); "
+                                 f"{self.module} does not import here ({str(e).splitlines()[0][:200]})") from None
+        if int(trt.__version__.split(".")[0]) not in self.majors:
+            raise WorkbenchError(f"{self.module} {trt.__version__} is installed; the {self.backend} backend "
+                                 f"supports {self.label}")
+        return trt
+
+    def runnable(self, compute_capabilities=None) -> tuple[bool, str]:
+        """(can run engines here, reason): the API, cuda-python, and a GPU (RTX: of a built compute capability)."""
+        try:
+            trt = self.api()
+        except WorkbenchError as e:
+            return False, str(e)
+        ccs, why = cuda_devices()
+        if not ccs:
+            return False, why
+        try:
+            _cudart()
+        except ImportError as e:
+            return False, f"cuda-python (cuda.bindings / cuda.cudart) is not installed ({e})"
+        if self.rtx:
+            targets = compute_capabilities or RTX_TARGETS
+            if not set(ccs) & set(targets):
+                return False, (f"the GPU(s) here have compute capability {', '.join(f'SM{c}' for c in ccs)}, "
+                               f"not one of {', '.join(f'SM{c}' for c in targets)}")
+        return True, f"{self.module} {trt.__version__}, CUDA GPU(s) {', '.join(f'SM{c}' for c in ccs)}"
+
+    def available(self) -> tuple[bool, str]:
+        """(usable, reason): `runnable` for TensorRT 10/11 (it builds on the GPU); importable for RTX."""
+        if not self.rtx:
+            return self.runnable()
+        try:
+            return True, f"{self.module} {self.api().__version__}"
+        except WorkbenchError as e:
+            return False, str(e)
+
+    def check_usable(self) -> None:
+        ok, reason = self.available()
+        if not ok:
+            needs = ("TensorRT-RTX 1.x (it builds on CPU, no GPU needed)" if self.rtx else
+                     "TensorRT 10.x or 11.x, cuda-python and an NVIDIA GPU")
+            raise WorkbenchError(f"the {self.backend} backend cannot build here: {reason}. It needs {needs}; the "
+                                 "ONNX Runtime backend (--backend onnxruntime, or --backend auto) is the verified one")
+
+    def versions(self) -> dict:
+        return {self.backend: self.api().__version__}
+
+    def normalize_options(self, options: Mapping) -> dict:
+        unknown = set(options) - set(self.known_options)
+        if unknown:
+            raise WorkbenchError(f"unknown {self.backend} build options {sorted(unknown)}: known are "
+                                 f"{', '.join(self.known_options)}")
+        opt_level = options.get("opt_level", 3)
+        if not isinstance(opt_level, int) or not 0 <= opt_level <= 5:
+            raise WorkbenchError(f"opt_level must be an integer 0..5, got {opt_level!r}")
+        workspace = options.get("workspace_mb")
+        if workspace is not None and (not isinstance(workspace, int) or workspace < 1):
+            raise WorkbenchError(f"workspace_mb must be a positive integer, got {workspace!r}")
+        out = {"opt_level": opt_level, "workspace_mb": workspace}
+        if self.rtx:
+            out["compute_capabilities"] = _targets(options.get("compute_capabilities"))
+        else:
+            cache = options.get("timing_cache")
+            out["timing_cache"] = str(cache) if cache else None
+        return out
+
+    @functools.cache  # noqa: B019 - two flavours, one logger each: TensorRT keeps the first logger it was given
+    def logger(self):
+        return self.api().Logger(self.api().Logger.WARNING)
+
+    def parse(self, onnx_path: Path):
+        """(builder, network, logger) of a parsed ONNX model; WorkbenchError with the parser's errors."""
+        trt, logger = self.api(), self.logger()
+        builder = trt.Builder(logger)
+        flags = 0
+        # 11.x is always strongly typed; so is RTX (its builder has no precision flags at all)
+        if not self.rtx and int(trt.__version__.split(".")[0]) == 10:
+            flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        network = builder.create_network(flags)
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse_from_file(str(onnx_path)):
+            errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+            raise WorkbenchError(f"{self.label}'s ONNX parser rejected {onnx_path}: " + " | ".join(errors[:5]))
+        return builder, network, logger
+
+    def build_plan(self, onnx_path: Path, shapes: Mapping | None, options: Mapping, timing_cache: Path | None = None,
+                   kind: str | None = None):
+        """Parse and build: (serialized plan bytes, logger). `shapes`: {input: {"min","opt","max"}} for one
+        optimization profile, or None for a model of static shapes; `kind`: check WeNet's interface first."""
+        trt = self.api()
+        builder, network, logger = self.parse(onnx_path)
+        if kind is not None:
+            ins, outs = INTERFACES[kind]
+            names = [network.get_input(i).name for i in range(network.num_inputs)]
+            outputs = [network.get_output(i).name for i in range(network.num_outputs)]
+            problems = "; ".join(p for p in (interface_mismatch(kind, "inputs", ins, names),
+                                             interface_mismatch(kind, "outputs", outs, outputs)) if p)
+            if problems:
+                raise WorkbenchError(f"{onnx_path} does not have WeNet's {kind} interface: {problems}")
+        config = builder.create_builder_config()
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+        config.builder_optimization_level = options.get("opt_level", 3)
+        if options.get("workspace_mb"):
+            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options["workspace_mb"] << 20)
+        if self.rtx:  # ahead of time: the target GPUs are named, none needs to be present
+            targets = _targets(options.get("compute_capabilities"))
+            config.num_compute_capabilities = len(targets)
+            for i, cc in enumerate(targets):
+                if not config.set_compute_capability(getattr(trt.ComputeCapability, f"SM{cc}"), i):
+                    raise WorkbenchError(f"{self.label} refused compute capability SM{cc}")
+        if shapes:
+            profile = builder.create_optimization_profile()
+            for i in range(network.num_inputs):
+                name = network.get_input(i).name
+                profile.set_shape(name, shapes[name]["min"], shapes[name]["opt"], shapes[name]["max"])
+            config.add_optimization_profile(profile)
+        cache = None
+        if timing_cache is not None:
+            cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
+            config.set_timing_cache(cache, ignore_mismatch=False)
+        plan = builder.build_serialized_network(network, config)
+        if plan is None:
+            raise WorkbenchError(f"{self.label} failed to build an engine for {onnx_path} (its log above says why)")
+        if cache is not None:
+            with atomic_path(timing_cache) as t:
+                t.write_bytes(memoryview(config.get_timing_cache().serialize()))
+        return bytes(memoryview(plan)), logger
+
+    def build_files(self, onnx_path: Path, tmp: Path, kind: str, shapes: dict, options: dict) -> tuple[dict, dict]:
+        trt = self.api()
+        cache_path = None if self.rtx else Path(options["timing_cache"] or tmp.parent / "trt_timing.cache")
+        plan, logger = self.build_plan(onnx_path, shapes, options, cache_path, kind=kind)
+        plan_name = f"{kind}.plan"
+        (tmp / plan_name).write_bytes(plan)
+        files = {"engine": plan_name}
+        extra: dict = {"plan_bytes": len(plan)}
+        if cache_path is not None:
+            extra["timing_cache"] = str(cache_path)
+        if self.rtx:
+            ok, why = self.runnable(options["compute_capabilities"])
+            extra.update({"compute_capabilities": options["compute_capabilities"], "runnable_here": ok})
+            if not ok:  # an ahead-of-time build: no GPU here to deserialize (and inspect) it
+                extra["why_not_runnable"] = why
+                return files, extra
+        engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
+        if engine is None:
+            raise WorkbenchError(f"{self.label} could not deserialize the engine it just built for {onnx_path}")
+        layers = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
+        (tmp / "layers.json").write_text(layers)
+        files["layers"] = "layers.json"
+        return files, {**extra, "layer_summary": _layer_summary(layers)}
+
+    def load(self, artifact: EngineArtifact, **options) -> "TrtEngineRunner":
+        if artifact.backend != self.backend:
+            raise WorkbenchError(f"{artifact.path} is a {artifact.backend} engine, not a {self.backend} one")
+        if options:
+            raise WorkbenchError(f"the {self.backend} backend takes no load options, got {sorted(options)}")
+        artifact.verified_file("engine")  # a missing or corrupt plan is reported even where TensorRT is absent
+        ok, why = self.runnable(artifact.meta["options"].get("compute_capabilities"))
+        if not ok:
+            built = artifact.meta["options"].get("compute_capabilities")
+            target = f" (built for {', '.join(f'SM{c}' for c in built)})" if built else ""
+            raise WorkbenchError(f"cannot run the {self.backend} engine {artifact.path}{target} here: {why}. "
+                                 f"Running it needs {self.label}, cuda-python and an NVIDIA GPU"
+                                 f"{' of a built compute capability' if built else ''}")
+        return TrtEngineRunner(artifact, self)
+
+
+def _targets(value) -> list[int]:
+    """RTX compute capabilities as sorted ints (89, "89", "8.9", "sm89" all mean SM89); default: the GPU's."""
+    if value is None:
+        ccs, why = cuda_devices()
+        found = [c for c in ccs if c in RTX_TARGETS]
+        if not found:
+            raise WorkbenchError("name the target GPU: the tensorrt-rtx backend builds ahead of time for a compute "
+                                 f"capability (--compute-capability, one of {', '.join(map(str, RTX_TARGETS))}); "
+                                 f"none found here ({why or 'GPU compute capability ' + ', '.join(map(str, ccs))})")
+        return found[:1]
+    items = value if isinstance(value, (list, tuple)) else [value]
+    out = set()
+    for item in items:
+        text = str(item).lower().removeprefix("sm").replace(".", "").strip()
+        if not text.isdigit() or int(text) not in RTX_TARGETS:
+            raise WorkbenchError(f"compute capability {item!r} is not a TensorRT-RTX target: expected one of "
+                                 f"{', '.join(map(str, RTX_TARGETS))}")
+        out.add(int(text))
+    if not out:
+        raise WorkbenchError("compute_capabilities is empty: name at least one target")
+    return sorted(out)
+
+
 
 
 class TrtEngineRunner:
     """Runs a deserialized plan on one CUDA stream; same protocol as evaluation.runners.OrtRunner."""
 
-    def __init__(self, artifact: EngineArtifact):
-        import tensorrt as trt
-
-        self.trt, self.cudart = trt, _cudart()
+    def __init__(self, artifact: EngineArtifact, flavour: Flavour):
+        trt = flavour.api()
+        self.trt, self.cudart, self.flavour = trt, _cudart(), flavour
         self.artifact, self.kind = artifact, artifact.kind
         self.path = artifact.verified_file("engine")
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
+        self._runtime = trt.Runtime(flavour.logger())
         self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
             raise WorkbenchError(
-                f"TensorRT {trt.__version__} cannot deserialize {self.path}: it was built by another TensorRT "
-                "version or for another GPU, or is not a TensorRT plan; rebuild the engine here")
-        self.context = self.engine.create_execution_context()
+                f"{flavour.label} {trt.__version__} cannot deserialize {self.path}: it was built by another "
+                "version or for another GPU, or is not a plan of this API; rebuild the engine (its log above says why)")
+        self._cache, self._cache_path = None, None
+        if flavour.rtx:  # RTX compiles kernels at run time: keep them in a runtime cache beside the artifact
+            config = self.engine.create_runtime_config()
+            self._cache, self._cache_path = config.create_runtime_cache(), artifact.path.parent / "rtx_runtime.cache"
+            if self._cache_path.is_file():
+                self._cache.deserialize(self._cache_path.read_bytes())  # False (ignored) on another GPU/driver
+            config.set_runtime_cache(self._cache)
+            self.context = self.engine.create_execution_context(config)
+        else:
+            self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.output_names = [n for n in names if n not in self.input_names]
@@ -205,7 +363,7 @@ class TrtEngineRunner:
         for name in self.input_names:
             host = np.ascontiguousarray(feeds[name], dtype=self._dtypes[name])
             if not self.context.set_input_shape(name, host.shape):
-                raise WorkbenchError(f"TensorRT refused shape {host.shape} for input {name} of {self.path}")
+                raise WorkbenchError(f"{self.flavour.label} refused shape {host.shape} for input {name} of {self.path}")
             ptr = self._device(name, host.nbytes)
             _ck(self.cudart.cudaMemcpyAsync(ptr, host.ctypes.data, host.nbytes, h2d, self._stream), "cudaMemcpyAsync")
             _ck(self.cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")  # `host` may be a temporary
@@ -221,7 +379,7 @@ class TrtEngineRunner:
 
     def _execute(self) -> None:
         if not self.context.execute_async_v3(int(self._stream)):
-            raise WorkbenchError(f"TensorRT execution of {self.path} failed (its log above says why)")
+            raise WorkbenchError(f"{self.flavour.label} execution of {self.path} failed (its log above says why)")
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outputs = self._prepare(feeds)
@@ -253,6 +411,10 @@ class TrtEngineRunner:
         return out, "cuda_event"
 
     def close(self) -> None:
+        if self._cache is not None:
+            with atomic_path(self._cache_path) as t:
+                t.write_bytes(memoryview(self._cache.serialize()))
+            self._cache = None
         for ptr, _ in self._buffers.values():
             self.cudart.cudaFree(ptr)
         self._buffers.clear()
@@ -267,11 +429,8 @@ class TrtEngineRunner:
             pass
 
 
-def load(artifact: EngineArtifact, **options) -> TrtEngineRunner:
-    if artifact.backend != "tensorrt":
-        raise WorkbenchError(f"{artifact.path} is a {artifact.backend} engine, not a tensorrt one")
-    if options:
-        raise WorkbenchError(f"the tensorrt backend takes no load options, got {sorted(options)}")
-    artifact.verified_file("engine")  # a missing or corrupt plan is reported even where TensorRT is absent
-    check_usable()
-    return TrtEngineRunner(artifact)
+TENSORRT = Flavour("tensorrt", "tensorrt", "TensorRT 10.x/11.x", (10, 11), rtx=False,
+                   install="pip install 'trt-int8-workbench[tensorrt]' from NVIDIA's index")
+RTX = Flavour("tensorrt-rtx", "tensorrt_rtx_bindings", "TensorRT-RTX 1.x", (1,), rtx=True,
+              install="pip install 'trt-int8-workbench[tensorrt-rtx]'")
+FLAVOURS = {f.backend: f for f in (TENSORRT, RTX)}

@@ -1,6 +1,6 @@
 """Check a quantized model against its recipe's constraints; every problem names the node.
 
-Checked (recipe "tensorrt"; our checks, not TensorRT's — TensorRT is not installable here):
+Checked (recipe "tensorrt"; our checks, compared with TensorRT-RTX's parser and builder in tests/test_rtx.py):
   * every QuantizeLinear/DequantizeLinear: scale finite and > 0; zero point int8 and all zero;
     per-channel (non-scalar) scale is 1-D with the length of the quantized tensor along `axis`;
     an INT8 initializer behind a DQ lies in [-128, 127] (always true for int8, checked for the dtype);
@@ -8,12 +8,13 @@ Checked (recipe "tensorrt"; our checks, not TensorRT's — TensorRT is not insta
     the weight's per-channel on the expected axis;
   * fp32/fp16 nodes read no DequantizeLinear output, except a *shared* one (a DQ output that also feeds an
     int8 node or a residual Add of the plan; our placement never produces that, a foreign tool may);
+  * no LayerNorm reads a DequantizeLinear output (TensorRT accepts one; our placement keeps LayerNorm float);
   * fp16 nodes compute in FP16 (their output is FLOAT16) and fp32/int8 nodes and LayerNorm in FP32; type
     inference (onnx full check) passes, so every FP32/FP16 boundary goes through a Cast;
   * graph inputs/outputs: same names and element types as the original.
-Recipe "onnxruntime": the same, except that activation zero points may be 128 (uint8 activations) and
-outputs of int8 nodes may be quantized (ORT needs them for QLinear kernels), and Conv biases may be int32
-behind a DequantizeLinear (ORT's quantizer; zero point 0, scale = input scale x weight scale).
+Recipe "onnxruntime": the same, except that activation zero points may be 128 (uint8 activations),
+outputs of int8 nodes (LayerNorm inputs among them) may be quantized (ORT needs them for QLinear kernels), and
+Conv biases may be int32 behind a DequantizeLinear (ORT's quantizer; zero point 0, scale = input x weight scale).
 """
 from __future__ import annotations
 
@@ -135,6 +136,11 @@ def validate(model, plan: dict, recipe: str = "tensorrt", original=None) -> list
             if got != want:
                 problems.append(f"{prec} node {nid!r}: output type {TensorProto.DataType.Name(got or 0)}, "
                                 f"expected {TensorProto.DataType.Name(want)}")
+    if recipe == "tensorrt":  # LayerNorm stays float: TensorRT may take a Q/DQ there, our rules place none
+        for p in now.patterns_of("layernorm"):
+            for t in {t for name in p.nodes for t in by_name[name].input if t and via_dq(t) is not None}:
+                problems.append(f"LayerNorm {p.id!r} reads DequantizeLinear {via_dq(t).name!r} (input {t!r}): "
+                                "the tensorrt recipe quantizes no LayerNorm input")
     if "fp16" in nodes.values():
         for p in now.patterns_of("layernorm"):
             for name in p.nodes:

@@ -332,6 +332,13 @@ class Experiment:
         if len(searches) > 1:
             run["traces"] = {x["calibrator"]: x["trace"] for x in searches}
         write_json(self.dir / "run.json", run)
+        # The ONNX models behind each baseline and the selection (run-relative), for tools that rebuild them
+        # with another builder (`wb rtx-check`).
+        deliverables = {label: models for label, (models, _) in baseline_models.items()}
+        if selected:
+            deliverables["selected"] = {k: self.dir / "final" / f"{k}.onnx" for k in KINDS}
+        write_json(self.dir / "models.json", {label: {k: Path(p).resolve().relative_to(self.dir.resolve()).as_posix()
+                                                      for k, p in models.items()} for label, models in deliverables.items()})
         return run
 
     def _device(self, host: dict) -> str:

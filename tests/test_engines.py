@@ -19,7 +19,7 @@ from workbench.errors import WorkbenchError
 
 DECODER_NAMES = ["encoder_out", "encoder_out_lens", "hyps_pad_sos_eos", "hyps_lens_sos", "r_hyps_pad_sos_eos",
                  "ctc_score"]
-TRT_ABSENT = pytest.mark.skipif(trt_backend.available()[0], reason="TensorRT is usable here")
+TRT_ABSENT = pytest.mark.skipif(trt_backend.TENSORRT.available()[0], reason="TensorRT is usable here")
 
 
 @pytest.fixture(scope="module")
@@ -167,9 +167,9 @@ def test_int8_kernel_report_counts_integer_kernels(tiny_onnx, tmp_path, artifact
 
 @TRT_ABSENT
 def test_tensorrt_absent_is_one_clear_error(tiny_onnx, tmp_path):
-    ok, reason = trt_backend.available()
+    ok, reason = trt_backend.TENSORRT.available()
     assert not ok and "TensorRT" in reason
-    with pytest.raises(WorkbenchError, match="TensorRT backend cannot run here.*onnxruntime"):
+    with pytest.raises(WorkbenchError, match="tensorrt backend cannot build here.*onnxruntime"):
         build(tiny_onnx[0], None, tmp_path / "trt", backend="tensorrt")
     assert not (tmp_path / "trt").exists()
 
@@ -194,7 +194,7 @@ def test_tensorrt_engine_files_checked_then_tensorrt_required(tmp_path, artifact
         load(fake)
     meta["files"]["engine"]["sha256"] = engines.base.sha256_file(fake / "encoder.plan")
     (fake / "engine.json").write_text(json.dumps(meta))
-    with pytest.raises(WorkbenchError, match="TensorRT backend cannot run here"):
+    with pytest.raises(WorkbenchError, match="cannot run the tensorrt engine .* here"):
         load(fake)
     with pytest.raises(WorkbenchError, match="is a tensorrt engine, not an onnxruntime one"):
         ort_backend.load(EngineArtifact.open(fake))
@@ -308,7 +308,7 @@ def test_cli_build_and_bench(tiny_onnx, tmp_path, capsys):
 
 @TRT_ABSENT
 def test_cli_tensorrt_missing(tiny_onnx, tmp_path):
-    with pytest.raises(WorkbenchError, match="TensorRT backend cannot run here"):
+    with pytest.raises(WorkbenchError, match="tensorrt backend cannot build here"):
         _cli(["build", "--model", str(tiny_onnx[0]), "--backend", "tensorrt", "--out", str(tmp_path / "t")])
 
 

@@ -313,3 +313,19 @@ def test_old_index_gains_new_columns(tmp_path):
     con.close()
     index_run(save(make_run(), root / "a"), root)
     assert list_runs(root)[0]["isa"] is None
+
+
+def test_report_lists_rtx_plan_sizes(tmp_path):
+    """`wb rtx-check` leaves rtx_builds.json in the run directory: the report lists each variant's plan size."""
+    run_dir = save(make_run(), tmp_path / "rtx")
+    rows = [{"variant": "FP32", "kind": "encoder", "onnx_bytes": 40e6, "plan_bytes": 47.1e6, "build_s": 27.0,
+             "vs_fp32": 1.0, "validator_problems": None},
+            {"variant": "INT8 all (max)", "kind": "encoder", "onnx_bytes": 11e6, "plan_bytes": 22.3e6, "build_s": 21.0,
+             "vs_fp32": 0.473, "validator_problems": 0},
+            {"variant": "FP16", "kind": "decoder", "onnx_bytes": 5e6, "validator_problems": 0, "error": "refused"}]
+    (run_dir / "rtx_builds.json").write_text(json.dumps({"compute_capability": 89, "tensorrt_rtx": "1.7.1.116",
+                                                         "rows": rows, "failures": ["FP16 decoder: refused"]}))
+    md = write_report(run_dir)["markdown"].read_text()
+    assert "## TensorRT-RTX plans (SM89, built on CPU, not run)" in md
+    assert table_row(md, "INT8 all (max)")[-1].split(" | ")[3:6] == ["22.3", "0.47", "21"]
+    assert "FAILED" in table_row(md, "FP16")[-1] and "except 1 it refused" in md

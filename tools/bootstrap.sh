@@ -27,12 +27,18 @@ wb_need_debs() {
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
+# Extras to install: WB_EXTRAS (comma-separated), else dev, plus tensorrt-rtx in CI (its checks must run there).
+wb_extras() {
+    if [ -n "${WB_EXTRAS:-}" ]; then echo "$WB_EXTRAS"; elif [ -n "${CI:-}" ]; then echo "dev,tensorrt-rtx"; else echo "dev"; fi
+}
+
 wb_need_venv() {
-    local stamp="$WB_VENV/.wb-stamp" want
+    local stamp="$WB_VENV/.wb-stamp" want extras
+    extras="$(wb_extras)"
     # constraints.txt: the exact versions CI tested (WB_LOCK=0 installs from pyproject.toml's ranges instead)
     local lock=()
     [ "${WB_LOCK:-1}" != 0 ] && [ -f "$WB_ROOT/constraints.txt" ] && lock=(-c "$WB_ROOT/constraints.txt")
-    want="$(cat "$WB_ROOT/pyproject.toml" "${lock[@]:1}" | sha256sum | cut -c1-16)"
+    want="$( (cat "$WB_ROOT/pyproject.toml" "${lock[@]:1}"; echo "extras=$extras") | sha256sum | cut -c1-16)"
     if [ -x "$WB_VENV/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then return 0; fi
     local py="${PYTHON:-python3}"
     [ -x "$WB_VENV/bin/python" ] || { wb_log "creating venv $WB_VENV"; "$py" -m venv "$WB_VENV"; }
@@ -42,8 +48,8 @@ wb_need_venv() {
         wb_log "installing torch ${WB_TORCH_SPEC:-torch==2.13.0}"
         "${pip[@]}" install "${WB_TORCH_SPEC:-torch==2.13.0}" "${lock[@]}" 2> >(grep -v 'is ignored' >&2)
     fi
-    wb_log "installing the project (editable) and its dependencies"
-    "${pip[@]}" install -e "$WB_ROOT[dev]" "${lock[@]}" 2> >(grep -v 'is ignored' >&2)
+    wb_log "installing the project (editable) and its dependencies (extras: $extras)"
+    "${pip[@]}" install -e "$WB_ROOT[$extras]" "${lock[@]}" 2> >(grep -v 'is ignored' >&2)
     echo "$want" > "$stamp"
 }
 

@@ -610,6 +610,22 @@ ul.kv{list-style:none;padding-left:0}
 """
 
 
+def rtx_table_rows(result: dict) -> list[list[str]]:
+    """Rows of the plan-size table of `wb rtx-check` (quant.rtx_check): rtx_builds.md and the report."""
+    out = []
+    for r in result["rows"]:
+        probs = r.get("validator_problems")
+        out.append([r["variant"], r["kind"], f"{r['onnx_bytes'] / 1e6:.1f}",
+                    f"{r['plan_bytes'] / 1e6:.1f}" if r.get("plan_bytes") else "FAILED",
+                    f"{r['vs_fp32']:.2f}" if r.get("vs_fp32") else "—",
+                    f"{r['build_s']:.0f}" + (" (reused)" if r.get("reused") else "") if r.get("build_s") else "—",
+                    "—" if probs is None else ("ok" if probs == 0 else f"{probs} problems")])
+    return out
+
+
+RTX_TABLE_HEADERS = ["variant", "kind", "ONNX (MB)", "plan (MB)", "plan / FP32 plan", "build (s)", "our validator"]
+
+
 def _build_doc(run: dict, pngs: dict[str, bytes]) -> _Doc:
     crit, metric, thr = run["criterion"], run["criterion"]["metric"], threshold_of(run)
     status, sel = run.get("status"), run.get("selected")
@@ -745,6 +761,14 @@ def _build_doc(run: dict, pngs: dict[str, bytes]) -> _Doc:
         f"{run.get('n_cache_hits', 0)} answered from the evaluation cache. "
         "“—” means not measured at that stage (latency probes have no accuracy, accuracy-only steps no latency).")
 
+    rtx = run.get("rtx_builds")  # wb rtx-check's rtx_builds.json, when it ran on this run
+    if rtx:
+        d.h(2, f"TensorRT-RTX plans (SM{rtx['compute_capability']}, built on CPU, not run)")
+        d.table(RTX_TABLE_HEADERS, rtx_table_rows(rtx))
+        d.p(f"TensorRT-RTX {rtx['tensorrt_rtx']} parsed and built every graph above ahead of time"
+            + (f", except {len(rtx['failures'])} it refused" if rtx["failures"] else "")
+            + "; an INT8 plan of about half the FP32 plan's bytes is the evidence that its weights are INT8.")
+
     d.h(2, "What was measured where")
     backend, device = str(run.get("backend", "?")), str(run.get("device", "?"))
     items = [f"Accuracy ({', '.join(metric_label(m) for m in mnames)}) and latency: backend `{backend}` on {device}.",
@@ -763,6 +787,8 @@ def write_report(run_dir: str | Path) -> dict[str, Path]:
     """Write report.md, report.html and the four PNGs beside run.json; returns {name: path}."""
     run_dir = run_json_path(run_dir).parent
     run = load_run(run_dir)
+    if (run_dir / "rtx_builds.json").is_file():
+        run["rtx_builds"] = read_json(run_dir / "rtx_builds.json")
     makers = {"sensitivity": plot_sensitivity, "pareto": plot_pareto, "calibrators": plot_calibrators,
               "latency": plot_latency}
     pngs = {name: makers[name](run) for name in PLOTS}

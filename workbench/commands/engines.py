@@ -42,9 +42,18 @@ def cmd_build(args) -> None:
         if args.providers:
             options["providers"] = args.providers.split(",")
     elif args.threads or args.providers:
-        print("note: --threads and --providers apply to the onnxruntime backend only; ignored for tensorrt")
+        print(f"note: --threads and --providers apply to the onnxruntime backend only; ignored for {backend}")
+    if backend == "tensorrt-rtx":
+        options["compute_capabilities"] = args.compute_capability  # None: the GPU's, if one is here
+    elif args.compute_capability:
+        print(f"note: --compute-capability applies to the tensorrt-rtx backend only; ignored for {backend}")
     art = build(args.model, shapes, args.out, backend=backend, kind=args.kind, **options)
     print(f"{'reused' if art.reused else 'built'} {art.backend} {art.kind} engine {art.path}")
+    if "plan_bytes" in art.meta:
+        targets = art.meta.get("compute_capabilities")
+        print(f"  plan: {art.meta['plan_bytes'] / 1e6:.1f} MB" + (f" for SM{', SM'.join(map(str, targets))}" if targets else ""))
+    if art.meta.get("runnable_here") is False:
+        print(f"  not runnable here: {art.meta['why_not_runnable']}")
     for name, rng in art.shapes.items():
         print(f"  {name}: min {rng['min']} opt {rng['opt']} max {rng['max']}")
     if "int8_kernels" in art.meta:
@@ -81,8 +90,11 @@ def register(subparsers) -> None:
     s = subparsers.add_parser("build", help="build (or reuse) an engine artifact from an encoder/decoder ONNX model")
     s.add_argument("--model", type=Path, required=True, help="encoder.onnx or decoder.onnx (FP32, FP16 or Q/DQ)")
     s.add_argument("--kind", choices=("encoder", "decoder"), default=None, help="default: from the input names")
-    s.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt"), default="auto",
-                   help="auto: TensorRT when usable, else ONNX Runtime (the verified backend)")
+    s.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt", "tensorrt-rtx"), default="auto",
+                   help="auto: TensorRT when usable, else ONNX Runtime (the verified backend); tensorrt-rtx builds on "
+                        "CPU, ahead of time for --compute-capability")
+    s.add_argument("--compute-capability", type=_ints, default=None,
+                   help="tensorrt-rtx target GPU(s), e.g. 89 or 80,89 (75, 80, 86, 89, 120, 121; default: this GPU's)")
     s.add_argument("--out", type=Path, required=True, help="engine directory (engine.json + backend files)")
     s.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: physical cores)")
     s.add_argument("--providers", default=None, help="ONNX Runtime providers, e.g. CUDAExecutionProvider,CPUExecutionProvider")

@@ -1,0 +1,174 @@
+"""`wb rtx-check`: build a run's deliverables with a real TensorRT builder (TensorRT-RTX, on CPU, ahead of time
+for one compute capability), so that a parser or builder error in any graph our TensorRT recipe writes fails CI.
+
+Variants, each for the encoder and the decoder (`models.json` of the run names the run's models):
+  FP32        the run's FP32 export: the size reference
+  FP16        the FP16 baseline (always the TensorRT recipe: FP16-typed graph with FP32 islands)
+  INT8 all    every quantizable node INT8, by the TensorRT recipe, ranges of the calibrator the search started from
+  QAT export  the shipped QAT weights with quantizers inserted from its plans and ranges, exported through torch
+              (quant.qat.export_qat_onnx, what `wb qat` writes as qdq/*.onnx); only in a run with qat.dir
+  selected    the selected mix, by the TensorRT recipe
+A run placed by the ONNX Runtime recipe (the CPU default) has its INT8 and selected plans placed again here by
+the TensorRT recipe, same plans and ranges (under rtx/models/). Each graph is also checked by graph.validate.
+An INT8 plan of about half the FP32 plan's bytes is the evidence that its weights are stored as INT8.
+
+Writes, in the run directory: rtx/<variant>/<kind>_engine/ (engine artifacts, reused by content hash),
+rtx_builds.json, rtx_builds.md, and the report again (it lists the plan sizes).
+"""
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import engines
+from graph.plan import load_plan
+from graph.placement import quantize
+from graph.validate import validate
+from workbench.errors import WorkbenchError
+from workbench.fsutil import atomic_path, read_json, write_json
+
+from .pipeline import KINDS, TIME_RANGES
+
+MODELS_FILE, RESULT_JSON, RESULT_MD = "models.json", "rtx_builds.json", "rtx_builds.md"
+
+
+def resolve_run_dir(path: str | Path) -> Path:
+    """The run directory of `path`: a run directory itself, or a published `--out` directory (its run.json
+    names the run, found under workbench.runs.default_runs_root())."""
+    from workbench.runs import default_runs_root
+
+    path = Path(path)
+    if (path / MODELS_FILE).is_file():
+        return path
+    if not (path / "run.json").is_file():
+        raise WorkbenchError(f"{path} is neither a run directory nor a published run (no {MODELS_FILE}, no run.json)")
+    run_dir = default_runs_root() / read_json(path / "run.json")["id"]
+    if not (run_dir / MODELS_FILE).is_file():
+        raise WorkbenchError(f"{path} was published from run {run_dir}, which has no {MODELS_FILE} (a run from "
+                             "before `wb rtx-check` existed, or one that did not finish): run the search again")
+    return run_dir
+
+
+def _slug(label: str) -> str:
+    """"INT8 all (max)" -> "int8_all_max": a directory name."""
+    return re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
+
+
+def _tensorrt_recipe(run_dir: Path, run: dict, label: str, kind: str, onnx_path: Path, plan: dict,
+                     calibrator: str) -> tuple[Path, dict]:
+    """(model, plan): `onnx_path` itself when the run placed by the TensorRT recipe, else the same plan placed
+    again by it on the FP32 model of the calibrator's source, with that calibrator's table."""
+    if run["recipe"] == "tensorrt":
+        return onnx_path, plan
+    source = run_dir / "models" / ("qat_fp32" if calibrator == "qat" else "fp32") / f"{kind}.onnx"
+    out = run_dir / "rtx" / "models" / f"{_slug(label)}.{kind}.onnx"
+    if not out.is_file():
+        quantize(str(source), run_dir / "calibration" / f"{kind}.{calibrator}.json", plan=plan, recipe="tensorrt",
+                 out=out)
+    return out, plan
+
+
+def _qat_export(run: dict, out_dir: Path) -> dict[str, tuple[Path, dict]]:
+    """{kind: (Q/DQ ONNX, plan)}: the QAT directory's weights, quantizers from its plans and ranges, exported."""
+    from models.export import export_onnx
+    from models.weights import load_model
+
+    from .qat import export_qat_onnx, insert_quantizers
+    from .qat_run import WEIGHTS, check_qat_dir, table_path
+    from .table import CalibrationTable
+
+    qdir = check_qat_dir(run["config"]["qat"]["dir"])
+    plans = {k: load_plan(qdir / f"{k}.plan.json") for k in KINDS}
+    if not all((out_dir / f"{k}.onnx").is_file() for k in KINDS):
+        model = load_model(qdir / WEIGHTS).eval()
+        fp32 = dict(zip(KINDS, export_onnx(model, out_dir / "fp32", opset=run["config"]["model"]["opset"])))
+        for k in KINDS:
+            insert_quantizers(model, plans[k], CalibrationTable.load(table_path(qdir, k)), fp32[k])
+        export_qat_onnx(model, out_dir, opset=run["config"]["model"]["opset"])
+    return {k: (out_dir / f"{k}.onnx", plans[k]) for k in KINDS}
+
+
+def variants(run_dir: Path) -> dict[str, dict[str, tuple[Path, dict | None]]]:
+    """{variant: {kind: (ONNX path, plan or None for FP32)}} of the run, TensorRT recipe throughout."""
+    run, models = read_json(run_dir / "run.json"), read_json(run_dir / MODELS_FILE)
+    path_of = lambda label, kind: run_dir / models[label][kind]  # noqa: E731
+    plan_beside = lambda p: load_plan(p.with_suffix(".plan.json"))  # noqa: E731 - Workspace.model writes it
+    out: dict[str, dict] = {"FP32": {k: (path_of("FP32", k), None) for k in KINDS}}
+    if "FP16" in models:
+        out["FP16"] = {k: (path_of("FP16", k), plan_beside(path_of("FP16", k))) for k in KINDS}
+    start = next((x["calibrator"] for x in run.get("searches") or [] if x.get("calibrator") != "qat"), None)
+    if f"INT8 all ({start})" in models:
+        label = f"INT8 all ({start})"
+        out[label] = {}
+        for k in KINDS:
+            out[label][k] = _tensorrt_recipe(run_dir, run, label, k, path_of(label, k),
+                                             plan_beside(path_of(label, k)), start)
+    if run["config"].get("qat", {}).get("dir"):
+        out["QAT export"] = _qat_export(run, run_dir / "rtx" / "models" / "qat_export")
+    if "selected" in models:
+        calibrator = run["selected"]["calibrator"]
+        out["selected"] = {k: _tensorrt_recipe(run_dir, run, "selected", k, path_of("selected", k),
+                                               load_plan(run_dir / "final" / f"{k}.plan.json"), calibrator)
+                           for k in KINDS}
+    return out
+
+
+def check_run(path: str | Path, compute_capability: int = 89, log=print) -> dict:
+    """Build every variant with TensorRT-RTX; write rtx_builds.json/.md and the report; WorkbenchError naming
+    each graph that the parser or builder refused (after trying all of them)."""
+    from workbench.report import write_report
+
+    run_dir = resolve_run_dir(path)
+    rows, failures = [], []
+    for variant, kinds in variants(run_dir).items():
+        for kind, (onnx_path, plan) in kinds.items():
+            row = {"variant": variant, "kind": kind, "onnx": str(onnx_path.relative_to(run_dir)),
+                   "onnx_bytes": onnx_path.stat().st_size,
+                   "validator_problems": None if plan is None else len(validate(onnx_path, plan, "tensorrt"))}
+            t0 = time.perf_counter()
+            try:
+                shapes = engines.default_shapes(onnx_path, kind, time_range=TIME_RANGES[kind])
+                art = engines.build(onnx_path, shapes, run_dir / "rtx" / _slug(variant) / f"{kind}_engine",
+                                    backend="tensorrt-rtx", kind=kind, compute_capabilities=[compute_capability])
+                row.update(plan_bytes=art.meta["plan_bytes"], build_s=art.meta["build_s"], reused=art.reused,
+                           engine=str(art.path.relative_to(run_dir)))
+            except WorkbenchError as e:
+                row["error"] = str(e)[:500]
+                failures.append(f"{variant} {kind}: {str(e)[:200]}")
+            row["wall_s"] = round(time.perf_counter() - t0, 1)
+            rows.append(row)
+            log(f"  {variant:<22} {kind:<8} " + (f"plan {row['plan_bytes'] / 1e6:7.1f} MB  ({row['build_s']:.0f} s"
+                                                  f"{', reused' if row['reused'] else ''})" if "error" not in row
+                                                  else f"FAILED: {row['error'][:150]}"))
+    fp32 = {r["kind"]: r.get("plan_bytes") for r in rows if r["variant"] == "FP32"}
+    for r in rows:
+        if r.get("plan_bytes") and fp32.get(r["kind"]):
+            r["vs_fp32"] = round(r["plan_bytes"] / fp32[r["kind"]], 3)
+    versions = engines.base._versions("tensorrt-rtx")
+    result = {"format": "wb-rtx-check/1", "run": run_dir.name, "compute_capability": compute_capability,
+              "tensorrt_rtx": versions["tensorrt-rtx"], "rows": rows, "failures": failures}
+    write_json(run_dir / RESULT_JSON, result)
+    with atomic_path(run_dir / RESULT_MD) as tmp:
+        tmp.write_text(markdown(result), encoding="utf-8")
+    write_report(run_dir)
+    if Path(path).resolve() != run_dir.resolve():  # a published directory gets the results and the report too
+        for name in (RESULT_JSON, RESULT_MD, "report.md", "report.html"):
+            (Path(path) / name).write_bytes((run_dir / name).read_bytes())
+    if failures:
+        raise WorkbenchError(f"TensorRT-RTX refused {len(failures)} of {len(rows)} graphs of {run_dir}: "
+                             + " | ".join(failures))
+    return result
+
+
+def markdown(result: dict) -> str:
+    from workbench.report import RTX_TABLE_HEADERS, rtx_table_rows
+
+    lines = [f"# TensorRT-RTX {result['tensorrt_rtx']} builds of run {result['run']} (SM{result['compute_capability']},"
+             " built on CPU, not run)", "", "| " + " | ".join(RTX_TABLE_HEADERS) + " |",
+             "|" + "---|" * len(RTX_TABLE_HEADERS)]
+    lines += ["| " + " | ".join(row) + " |" for row in rtx_table_rows(result)]
+    lines += ["", "An INT8 plan of about half the FP32 plan's bytes: its weights are stored as INT8."]
+    if result["failures"]:
+        lines += ["", "Refused by TensorRT-RTX:"] + [f"- {f}" for f in result["failures"]]
+    return "\n".join(lines) + "\n"
