@@ -33,7 +33,7 @@ from typing import Mapping
 import numpy as np
 
 from engines.base import EngineArtifact, check_feeds, check_in_range
-from evaluation.interface import INTERFACES
+from evaluation.interface import INTERFACES, TensorSpec
 from evaluation.runners import interface_mismatch
 from workbench.errors import WorkbenchError
 from workbench.fsutil import atomic_path
@@ -207,7 +207,7 @@ class Flavour:
         optimization profile, or None for a model of static shapes; `kind`: check WeNet's interface first."""
         trt = self.api()
         builder, network, logger = self.parse(onnx_path)
-        if kind is not None:
+        if kind in INTERFACES:  # a "generic" model has its own interface
             ins, outs = INTERFACES[kind]
             names = [network.get_input(i).name for i in range(network.num_inputs)]
             outputs = [network.get_output(i).name for i in range(network.num_outputs)]
@@ -336,11 +336,14 @@ class TrtEngineRunner:
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.output_names = [n for n in names if n not in self.input_names]
-        ins, outs = INTERFACES[self.kind]
-        problems = "; ".join(p for p in (interface_mismatch(self.kind, "inputs", ins, self.input_names),
-                                         interface_mismatch(self.kind, "outputs", outs, self.output_names)) if p)
-        if problems:
-            raise WorkbenchError(f"{self.path} does not have WeNet's {self.kind} interface: {problems}")
+        if self.kind in INTERFACES:
+            ins, outs = INTERFACES[self.kind]
+            problems = "; ".join(p for p in (interface_mismatch(self.kind, "inputs", ins, self.input_names),
+                                             interface_mismatch(self.kind, "outputs", outs, self.output_names)) if p)
+            if problems:
+                raise WorkbenchError(f"{self.path} does not have WeNet's {self.kind} interface: {problems}")
+        else:  # generic: the engine's own inputs (dtypes checked below against the engine's tensor types)
+            ins = tuple(TensorSpec(n, None, len(self.engine.get_tensor_shape(n))) for n in self.input_names)
         self._specs = {s.name: s for s in ins}
         self._dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
         self._stream = _ck(self.cudart.cudaStreamCreate(), "cudaStreamCreate")

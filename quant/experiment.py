@@ -18,9 +18,11 @@ _CHOICES = {
     ("quantize", "fallback"): {"fp32", "fp16"},
     ("quantize", "ort_mode"): {"auto", *ORT_MODES},
     ("backend", "name"): {"auto", "onnxruntime", "tensorrt"},
-    ("criterion", "kind"): {"absolute", "relative", "hackathon"},
-    ("criterion", "metric"): {"cer_rescore", "cer_greedy", "cer_prefix", "wer_rescore"},
+    ("criterion", "kind"): {"absolute", "relative", "hackathon", "fixed"},
+    ("task", "kind"): {"wenet_asr", "onnx"},
 }
+# The bundled pipeline's metrics; a task's own metrics are checked against the task (tasks.base.Task.metric).
+WENET_METRICS = {"cer_rescore", "cer_greedy", "cer_prefix", "wer_rescore"}
 _METHODS = {*METHODS, "qat"}  # "qat": the ranges and weights of a `wb qat` directory
 
 
@@ -41,7 +43,8 @@ def _merge(base: dict, over: dict, where: str) -> dict:
         if isinstance(base[key], dict):
             if not isinstance(value, dict):
                 raise WorkbenchError(f"config key {where}{key!r} must be a table")
-            out[key] = _merge(base[key], value, f"{where}{key}.")
+            # an empty table in the defaults is free-form (task.options): taken as given
+            out[key] = copy.deepcopy(value) if not base[key] else _merge(base[key], value, f"{where}{key}.")
         else:
             out[key] = value
     return out
@@ -55,6 +58,18 @@ def load_config(*paths: str | Path) -> dict:
     for (section, key), allowed in _CHOICES.items():
         if cfg[section][key] not in allowed:
             raise WorkbenchError(f"config {section}.{key} = {cfg[section][key]!r}; choose one of {sorted(allowed)}")
+    if is_wenet(cfg):
+        if cfg["criterion"]["metric"] not in WENET_METRICS:
+            raise WorkbenchError(f"config criterion.metric = {cfg['criterion']['metric']!r}; choose one of "
+                                 f"{sorted(WENET_METRICS)}")
+        if cfg["criterion"]["kind"] == "fixed":
+            raise WorkbenchError("config criterion.kind = \"fixed\" is for tasks; the bundled pipeline takes absolute, "
+                                 "relative or hackathon")
+    elif cfg["criterion"]["kind"] == "hackathon":
+        raise WorkbenchError("config criterion.kind = \"hackathon\" is the bundled WeNet pipeline's; a task takes "
+                             "absolute, relative or fixed")
+    if not isinstance(cfg["criterion"]["delta"], (int, float)) or isinstance(cfg["criterion"]["delta"], bool):
+        raise WorkbenchError(f"config criterion.delta must be a number, got {cfg['criterion']['delta']!r}")
     bad = set(cfg["calibration"]["methods"]) - _METHODS
     if bad or not cfg["calibration"]["methods"]:
         raise WorkbenchError(f"config calibration.methods: unknown {sorted(bad)}; choose from {sorted(_METHODS)}")
@@ -73,6 +88,11 @@ def load_config(*paths: str | Path) -> dict:
     if cfg["budget"]["max_full_evals"] < 2:
         raise WorkbenchError("config budget.max_full_evals must be at least 2 (all-INT8 and the fallback plan)")
     return cfg
+
+
+def is_wenet(cfg: dict) -> bool:
+    """Whether the config runs the bundled WeNet pipeline (quant.pipeline) rather than a task (pipeline/)."""
+    return cfg["task"]["kind"] == "wenet_asr" and not cfg["task"]["entry"]
 
 
 def resolve_backend_and_recipe(cfg: dict) -> dict:

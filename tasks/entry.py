@@ -3,6 +3,7 @@ given the [task] options table) and `[task] metric = "mypkg.metrics:score"` for 
 from __future__ import annotations
 
 import importlib
+import math
 from typing import Any, Callable
 
 from workbench.errors import WorkbenchError
@@ -44,14 +45,23 @@ def load_task(cfg: dict, base_dir=None) -> Task:
                              f"the bundled model's own pipeline), or give task.entry")
     check_task_shape(task)
     task.check()
+    task.metric(cfg["criterion"]["metric"])  # the criterion's metric must be one of the task's
     return task
 
 
 def call_metric(fn: Callable, reference: list, candidate: list, where: str) -> dict[str, Any]:
     """A user metric: fn(reference outputs, candidate outputs) -> {name: float} or a float (named "user")."""
     value = fn(reference, candidate)
-    if isinstance(value, dict):
-        return value
-    if isinstance(value, (int, float)):
-        return {"user": float(value)}
-    raise WorkbenchError(f"user metric {where} returned {type(value).__name__}; return a float or a dict of floats")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = {"user": float(value)}
+    if not isinstance(value, dict):
+        raise WorkbenchError(f"user metric {where} returned {type(value).__name__}; return a float or a dict of "
+                             f"floats")
+    out = {}
+    for name, v in value.items():
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            raise WorkbenchError(f"user metric {where}: {name!r} is {v!r}, not a number")
+        if math.isnan(v):
+            raise WorkbenchError(f"user metric {where}: {name!r} is NaN")
+        out[str(name)] = float(v)
+    return out

@@ -113,7 +113,7 @@ class OnnxTask(Task):
 
         for g in self.graphs:
             if g.name not in self._reference:
-                runner = OrtRunner(g.path, kind="any")
+                runner = OrtRunner(g.path, kind="generic")
                 self._reference[g.name] = [runner.run(f) for f in self.feeds(g.name, "eval")]
         return self._reference
 

@@ -137,11 +137,13 @@ def threshold_of(run: dict) -> float | None:
     return thr
 
 
-def _passes(entry: dict, metric: str, threshold: float | None) -> bool | None:
+def _passes(entry: dict, metric: str, threshold: float | None, higher_is_better: bool = False) -> bool | None:
     if isinstance(entry.get("passed"), bool):
         return entry["passed"]
     m = metric_of(entry, metric)
-    return None if m is None or threshold is None else m <= threshold
+    if m is None or threshold is None:
+        return None
+    return m >= threshold if higher_is_better else m <= threshold
 
 
 def metric_names(run: dict) -> list[str]:
@@ -181,7 +183,7 @@ def result_rows(run: dict) -> list[dict]:
             "calibrator": e.get("calibrator"),
             "metrics": {m: metric_of(e, m) for m in metric_names(run)},
             "metric": metric_of(e, metric),
-            "passed": _passes(e, metric, thr),
+            "passed": _passes(e, metric, thr, bool(run["criterion"].get("higher_is_better"))),
             "hackathon": (f"{hk['passed']}/{hk['total']}" if "passed" in hk and "total" in hk else None),
             "objective_ms": objective_of(e),
             "speedup": _speedup(r_obj, objective_of(e)),
@@ -257,12 +259,14 @@ def criterion_words(crit: dict, threshold: float | None) -> str:
     m = crit.get("metric", "?")
     rate = m.startswith(("cer", "wer"))
     ref, delta, kind = _num(crit.get("reference")), _num(crit.get("delta")), crit.get("kind")
-    s = f"A precision mix passes when its {metric_label(m)} (`{m}`, lower is better) is at most {fmt_metric(m, threshold)}"
+    hi = bool(crit.get("higher_is_better"))
+    s = (f"A precision mix passes when its {metric_label(m)} (`{m}`, {'higher' if hi else 'lower'} is better) is at "
+         f"{'least' if hi else 'most'} {fmt_metric(m, threshold)}")
     if ref is not None and delta is not None and kind == "absolute":
         margin = f"{100 * delta:.2f} percentage points" if rate else f"{delta:g}"
-        s += f": the FP32 reference {fmt_metric(m, ref)} plus an absolute margin of {margin}"
+        s += f": the FP32 reference {fmt_metric(m, ref)} {'minus' if hi else 'plus'} an absolute margin of {margin}"
     elif ref is not None and delta is not None and kind == "relative":
-        s += f": the FP32 reference {fmt_metric(m, ref)} plus a relative margin of {100 * delta:.1f} %"
+        s += f": the FP32 reference {fmt_metric(m, ref)} {'minus' if hi else 'plus'} a relative margin of {100 * delta:.1f} %"
     s += "."
     if crit.get("text"):
         s += f' (As stated in the run: "{crit["text"]}".)'

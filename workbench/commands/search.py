@@ -21,18 +21,29 @@ def register(sub) -> None:
 
 
 def run(args) -> None:
-    from quant.experiment import CONFIG_DIR, load_config
-    from quant.pipeline import run_experiment
+    from quant.experiment import CONFIG_DIR, is_wenet, load_config
     from workbench.report import write_report
     from workbench.runs import default_runs_root, index_run
 
     configs = ([CONFIG_DIR / "quick.toml"] if args.quick else []) + list(args.config)  # the user's configs win
     cfg = load_config(*configs)
     root = args.runs_root or default_runs_root()
+    task = None
+    if not is_wenet(cfg):  # a task: loaded and checked (graphs, feeds, entry points) before any work
+        from tasks import load_task
+
+        task = load_task(cfg, base_dir=args.config[-1].parent if args.config else Path.cwd())
     run_dir = args.run_dir or root / (dt.datetime.now().strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else ""))
     if run_dir.exists() and (run_dir / "run.json").is_file() and not args.run_dir:
         raise WorkbenchError(f"{run_dir} already holds a finished run")
-    run = run_experiment(cfg, run_dir, args.cache)
+    if task is None:
+        from quant.pipeline import run_experiment
+
+        run = run_experiment(cfg, run_dir, args.cache)
+    else:
+        from pipeline.task_experiment import run_task_experiment
+
+        run = run_task_experiment(cfg, task, run_dir)
     paths = write_report(run_dir)
     index_run(run_dir, root)
     if args.out:
@@ -63,13 +74,13 @@ def publish(run_dir: Path, out: Path) -> None:
 
 def summary(run: dict, paths: dict) -> str:
     """The one-screen summary printed at the end of a run."""
-    from workbench.report import result_rows
+    from workbench.report import fmt_metric, result_rows
 
     crit = run["criterion"]
     metric = crit["metric"]
     lines = [f"run {run['id']}: {run['status'].upper()}  ({run['n_full_evals']} full evaluations in the search, "
              f"{run['wall_s']:.0f} s)", f"criterion: {crit['text']}"
-             + (f" -> threshold {100 * crit['threshold']:.2f} %" if crit.get("threshold") is not None else "")]
+             + (f" -> threshold {fmt_metric(metric, crit['threshold'])}" if crit.get("threshold") is not None else "")]
     # result_rows: baselines, each search's best, the selected mix, with the report's speedups
     entries = run["baselines"] + [x["best"] for x in run.get("searches") or [] if x.get("best")] + \
         ([run["selected"]] if run["selected"] else [])
@@ -79,7 +90,7 @@ def summary(run: dict, paths: dict) -> str:
             lines.append(f"{r['label']:<30}  not run: {e.get('error', '')[:70]}")
             continue
         speedup = f"{r['speedup']:>8.2f}x" if r["speedup"] is not None else f"{'?':>9}"
-        lines.append(f"{r['label']:<30}{100 * r['metric']:>11.2f}%{'yes' if r['passed'] else 'no':>8}"
+        lines.append(f"{r['label']:<30}{fmt_metric(metric, r['metric']):>12}{'yes' if r['passed'] else 'no':>8}"
                      f"{r['hackathon'] or '?/?':>10} {r['objective_ms']:>12.1f}{speedup}")
     if run["selected"]:
         lines.append(f"selected: {run['selected']['source']} (re-timed side by side with FP32), "

@@ -1,0 +1,211 @@
+"""`wb search` on a model we did not write, through the Task interface: a small transformer classifier exported
+in the test, its feeds as .npz, the generic `onnx` task with a built-in fidelity metric; a user entry-point task
+and a user metric; and the bad inputs that must fail before any expensive work."""
+import json
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from workbench.cli import main
+
+DIM, CLASSES = 32, 5
+
+
+class Block(nn.Module):
+    """Pre-LN self-attention + FFN, written out so that the export is plain MatMul/Softmax/LayerNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(DIM), nn.LayerNorm(DIM)
+        self.q, self.k, self.v, self.o = (nn.Linear(DIM, DIM) for _ in range(4))
+        self.ff1, self.ff2 = nn.Linear(DIM, 4 * DIM), nn.Linear(4 * DIM, DIM)
+
+    def forward(self, x):
+        h = self.ln1(x)
+        att = torch.softmax(self.q(h) @ self.k(h).transpose(1, 2) / DIM ** 0.5, dim=-1)
+        x = x + self.o(att @ self.v(h))
+        return x + self.ff2(torch.relu(self.ff1(self.ln2(x))))
+
+
+class Classifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(16, DIM)
+        self.blocks = nn.Sequential(Block(), Block())
+        self.head = nn.Linear(DIM, CLASSES)
+
+    def forward(self, features):
+        return self.head(self.blocks(self.inp(features)).mean(dim=1))
+
+
+def write_feeds(directory, n, seed):
+    directory.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        np.savez(directory / f"{i:03d}.npz", features=rng.normal(size=(2, 12, 16)).astype(np.float32))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    d = tmp_path_factory.mktemp("task")
+    torch.manual_seed(0)
+    torch.onnx.export(Classifier().eval(), (torch.randn(2, 12, 16),), str(d / "classifier.onnx"),
+                      input_names=["features"], output_names=["logits"], opset_version=17, dynamo=False,
+                      dynamic_axes={"features": {0: "B", 1: "T"}, "logits": {0: "B"}})
+    write_feeds(d / "calib", 4, 0)
+    write_feeds(d / "eval", 3, 1)
+    return d
+
+
+CONFIG = """
+[task]
+kind = "onnx"
+{extra}
+[[task.graphs]]
+name = "classifier"
+path = "classifier.onnx"
+calib_data = "calib"
+eval_data = "eval"
+
+[criterion]
+metric = "{metric}"
+kind = "fixed"
+delta = {delta}
+
+[backend]
+name = "onnxruntime"
+threads = 1
+
+[calibration]
+methods = ["max", "percentile"]
+
+[latency]
+warmup = 1
+iters = 3
+search_warmup = 0
+search_iters = 2
+
+[budget]
+max_full_evals = 6
+"""
+
+
+def write_config(d, name, metric="cosine", delta=0.9, extra=""):
+    path = d / name
+    path.write_text(CONFIG.format(metric=metric, delta=delta, extra=extra))
+    return path
+
+
+def test_search_quick_on_a_generic_onnx_model(project, capsys):
+    d = project
+    cfg = write_config(d, "generic.toml")
+    runs = d / "runs"
+    assert main(["search", "--quick", "--config", str(cfg), "--runs-root", str(runs), "--run-dir",
+                 str(runs / "r1"), "--out", str(d / "out")]) == 0
+    out = capsys.readouterr().out
+    run = json.loads((runs / "r1" / "run.json").read_text())
+    assert run["status"] == "passed" and run["task"]["graphs"] == ["classifier"]
+    assert run["criterion"]["higher_is_better"] and run["criterion"]["threshold"] == 0.9
+    labels = [b["label"] for b in run["baselines"]]
+    assert labels[:2] == ["FP32", "FP16"] and {"INT8 all (max)", "INT8 all (percentile_99.99)"} <= set(labels)
+    fp32 = run["baselines"][0]["accuracy"]
+    assert fp32["cosine"] == pytest.approx(1.0) and fp32["top1"] == 1.0 and fp32["max_abs"] == 0.0
+    sel = run["selected"]
+    assert sel["accuracy"]["cosine"] >= 0.9 and sel["latency"]["objective_ms"] > 0
+    assert all(k.startswith("classifier:") for k in run["sensitivity"])
+    assert (d / "out" / "classifier.onnx").is_file() and (d / "out" / "classifier.plan.json").is_file()
+    md = (runs / "r1" / "report.md").read_text()
+    assert "higher is better" in md and "cosine" in md
+    assert "PASSED" in out or "passed" in out.lower()
+    from workbench.runs import list_runs
+    assert [r["model"] for r in list_runs(runs)] == ["onnx"]
+
+
+USER_MODULE = '''
+import numpy as np
+from tasks.base import Metric
+from tasks.onnx_task import OnnxTask
+from tasks.base import GraphSpec
+
+
+def agreement(reference, candidate):
+    """A user metric: mean squared error of the logits (and NaN on request)."""
+    ref = np.concatenate([o["logits"] for o in reference["classifier"]])
+    got = np.concatenate([o["logits"] for o in candidate["classifier"]])
+    return {{"neg_mse": -float(np.mean((ref - got) ** 2))}}
+
+
+def nan_metric(reference, candidate):
+    return float("nan")
+
+
+class MyTask(OnnxTask):
+    name = "my-classifier"
+
+
+def make_task(options):
+    root = options["root"]
+    return MyTask([GraphSpec("classifier", root + "/classifier.onnx")],
+                  {{"classifier": {{"calib": root + "/calib", "eval": root + "/eval", "latency": None}}}},
+                  metric="user_tasks_mod:agreement")
+
+
+def not_a_task(options):
+    return 42
+'''
+
+
+@pytest.fixture
+def user_module(project, monkeypatch):
+    (project / "user_tasks_mod.py").write_text(textwrap.dedent(USER_MODULE.format()))
+    monkeypatch.syspath_prepend(str(project))
+    return project
+
+
+def test_user_entry_task_and_user_metric(user_module, capsys):
+    d = user_module
+    cfg = d / "entry.toml"
+    cfg.write_text(CONFIG.format(metric="neg_mse", delta=-0.05, extra=f'entry = "user_tasks_mod:make_task"\n'
+                                 f'options = {{ root = "{d}" }}').replace(
+        '[[task.graphs]]\nname = "classifier"\npath = "classifier.onnx"\ncalib_data = "calib"\neval_data = "eval"\n', ""))
+    runs = d / "runs-entry"
+    assert main(["search", "--config", str(cfg), "--runs-root", str(runs), "--run-dir", str(runs / "e1")]) == 0
+    run = json.loads((runs / "e1" / "run.json").read_text())
+    assert run["model"] == "my-classifier" and "neg_mse" in run["task"]["metrics"]
+    assert run["baselines"][0]["accuracy"]["neg_mse"] == 0.0 and run["status"] == "passed"
+
+
+@pytest.mark.parametrize("extra, message", [
+    ('entry = "no_such_module_xyz:make"', "cannot import 'no_such_module_xyz'"),
+    ('entry = "user_tasks_mod:missing"', "has no callable 'missing'"),
+    ('entry = "user_tasks_mod:not_a_task"', "returned int, not a tasks.base.Task"),
+    ('entry = "user_tasks_mod"', "must be 'module:callable'"),
+    ('metric = "user_tasks_mod:nan_metric"', "is NaN"),
+])
+def test_bad_tasks_fail_before_any_work(user_module, tmp_path, capsys, extra, message):
+    cfg = write_config(user_module, "bad.toml", extra=extra)
+    run_dir = tmp_path / "run"
+    assert main(["search", "--config", str(cfg), "--runs-root", str(tmp_path), "--run-dir", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not run_dir.exists()
+
+
+def test_bad_feeds_and_graph_fail_before_any_work(project, tmp_path, capsys):
+    bad = tmp_path / "bad_eval"
+    bad.mkdir()
+    np.savez(bad / "0.npz", features=np.zeros((2, 12, 16), np.float64))
+    cfg = write_config(project, "badfeeds.toml")
+    cfg.write_text(cfg.read_text().replace('eval_data = "eval"', f'eval_data = "{bad}"'))
+    assert main(["search", "--config", str(cfg), "--run-dir", str(tmp_path / "r")]) == 2
+    assert "is float64, the model takes float32" in capsys.readouterr().err
+    cfg.write_text(cfg.read_text().replace('path = "classifier.onnx"', 'path = "nope.onnx"'))
+    assert main(["search", "--config", str(cfg), "--run-dir", str(tmp_path / "r")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    cfg = write_config(project, "badmetric.toml", metric="cer_rescore")
+    assert main(["search", "--config", str(cfg), "--run-dir", str(tmp_path / "r")]) == 2
+    assert "has no metric 'cer_rescore'" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
