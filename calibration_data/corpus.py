@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from workbench.errors import WorkbenchError
-from workbench.fsutil import atomic_dir, read_json, write_json
+from core.errors import WorkbenchError
+from core.fsutil import atomic_dir, read_json, write_json
 
 from .features import NUM_BINS, SAMPLE_RATE, fbank
 from .fortunes import load_sentences

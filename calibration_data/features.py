@@ -4,7 +4,7 @@ from __future__ import annotations
 import kaldi_native_fbank as knf
 import numpy as np
 
-from workbench.errors import WorkbenchError
+from core.errors import WorkbenchError
 
 SAMPLE_RATE = 16000
 NUM_BINS = 80

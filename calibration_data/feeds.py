@@ -13,7 +13,7 @@ from typing import Mapping
 
 import numpy as np
 
-from workbench.errors import WorkbenchError
+from core.errors import WorkbenchError
 
 
 def check_feed(feed: Mapping[str, np.ndarray], inputs: Mapping[str, dict], where: str) -> None:

@@ -5,7 +5,7 @@ import os
 import re
 from pathlib import Path
 
-from workbench.errors import WorkbenchError
+from core.errors import WorkbenchError
 
 from .text import normalize
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from scipy.signal import resample_poly
 
-from workbench.errors import WorkbenchError
+from core.errors import WorkbenchError
 
 SAMPLE_RATE = 16000
 # (environment variable, default executable, Debian package) per synthesizer.

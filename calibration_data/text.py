@@ -9,7 +9,7 @@ import unicodedata
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from workbench.errors import WorkbenchError
+from core.errors import WorkbenchError
 
 BLANK = "<blank>"
 UNK = "<unk>"

@@ -5,7 +5,7 @@ use, so test accuracy measures generalisation to unseen speakers. flite voices a
 """
 from __future__ import annotations
 
-from workbench.errors import WorkbenchError
+from core.errors import WorkbenchError
 
 SPLITS = ("train", "calib", "test")
 

@@ -22,8 +22,8 @@ import numpy as np
 from core.host import host_info, library_versions
 from evaluation.interface import BEAM, FEATURE_DIM, MAX_HYP_PAD
 from evaluation.runners import OrtRunner, guess_kind
-from workbench.errors import WorkbenchError
-from workbench.fsutil import atomic_dir, read_json, sha256_file, write_json
+from core.errors import WorkbenchError
+from core.fsutil import atomic_dir, read_json, sha256_file, write_json
 
 FORMAT = "workbench-engine"
 FORMAT_VERSION = 1

@@ -15,7 +15,7 @@ import numpy as np
 from calibration_data.text import DEFAULT_VOCAB
 from evaluation.hackathon import BATCH_SIZES, SEQ_LENS
 from evaluation.interface import BEAM, FEATURE_DIM, MAX_HYP_LEN, MAX_HYP_PAD
-from workbench.errors import WorkbenchError
+from core.errors import WorkbenchError
 
 Cases = dict[tuple[int, int], dict[str, np.ndarray]]
 

@@ -18,8 +18,8 @@ import numpy as np
 from engines.base import EngineArtifact, check_in_range, physical_cores
 from evaluation.interface import INTERFACES
 from evaluation.runners import OrtRunner, interface_mismatch
-from workbench.errors import WorkbenchError
-from workbench.fsutil import write_json
+from core.errors import WorkbenchError
+from core.fsutil import write_json
 
 UNKEYED_OPTIONS = ()
 KNOWN_OPTIONS = ("threads", "providers")

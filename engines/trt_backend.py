@@ -35,8 +35,8 @@ import numpy as np
 from engines.base import EngineArtifact, check_feeds, check_in_range
 from evaluation.interface import INTERFACES, TensorSpec
 from evaluation.runners import interface_mismatch
-from workbench.errors import WorkbenchError
-from workbench.fsutil import atomic_path
+from core.errors import WorkbenchError
+from core.fsutil import atomic_path
 
 RTX_TARGETS = (75, 80, 86, 89, 120, 121)  # RTX 1.7's ComputeCapability members (SM75 ... SM121)
 

@@ -11,7 +11,7 @@ from evaluation.ctc import ctc_greedy, ctc_prefix_beam_search
 from evaluation.interface import BEAM, FEATURE_DIM, MAX_HYP_LEN, MAX_HYP_PAD, MISSING_HYP_SCORE
 from evaluation.metrics import cer, wer
 from evaluation.runners import Runner
-from workbench.errors import WorkbenchError
+from core.errors import WorkbenchError
 
 MIN_FRAMES = 7  # fewest frames that leave one encoder frame after subsampling by 4
 

@@ -12,7 +12,7 @@ import numpy as np
 from evaluation.asr import MIN_FRAMES, check_feats, decoder_feeds, only_inputs_of, prefix_beam_batch
 from evaluation.interface import BEAM, FEATURE_DIM
 from evaluation.runners import Runner
-from workbench.errors import WorkbenchError
+from core.errors import WorkbenchError
 
 BATCH_SIZES = (1, 4, 16)
 SEQ_LENS = (16, 64, 256)

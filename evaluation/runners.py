@@ -10,7 +10,7 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from evaluation.interface import INTERFACES, TensorSpec
-from workbench.errors import WorkbenchError
+from core.errors import WorkbenchError
 
 
 class Runner(Protocol):

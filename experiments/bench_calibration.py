@@ -233,7 +233,7 @@ def main() -> None:
     out = RESULTS / "calibration_benchmark.json"
     old = json.loads(out.read_text()) if out.exists() else {"rows": []}
     keep = [r for r in old.get("rows", []) if (r["mode"], r["n"]) not in {(x["mode"], x["n"]) for x in rows}]
-    from workbench.fsutil import write_json
+    from core.fsutil import write_json
 
     write_json(out, {"machine": machine, "command": " ".join(["python"] + sys.argv), "rows": keep + rows})
     print(f"wrote {out}")

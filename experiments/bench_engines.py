@@ -33,7 +33,7 @@ from engines import bench_interleaved, build, int8_kernel_report, load  # noqa: 
 from evaluation.asr import decoder_feeds, only_inputs_of, prefix_beam_batch  # noqa: E402
 from evaluation.hackathon import BATCH_SIZES, SEQ_LENS, make_cases, run_check  # noqa: E402
 from evaluation.runners import OrtRunner  # noqa: E402
-from workbench.fsutil import atomic_path, write_json  # noqa: E402
+from core.fsutil import atomic_path, write_json  # noqa: E402
 
 FP32 = "fp32"
 BASELINE = "ort-quantize_static baseline"

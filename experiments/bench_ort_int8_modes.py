@@ -27,9 +27,9 @@ from core.host import describe, host_info  # noqa: E402
 from engines.cases import bench_cases  # noqa: E402
 from evaluation.hackathon import make_cases  # noqa: E402
 from graph.placement import ORT_MODES, ort_mode_for  # noqa: E402
-from quant.experiment import load_config, resolve_backend_and_recipe  # noqa: E402
-from quant.pipeline import KINDS, Experiment, Workspace  # noqa: E402
-from workbench.fsutil import atomic_path, write_json  # noqa: E402
+from pipeline.config import load_config, resolve_backend_and_recipe  # noqa: E402
+from pipeline.wenet import KINDS, Experiment, Workspace  # noqa: E402
+from core.fsutil import atomic_path, write_json  # noqa: E402
 
 
 def main() -> None:

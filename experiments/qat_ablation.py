@@ -29,10 +29,10 @@ from evaluation.asr import evaluate  # noqa: E402
 from evaluation.runners import OrtRunner  # noqa: E402
 from graph.placement import quantize  # noqa: E402
 from models.export import export_onnx  # noqa: E402
-from models.weights import DEFAULT_WEIGHTS, load_model  # noqa: E402
+from models.weights import DEFAULT_WEIGHTS, load_weights  # noqa: E402
 from quant.qat_run import KINDS, WEIGHTS, check_qat_dir, table_path  # noqa: E402
 from quant.table import CalibrationTable  # noqa: E402
-from workbench.fsutil import atomic_path, write_json  # noqa: E402
+from core.fsutil import atomic_path, write_json  # noqa: E402
 
 OUT = ROOT / "experiments" / "results"
 
@@ -40,7 +40,7 @@ OUT = ROOT / "experiments" / "results"
 def models_of(label: str, weights: Path, tables: dict[str, CalibrationTable], work: Path) -> dict[str, dict]:
     """{"fp32": {kind: path}, "int8": {kind: path}} for one weight set."""
     d = work / label.split()[0]
-    fp32 = dict(zip(KINDS, export_onnx(load_model(weights), d / "fp32")))
+    fp32 = dict(zip(KINDS, export_onnx(load_weights(weights), d / "fp32")))
     int8 = {k: d / "int8" / f"{k}.onnx" for k in KINDS}
     for kind in KINDS:  # quantize's default plan: every Linear/Conv int8, attention MatMuls fp32
         quantize(str(fp32[kind]), tables[kind].data, default_plan="int8", recipe="onnxruntime", out=int8[kind])

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from workbench.errors import WorkbenchError
+from core.errors import WorkbenchError
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear (`axis`) needs opset 13

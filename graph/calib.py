@@ -9,8 +9,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from workbench.errors import WorkbenchError
-from workbench.fsutil import read_json
+from core.errors import WorkbenchError
+from core.fsutil import read_json
 
 TABLE_FORMAT = "wb-calibration-table/1"
 QMAX = 127.0

@@ -45,8 +45,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from core.host import cpu_info
-from workbench.errors import WorkbenchError
-from workbench.fsutil import atomic_path
+from core.errors import WorkbenchError
+from core.fsutil import atomic_path
 
 from .analysis import Analysis, GraphIndex, analyze, prepare_model
 from .calib import QMAX, CalibTable, load_table

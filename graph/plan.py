@@ -20,8 +20,8 @@ import re
 from pathlib import Path
 from typing import Iterable
 
-from workbench.errors import WorkbenchError
-from workbench.fsutil import read_json, write_json
+from core.errors import WorkbenchError
+from core.fsutil import read_json, write_json
 
 from .analysis import Analysis
 

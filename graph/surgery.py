@@ -8,8 +8,8 @@ from pathlib import Path
 
 import onnx
 
-from workbench.errors import WorkbenchError
-from workbench.fsutil import atomic_path
+from core.errors import WorkbenchError
+from core.fsutil import atomic_path
 
 from .analysis import load_model
 

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from workbench.errors import WorkbenchError
+from core.errors import WorkbenchError
 
 from .analysis import GraphIndex, analyze, load_model
 

@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from calibration_data.text import DEFAULT_VOCAB
-from workbench.errors import WorkbenchError
+from core.errors import WorkbenchError
 
 
 CNN_MODULE_NORMS = ("batch_norm", "layer_norm")

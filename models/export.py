@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from evaluation import interface
-from workbench.errors import WorkbenchError
-from workbench.fsutil import atomic_path
+from core.errors import WorkbenchError
+from core.fsutil import atomic_path
 
 from .asr_model import ASRModel
 from .layers import make_pad_mask

@@ -13,8 +13,8 @@ import torch
 from tqdm import tqdm
 
 from calibration_data.text import DEFAULT_VOCAB, CharVocab
-from workbench.errors import WorkbenchError
-from workbench.fsutil import atomic_path
+from core.errors import WorkbenchError
+from core.fsutil import atomic_path
 
 from .asr_model import IGNORE_ID, ASRModel
 from .config import ModelConfig
@@ -199,9 +199,9 @@ def train(model_cfg: ModelConfig, train_split, val_split, out_dir: str | Path, t
         model = ASRModel(model_cfg)
         model.encoder.set_cmvn(cmvn)
     if tcfg.init_weights:
-        from .weights import load_model
+        from .weights import load_weights
 
-        init = load_model(tcfg.init_weights)
+        init = load_weights(tcfg.init_weights)
         if init.cfg != model_cfg:
             raise WorkbenchError(f"{tcfg.init_weights} is a {init.cfg.name} model, not {model_cfg.name}")
         model.load_state_dict(init.state_dict())  # its CMVN too: the statistics it was trained with

@@ -9,8 +9,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from workbench.errors import WorkbenchError
-from workbench.fsutil import atomic_path
+from core.errors import WorkbenchError
+from core.fsutil import atomic_path
 
 from .asr_model import ASRModel
 from .config import ModelConfig, get_config
@@ -38,7 +38,7 @@ def read_metadata(path: str | Path) -> dict:
         raise WorkbenchError(f"{path} is not a readable weights file: {exc}") from exc
 
 
-def load_model(path: str | Path) -> ASRModel:
+def load_weights(path: str | Path) -> ASRModel:
     path = Path(path)
     if not path.is_file():
         raise WorkbenchError(f"weights file not found: {path}")
@@ -56,7 +56,7 @@ def load_model(path: str | Path) -> ASRModel:
 def default_model(config: str = "small", seed: int = 0) -> tuple[ASRModel, bool]:
     """The shipped trained model when present, else a random-init `config` model. Returns (model, trained)."""
     if config == "small" and DEFAULT_WEIGHTS.is_file():
-        return load_model(DEFAULT_WEIGHTS), True
+        return load_weights(DEFAULT_WEIGHTS), True
     warnings.warn(f"no trained weights for {config!r}: using a random-init model (quantization results on "
                   "random weights say little about a trained network)", stacklevel=2)
     torch.manual_seed(seed)

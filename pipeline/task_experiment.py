@@ -25,14 +25,14 @@ from graph.calib import load_table
 from graph.placement import quantize
 from graph.plan import create_plan, edit_plan, save_plan
 from quant.calibrate import calibrate
-from quant.evalcache import EvalCache
+from search.evalcache import EvalCache
 from quant.methods import method_key
-from quant.search import SearchProblem, node_key, plan_counts, plan_hash, search, split_plan
+from search.algorithm import SearchProblem, node_key, plan_counts, flat_plan_hash, search, split_plan
 from quant.table import CalibrationTable
 from tasks.base import Task, check_metrics
 from tasks.fidelity import noise_to_signal
-from workbench.errors import WorkbenchError
-from workbench.fsutil import sha256_file, write_json
+from core.errors import WorkbenchError
+from core.fsutil import sha256_file, write_json
 
 
 def criterion_of(cfg: dict, task: Task, reference: float) -> dict:
@@ -276,15 +276,15 @@ class TaskExperiment:
                                 groups=groups, max_full_evals=self.cfg["budget"]["max_full_evals"])
         begin = {n: "int8" for n in nodes}
         cache = EvalCache(self.dir / f"search_cache.{method}.jsonl")
-        cache.get_or_compute(f"acc:{plan_hash(begin)}", lambda: start["accuracy"])
-        cache.get_or_compute(f"lat:{plan_hash(begin)}", lambda: start["latency"])
+        cache.get_or_compute(f"acc:{flat_plan_hash(begin)}", lambda: start["accuracy"])
+        cache.get_or_compute(f"lat:{flat_plan_hash(begin)}", lambda: start["latency"])
         result = search(problem, cache, progress=self.progress)
         out = {"label": f"search from {method}", "calibrator": method, "status": result.status,
                "n_full_evals": result.n_full_evals, "n_cache_hits": result.n_cache_hits, "trace": result.trace,
                "sensitivity": sens, "best": None}
         if result.best is not None:
             flat = result.plans[result.best["plan_hash"]]
-            out["best"] = {"label": out["label"], "calibrator": method, "plan_hash": plan_hash(flat),
+            out["best"] = {"label": out["label"], "calibrator": method, "plan_hash": flat_plan_hash(flat),
                            **plan_counts(flat), "accuracy": result.best["accuracy"],
                            "latency": result.best["latency"], "passed": True}
             out["models"], out["flat"] = models_of(flat), flat
@@ -301,7 +301,7 @@ class TaskExperiment:
             return None, None
         groups: dict[str, list] = {}
         for o in options:
-            groups.setdefault(plan_hash(o[2]), []).append(o)
+            groups.setdefault(flat_plan_hash(o[2]), []).append(o)
         reps = {h: self._most_accurate_option(g) for h, g in groups.items()}
         timed = {o[0]: o[1] for o in reps.values()}
         timed.setdefault("FP32", self.ws.fp32)
@@ -320,7 +320,7 @@ class TaskExperiment:
                             "speedup_vs_fp32": ref["objective_ms"] / lat[o[0]]["objective_ms"],
                             "accuracy": o[3]["accuracy"]} for h, o in reps.items()],
                   "fp32_objective_ms": ref["objective_ms"]}
-        selected = {"label": "selected mix", "source": label, "plan_hash": plan_hash(flat),
+        selected = {"label": "selected mix", "source": label, "plan_hash": flat_plan_hash(flat),
                     "calibrator": rec.get("calibrator"), **plan_counts(flat),
                     "fallback_nodes": sorted(k for k, v in flat.items() if v != "int8"),
                     "accuracy": rec["accuracy"], "passed": True, "latency": lat[label], "reference_latency": ref}
@@ -362,7 +362,7 @@ class TaskExperiment:
 
 def run_task_experiment(cfg: dict, task: Task, run_dir: str | Path, progress: bool = True) -> dict:
     """Run the whole experiment for `task` (a loaded, checked Task) into `run_dir`."""
-    from quant.experiment import resolve_backend_and_recipe
+    from pipeline.config import resolve_backend_and_recipe
 
     cfg = resolve_backend_and_recipe(copy.deepcopy(cfg))
     if cfg["backend"]["name"] != "onnxruntime":

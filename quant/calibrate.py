@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 
 from graph.analysis import analyze, load_model
 from graph.placement import calibration_tensors
-from workbench.errors import WorkbenchError
+from core.errors import WorkbenchError
 
 from .collect import Padding, collect_statistics
 from .histogram import DEFAULT_BINS

@@ -39,7 +39,7 @@ import onnx
 
 from evaluation import asr
 from graph.analysis import load_model
-from workbench.errors import WorkbenchError
+from core.errors import WorkbenchError
 
 from .histogram import DEFAULT_BINS, NonFiniteError, TensorStats
 
@@ -91,14 +91,14 @@ class EncoderFeeds:
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         for lo in range(0, len(self.indices), self.batch_size):
             feats = [self.split.features(i) for i in self.indices[lo:lo + self.batch_size]]
-            yield pad_batch(feats)
+            yield encoder_feed(feats)
 
 
 def encoder_feeds(split, batch_size: int = 16, limit: int | None = None, indices: list[int] | None = None) -> EncoderFeeds:
     return EncoderFeeds(split, batch_size, limit, indices)
 
 
-def pad_batch(feats: list[np.ndarray]) -> dict[str, np.ndarray]:
+def encoder_feed(feats: list[np.ndarray]) -> dict[str, np.ndarray]:
     """[T_i, F] arrays -> {"speech": float32 [B, max T, F] zero-padded, "speech_lengths": int32 [B]}."""
     speech, lengths = asr.pad_batch(feats)
     return {"speech": speech, "speech_lengths": lengths}

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import entropy as _kl
 
-from workbench.errors import WorkbenchError
+from core.errors import WorkbenchError
 
 from .histogram import TensorStats
 

@@ -42,8 +42,8 @@ from onnx import numpy_helper
 from torch import nn
 
 from graph.analysis import analyze
-from workbench.errors import WorkbenchError
-from workbench.fsutil import atomic_path
+from core.errors import WorkbenchError
+from core.fsutil import atomic_path
 
 from .methods import AMAX_FLOOR
 

@@ -26,8 +26,8 @@ import torch
 from graph.analysis import analyze
 from graph.plan import create_plan, load_plan, save_plan
 from graph.validate import validate
-from workbench.errors import WorkbenchError
-from workbench.fsutil import atomic_dir, write_json
+from core.errors import WorkbenchError
+from core.fsutil import atomic_dir, write_json
 
 from .qat import export_qat_onnx, fp32_teacher, insert_quantizers, qat_table, quantizers, remove_quantizers
 from .table import CalibrationTable

@@ -20,8 +20,8 @@ import struct
 from pathlib import Path
 
 from graph.calib import QMAX, TABLE_FORMAT
-from workbench.errors import WorkbenchError
-from workbench.fsutil import atomic_path, read_json, sha256_file, write_json
+from core.errors import WorkbenchError
+from core.fsutil import atomic_path, read_json, sha256_file, write_json
 
 from .methods import AMAX_FLOOR
 

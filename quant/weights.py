@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 
 from graph.analysis import Analysis, GraphIndex, load_model
-from workbench.errors import WorkbenchError
+from core.errors import WorkbenchError
 
 from .methods import AMAX_FLOOR
 

@@ -21,7 +21,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from workbench.errors import WorkbenchError
+from core.errors import WorkbenchError
 
 Feeds = dict[str, np.ndarray]
 

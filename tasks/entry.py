@@ -6,7 +6,7 @@ import importlib
 import math
 from typing import Any, Callable
 
-from workbench.errors import WorkbenchError
+from core.errors import WorkbenchError
 
 from .base import Task, check_task_shape
 

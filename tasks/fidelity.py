@@ -14,7 +14,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from evaluation.hackathon import check as hackathon_check
-from workbench.errors import WorkbenchError
+from core.errors import WorkbenchError
 
 from .base import Metric
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from calibration_data.feeds import load_npz_feeds
-from workbench.errors import WorkbenchError
+from core.errors import WorkbenchError
 
 from .base import Feeds, GraphSpec, Metric, Task
 from .entry import call_metric, load_callable

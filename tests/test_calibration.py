@@ -12,14 +12,14 @@ from onnx import TensorProto, helper, numpy_helper
 from scipy.stats import entropy as scipy_entropy
 
 from quant.calibrate import calibrate
-from quant.collect import Padding, collect_statistics, encoder_feeds, pad_batch
+from quant.collect import Padding, collect_statistics, encoder_feeds, encoder_feed
 from quant.histogram import TensorStats
 from quant.methods import AMAX_FLOOR, amax_entropy, amax_mse, amax_percentile
 from quant.table import CalibrationTable, read_trt_cache, write_trt_cache
 from graph.analysis import analyze
 from graph.placement import calibration_tensors
 from quant.weights import per_channel_amax
-from workbench.errors import WorkbenchError
+from core.errors import WorkbenchError
 
 
 # ============================================================================ references (plain, from the papers/code)
@@ -231,7 +231,7 @@ def test_max_matches_onnxruntime_minmax(tiny_onnx, tmp_path):
 
     enc, _ = tiny_onnx
     feats = _features(6, seed=3)
-    batches = [pad_batch([f]) for f in feats]  # batch 1: ORT's MinMax counts padding, so use none
+    batches = [encoder_feed([f]) for f in feats]  # batch 1: ORT's MinMax counts padding, so use none
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -332,12 +332,12 @@ def test_bad_inputs_raise_clear_errors(tiny_onnx, tmp_path):
     with pytest.raises(WorkbenchError, match="empty"):
         calibrate(enc, [], progress=False)
     with pytest.raises(WorkbenchError, match="'nope'.*does not exist"):
-        calibrate(enc, [pad_batch(good)], tensors=["nope"], progress=False)
-    bad = pad_batch(good)
+        calibrate(enc, [encoder_feed(good)], tensors=["nope"], progress=False)
+    bad = encoder_feed(good)
     bad["speech"][1, 5, 3] = np.nan
     with pytest.raises(WorkbenchError, match=r"input 'speech'.*sample 4 .*batch 1"):
-        calibrate(enc, [pad_batch(good), bad], progress=False)
-    f = pad_batch(good)
+        calibrate(enc, [encoder_feed(good), bad], progress=False)
+    f = encoder_feed(good)
     with pytest.raises(WorkbenchError, match="input 'speech' has dtype float64"):
         calibrate(enc, [{"speech": f["speech"].astype(np.float64), "speech_lengths": f["speech_lengths"]}],
                   progress=False)
@@ -351,7 +351,7 @@ def test_bad_inputs_raise_clear_errors(tiny_onnx, tmp_path):
     nan_model = _frame_model(tmp_path / "nan.onnx", nan_op=True)
     low = np.full((30, 80), 10, np.float32)
     low[3, 7] = 1.0  # sqrt(1 - 5): NaN for sample 1 only
-    feeds = [pad_batch([np.full((30, 80), 10, np.float32), low])]
+    feeds = [encoder_feed([np.full((30, 80), 10, np.float32), low])]
     with pytest.raises(WorkbenchError, match=r"tensor 'r2' has NaN for calibration sample 1 "):
         calibrate(nan_model, feeds, tensors=["r2"], progress=False)
 

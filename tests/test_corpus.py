@@ -10,7 +10,7 @@ from calibration_data.corpus import cmvn_stats, ensure_corpus, generate_split, l
 from calibration_data.fortunes import MAX_CHARS, load_sentences
 from calibration_data.text import DEFAULT_VOCAB, normalize
 from calibration_data.voices import SPLITS, voice_id, voices_for_split
-from workbench.errors import WorkbenchError
+from core.errors import WorkbenchError
 
 SIZES = {"train": 6, "calib": 4, "test": 6}
 ALLOWED = set("abcdefghijklmnopqrstuvwxyz' ")

@@ -15,7 +15,7 @@ from engines import EngineArtifact, bench, bench_cases, build, default_shapes, i
 from engines import ort_backend, trt_backend
 from models.export import dummy_decoder_inputs, dummy_encoder_inputs
 from workbench.commands import engines as engines_cmd
-from workbench.errors import WorkbenchError
+from core.errors import WorkbenchError
 
 DECODER_NAMES = ["encoder_out", "encoder_out_lens", "hyps_pad_sos_eos", "hyps_lens_sos", "r_hyps_pad_sos_eos",
                  "ctc_score"]

@@ -17,7 +17,7 @@ from evaluation.hackathon import check, format_table, make_cases, run_check
 from evaluation.interface import ENCODER_OUTPUTS, MISSING_HYP_SCORE, encoder_out_length
 from evaluation.metrics import cer, edit_distance, wer
 from evaluation.runners import OrtRunner
-from workbench.errors import WorkbenchError
+from core.errors import WorkbenchError
 
 V = len(VOCAB)
 SOS = VOCAB.sos_eos

@@ -1,7 +1,7 @@
 import pytest
 
-from quant.experiment import CONFIG_DIR, criterion_threshold, load_config
-from workbench.errors import WorkbenchError
+from pipeline.config import CONFIG_DIR, criterion_threshold, load_config
+from core.errors import WorkbenchError
 
 
 def test_quick_layers_over_default():

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from calibration_data.features import fbank, num_frames
-from workbench.errors import WorkbenchError
+from core.errors import WorkbenchError
 
 SR = 16000
 # knf computes in float32, the reference in float64: log-mel values agree within ATOL (observed: ~1e-4)

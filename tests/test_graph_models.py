@@ -24,7 +24,7 @@ from graph.plan import create_plan, edit_plan
 from graph.surgery import fix_hyps_length
 from graph.validate import validate
 from models.export import DECODER_INPUTS, dummy_decoder_inputs, dummy_encoder_inputs
-from workbench.errors import WorkbenchError
+from core.errors import WorkbenchError
 
 INT_KERNELS = {"QLinearConv", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat", "ConvInteger",
                "DynamicQuantizeMatMul", "QGemm", "QAttention"}

@@ -9,7 +9,7 @@ from graph.analysis import analyze, assign_node_names
 from graph.placement import quantize
 from graph.plan import create_plan, diff_plans, edit_plan, load_plan, save_plan, validate_plan
 from graph.validate import check_or_raise, validate
-from workbench.errors import WorkbenchError
+from core.errors import WorkbenchError
 
 F = TensorProto.FLOAT
 RNG = np.random.default_rng(0)

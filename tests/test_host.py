@@ -4,7 +4,7 @@ import pytest
 
 from core.host import describe, host_info, parse_cpuinfo, same_isa
 from graph.placement import ort_mode_for, resolve_ort_mode
-from workbench.errors import WorkbenchError
+from core.errors import WorkbenchError
 
 EPYC_AVX2 = """processor\t: 0
 vendor_id\t: AuthenticAMD

@@ -10,9 +10,9 @@ import torch
 from models import ASRModel, ModelConfig, get_config
 from models.export import (DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS, DecoderForExport,
                            EncoderForExport, dummy_decoder_inputs, dummy_encoder_inputs, export_onnx)
-from models.weights import load_model, save_weights
+from models.weights import load_weights, save_weights
 from wenet_like import make_wenet_like_model, make_wenet_like_pair, unit_names, write_npz_feeds
-from workbench.errors import WorkbenchError
+from core.errors import WorkbenchError
 
 ONNX_INT64, ONNX_INT32, ONNX_FLOAT = onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.FLOAT
 
@@ -95,7 +95,7 @@ def test_opset17_native_layernorm_and_pruned_reverse_input(tiny_model, tmp_path)
 def test_weights_round_trip(tiny_model, tmp_path):
     path = tmp_path / "w.safetensors"
     save_weights(tiny_model, path, dtype=torch.float32)
-    again = load_model(path)
+    again = load_weights(path)
     assert again.cfg == tiny_model.cfg
     x, lens = dummy_encoder_inputs(2, 50)
     with torch.no_grad():
@@ -108,9 +108,9 @@ def test_corrupt_weights_file_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
     with pytest.raises(WorkbenchError, match="not a readable weights file"):
-        load_model(bad)
+        load_weights(bad)
     with pytest.raises(WorkbenchError, match="not found"):
-        load_model(tmp_path / "missing.safetensors")
+        load_weights(tmp_path / "missing.safetensors")
 
 
 def test_loss_decreases_on_cpu():

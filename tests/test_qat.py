@@ -16,7 +16,7 @@ from models.export import dummy_decoder_inputs, dummy_encoder_inputs, export_onn
 from quant.qat import (AMAX_FLOOR, FakeQuant, export_qat_onnx, fp32_teacher, insert_quantizers, node_module_path,
                        quantizers)
 from quant.table import FORMAT, CalibrationTable
-from workbench.errors import WorkbenchError
+from core.errors import WorkbenchError
 
 
 def _model():
@@ -207,10 +207,10 @@ def test_qat_directory_feeds_ptq_placement(fp32, qat_run, tmp_path):
     """The search starts from QAT scales by placing the fine-tuned FP32 weights with the QAT table: that
     model computes what the QAT export computes (residual-Add Q/DQ off, which QAT does not model)."""
     from graph.placement import quantize
-    from models.weights import load_model
+    from models.weights import load_weights
 
     out = qat_run["dir"]
-    enc32, _ = export_onnx(load_model(out / "weights.safetensors"), tmp_path / "fp32")
+    enc32, _ = export_onnx(load_weights(out / "weights.safetensors"), tmp_path / "fp32")
     plan = copy.deepcopy(fp32["plan_enc"])
     plan["options"]["residual_add"] = False
     placed = quantize(str(enc32), str(out / "encoder.table.json"), plan=plan, recipe="tensorrt",
@@ -258,7 +258,7 @@ def test_state_dict_roundtrip_and_remove(fp32):
 
 
 def test_workspace_qat_source_must_fit_the_plans(fp32, tmp_path):
-    from quant.pipeline import Workspace
+    from pipeline.wenet import Workspace
 
     ws = Workspace(tmp_path, {}, {"encoder": fp32["enc"], "decoder": fp32["dec"]})
     with pytest.raises(WorkbenchError, match="not the architecture"):

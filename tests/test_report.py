@@ -5,9 +5,9 @@ import re
 
 import pytest
 
-from workbench.errors import WorkbenchError
-from workbench.report import write_report
-from workbench.runs import compare_runs, index_run, list_runs, reindex
+from core.errors import WorkbenchError
+from report.document import write_report
+from report.index import compare_runs, index_run, list_runs, reindex
 
 GRID = [(bs, sl) for bs in (1, 4, 16) for sl in (16, 64, 256)]
 METRIC = "cer_rescore"

@@ -21,7 +21,7 @@ from graph.analysis import analyze
 from graph.placement import quantize
 from graph.plan import create_plan
 from graph.validate import validate
-from workbench.errors import WorkbenchError
+from core.errors import WorkbenchError
 
 from test_graph_rules import _x, block_model, table_for
 
@@ -284,7 +284,7 @@ def test_rtx_options_checked():
 
 
 def test_rtx_check_needs_a_run(tmp_path):
-    from quant.rtx_check import _slug, resolve_run_dir
+    from pipeline.rtx_check import _slug, resolve_run_dir
 
     with pytest.raises(WorkbenchError, match="neither a run directory nor a published run"):
         resolve_run_dir(tmp_path)

@@ -1,8 +1,8 @@
 """Precision search on synthetic problems with a known answer."""
 import pytest
 
-from quant.evalcache import EvalCache
-from quant.search import SearchProblem, plan_hash, search
+from search.evalcache import EvalCache
+from search.algorithm import SearchProblem, flat_plan_hash, search
 
 NODES = [f"n{i:02d}" for i in range(20)]
 DAMAGE = {n: 0.01 for n in NODES} | {"n03": 1.0, "n07": 0.5}  # planted sensitive layers
@@ -11,7 +11,7 @@ INT8_OVERHEAD = {"n15"}  # INT8 here only adds Q/DQ overhead
 
 def make_problem(calls, threshold=0.2, sensitivity=None, groups=None):
     def accuracy(plan):
-        calls.append(plan_hash(plan))
+        calls.append(flat_plan_hash(plan))
         return {"error": round(sum(DAMAGE[n] for n, p in plan.items() if p == "int8"), 6)}
 
     def latency(plan):

@@ -120,7 +120,7 @@ def test_search_quick_on_a_generic_onnx_model(project, capsys):
     md = (runs / "r1" / "report.md").read_text()
     assert "higher is better" in md and "cosine" in md
     assert "PASSED" in out or "passed" in out.lower()
-    from workbench.runs import list_runs
+    from report.index import list_runs
     assert [r["model"] for r in list_runs(runs)] == ["onnx"]
 
 

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import WorkbenchError
+from core.errors import WorkbenchError
 
 
 def _sizes(text: str) -> dict[str, int]:
@@ -33,10 +33,10 @@ def cmd_data(args) -> None:
 
 
 def _model(args):
-    from models.weights import default_model, load_model
+    from models.weights import default_model, load_weights
 
     if args.weights:
-        return load_model(args.weights), True
+        return load_weights(args.weights), True
     return default_model(args.config)
 
 
@@ -70,7 +70,7 @@ def cmd_evaluate(args) -> None:
     summary = {k: v for k, v in res.items() if k != "utterances"} | {"split": args.split, "wall_s": round(time.time() - t0, 1)}
     print(json.dumps(summary, indent=2))
     if args.json:
-        from .fsutil import write_json
+        from core.fsutil import write_json
         write_json(args.json, summary | {"utterances": res["utterances"]})
 
 
@@ -107,7 +107,7 @@ def cmd_check(args) -> None:
     rows = run_check(ref_e, ref_d, cand_e, cand_d, make_cases(ref_e, pool))
     print(format_table(rows))
     if args.json:
-        from .fsutil import write_json
+        from core.fsutil import write_json
         write_json(args.json, rows)
 
 

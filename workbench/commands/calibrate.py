@@ -44,7 +44,7 @@ def _feeds(args, inputs: dict):
     from evaluation.runners import GENERIC, guess_kind
     from quant.collect import encoder_feeds
 
-    from ..errors import WorkbenchError
+    from core.errors import WorkbenchError
 
     if args.data is not None:
         feeds = load_npz_feeds(args.data, inputs)
@@ -76,9 +76,9 @@ def _feeds(args, inputs: dict):
 def run(args) -> None:
     from engines.base import onnx_io
     from quant.calibrate import calibrate
-    from workbench.fsutil import check_writable_target
+    from core.fsutil import check_writable_target
 
-    from ..errors import WorkbenchError
+    from core.errors import WorkbenchError
 
     if args.batch_size < 1:
         raise WorkbenchError(f"--batch-size must be >= 1, got {args.batch_size}")

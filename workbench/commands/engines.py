@@ -66,7 +66,7 @@ def cmd_bench(args) -> None:
     from core.host import describe, host_info
     from engines import EngineArtifact, bench, bench_cases, format_bench_table, load
     from engines.cases import corpus_pool
-    from workbench.fsutil import write_json
+    from core.fsutil import write_json
 
     art = EngineArtifact.open(args.engine)
     runner = load(art, **({"threads": args.threads} if args.threads else {}))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from workbench.errors import WorkbenchError
+from core.errors import WorkbenchError
 
 
 def register(sub) -> None:
@@ -54,11 +54,11 @@ def _shown(path: Path) -> str:
 
 def run(args) -> None:
     from calibration_data.corpus import default_cache_dir, load_split
-    from models.weights import DEFAULT_WEIGHTS, load_model
+    from models.weights import DEFAULT_WEIGHTS, load_weights
     from quant.qat_run import QatOptions, run_qat
 
     weights = args.weights or DEFAULT_WEIGHTS
-    model = load_model(weights)
+    model = load_weights(weights)
     tables = _tables(args.tables)
     cache = args.cache or default_cache_dir()
     train_split, val_split = load_split(cache, "train"), load_split(cache, "calib")

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> None:
     from graph.plan import counts, create_plan, load_plan, save_plan
     from graph.validate import check_or_raise
 
-    from workbench.fsutil import check_writable_target
+    from core.fsutil import check_writable_target
 
     for target in (args.out, args.write_plan):  # before the work, not after it
         if target is not None:
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> None:
     res = quantize(model, args.table, plan, recipe=args.recipe, ort_mode=args.ort_mode)
     check_or_raise(res.model, res.plan, args.recipe, original=model)
     import onnx
-    from workbench.fsutil import atomic_path
+    from core.fsutil import atomic_path
     with atomic_path(args.out) as tmp:
         onnx.save(res.model, str(tmp))
     if args.write_plan:

@@ -5,11 +5,28 @@ from pathlib import Path
 
 
 def run(args) -> None:
-    from quant.rtx_check import RESULT_MD, check_run, resolve_run_dir
+    from core.errors import WorkbenchError
+    from pipeline.rtx_check import RESULT_MD, check_run, resolve_run_dir
+    from report.document import write_report
 
-    print(f"TensorRT-RTX builds (SM{args.compute_capability}) of {resolve_run_dir(args.run)}:")
-    check_run(args.run, compute_capability=args.compute_capability)
-    print(f"plan sizes: {resolve_run_dir(args.run) / RESULT_MD} (and in the report)")
+    run_dir = resolve_run_dir(args.run)
+    print(f"TensorRT-RTX builds (SM{args.compute_capability}) of {run_dir}:")
+    try:
+        check_run(args.run, compute_capability=args.compute_capability)
+    except WorkbenchError:
+        if (run_dir / RESULT_MD).is_file():
+            _report(run_dir, args.run, write_report)  # the report shows what was refused too
+        raise
+    _report(run_dir, args.run, write_report)
+    print(f"plan sizes: {run_dir / RESULT_MD} (and in the report)")
+
+
+def _report(run_dir: Path, published: Path, write_report) -> None:
+    """Re-render the run's report (it lists the plan sizes) and copy it to a published directory."""
+    write_report(run_dir)
+    if Path(published).resolve() != run_dir.resolve():
+        for name in ("report.md", "report.html"):
+            (Path(published) / name).write_bytes((run_dir / name).read_bytes())
 
 
 def register(sub) -> None:

@@ -17,8 +17,8 @@ def _f(v, spec: str = ".4g", suffix: str = "") -> str:
 
 
 def cmd_list(args) -> None:
-    from workbench.report import fmt_metric
-    from workbench.runs import _root, list_runs
+    from report.document import fmt_metric
+    from report.index import _root, list_runs
 
     runs = list_runs(args.root)
     if not runs:
@@ -33,8 +33,8 @@ def cmd_list(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from workbench.report import fmt_metric, fmt_ms, fmt_pass, fmt_x
-    from workbench.runs import compare_runs
+    from report.document import fmt_metric, fmt_ms, fmt_pass, fmt_x
+    from report.index import compare_runs
 
     c = compare_runs(args.root, args.a, args.b)
     for w in c["warnings"]:
@@ -65,8 +65,8 @@ def cmd_compare(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from workbench.report import write_report
-    from workbench.runs import index_run
+    from report.document import write_report
+    from report.index import index_run
 
     paths = write_report(args.run_dir)
     row = index_run(args.run_dir, args.root)
@@ -74,7 +74,7 @@ def cmd_report(args) -> None:
 
 
 def cmd_reindex(args) -> None:
-    from workbench.runs import reindex
+    from report.index import reindex
 
     res = reindex(args.root)
     print(f"indexed {len(res['indexed'])} runs into {res['path']}")

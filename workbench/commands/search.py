@@ -4,7 +4,7 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
-from workbench.errors import WorkbenchError
+from core.errors import WorkbenchError
 
 
 def register(sub) -> None:
@@ -21,9 +21,9 @@ def register(sub) -> None:
 
 
 def run(args) -> None:
-    from quant.experiment import CONFIG_DIR, is_wenet, load_config
-    from workbench.report import write_report
-    from workbench.runs import default_runs_root, index_run
+    from pipeline.config import CONFIG_DIR, is_wenet, load_config
+    from report.document import write_report
+    from report.index import default_runs_root, index_run
 
     configs = ([CONFIG_DIR / "quick.toml"] if args.quick else []) + list(args.config)  # the user's configs win
     cfg = load_config(*configs)
@@ -37,7 +37,7 @@ def run(args) -> None:
     if run_dir.exists() and (run_dir / "run.json").is_file() and not args.run_dir:
         raise WorkbenchError(f"{run_dir} already holds a finished run")
     if task is None:
-        from quant.pipeline import run_experiment
+        from pipeline.wenet import run_experiment
 
         run = run_experiment(cfg, run_dir, args.cache)
     else:
@@ -74,7 +74,7 @@ def publish(run_dir: Path, out: Path) -> None:
 
 def summary(run: dict, paths: dict) -> str:
     """The one-screen summary printed at the end of a run."""
-    from workbench.report import fmt_metric, result_rows
+    from report.document import fmt_metric, result_rows
 
     crit = run["criterion"]
     metric = crit["metric"]

@@ -18,9 +18,9 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from graph.surgery import HYPS_INPUTS, fix_hyps_length
-    from workbench.fsutil import check_writable_target
+    from core.fsutil import check_writable_target
 
-    from ..errors import WorkbenchError
+    from core.errors import WorkbenchError
 
     if args.hyps_len < 2:
         raise WorkbenchError(f"--hyps-len must be at least 2 (<sos> and <eos>), got {args.hyps_len}")

@@ -24,21 +24,21 @@ from graph.calib import load_table
 from graph.placement import quantize
 from graph.plan import create_plan, edit_plan, save_plan
 from tasks.fidelity import noise_to_signal
-from workbench.errors import WorkbenchError
-from workbench.fsutil import write_json
+from core.errors import WorkbenchError
+from core.fsutil import write_json
 
-from .calibrate import calibrate
-from .collect import pad_batch as encoder_batch
-from .evalcache import EvalCache
-from .methods import method_key
-from .experiment import criterion_threshold, resolve_backend_and_recipe
-from .search import SearchProblem, node_key, plan_counts, plan_hash, search, split_plan
-from .table import CalibrationTable
+from quant.calibrate import calibrate
+from quant.collect import encoder_feed
+from search.evalcache import EvalCache
+from quant.methods import method_key
+from pipeline.config import criterion_threshold, resolve_backend_and_recipe
+from search.algorithm import SearchProblem, node_key, plan_counts, flat_plan_hash, search, split_plan
+from quant.table import CalibrationTable
 
 KINDS = ("encoder", "decoder")
 # Engine shape ranges (min, opt, max) of the time axis: wide enough for every test utterance and for the
 # hackathon decoder case sl=256, whose encoder input has 4*256+3 frames.
-TIME_RANGES = {"encoder": (7, 256, 2048), "decoder": (1, 64, 512)}
+PIPELINE_TIME_RANGES = {"encoder": (7, 256, 2048), "decoder": (1, 64, 512)}
 METRICS = ("cer_rescore", "cer_greedy", "cer_prefix", "wer_rescore")
 
 
@@ -109,7 +109,7 @@ class Workspace:
     def runner(self, model: Path):
         if model not in self._runners:
             kind = "decoder" if model.parent.name == "decoder" or model.stem == "decoder" else "encoder"
-            shapes = engines.default_shapes(model, kind, time_range=TIME_RANGES[kind])
+            shapes = engines.default_shapes(model, kind, time_range=PIPELINE_TIME_RANGES[kind])
             art = engines.build(model, shapes, self.dir / "engines" / model.parent.name / model.stem,
                                 backend=self.cfg["backend"]["name"], threads=self.cfg["backend"]["threads"])
             self._runners[model] = engines.load(art)
@@ -134,12 +134,12 @@ class Experiment:
     # --- stage 1: model -------------------------------------------------------------------------------------
     def export_fp32(self) -> dict[str, Path]:
         from models.export import export_onnx
-        from models.weights import default_model, load_model
+        from models.weights import default_model, load_weights
 
         out = self.dir / "models" / "fp32"
         if not (out / "encoder.onnx").is_file() or not (out / "decoder.onnx").is_file():
             w = self.cfg["model"]["weights"]
-            model = load_model(w) if w else default_model("small")[0]
+            model = load_weights(w) if w else default_model("small")[0]
             export_onnx(model, out, opset=self.cfg["model"]["opset"])
         return {"encoder": out / "encoder.onnx", "decoder": out / "decoder.onnx"}
 
@@ -149,14 +149,14 @@ class Experiment:
         import shutil
 
         from models.export import export_onnx
-        from models.weights import load_model
+        from models.weights import load_weights
 
-        from .qat_run import WEIGHTS, check_qat_dir, table_path
+        from quant.qat_run import WEIGHTS, check_qat_dir, table_path
 
         qdir = check_qat_dir(self.cfg["qat"]["dir"])
         out = self.dir / "models" / "qat_fp32"
         if not (out / "encoder.onnx").is_file() or not (out / "decoder.onnx").is_file():
-            export_onnx(load_model(qdir / WEIGHTS), out, opset=self.cfg["model"]["opset"])
+            export_onnx(load_weights(qdir / WEIGHTS), out, opset=self.cfg["model"]["opset"])
         ws.add_source("qat", {k: out / f"{k}.onnx" for k in KINDS})
         for kind in KINDS:
             p = self.dir / "calibration" / f"{kind}.qat.json"
@@ -174,7 +174,7 @@ class Experiment:
         c, d = self.cfg["calibration"], self.cfg["data"]
         feats = [self.calib.features(i) for i in range(min(d["calib_utts"], len(self.calib)))]
         bs = c["batch_size"]
-        enc_feeds = [encoder_batch(feats[s:s + bs]) for s in range(0, len(feats), bs)]
+        enc_feeds = [encoder_feed(feats[s:s + bs]) for s in range(0, len(feats), bs)]
         key_of = lambda m: method_key(m, c["percentile"])  # noqa: E731
         self.methods = [key_of(m) for m in c["methods"]]
         methods = [m for m in c["methods"] if m != "qat"]  # "qat" ranges come with qat.dir (export_qat)
@@ -255,7 +255,7 @@ class Experiment:
             a, b = fp32_enc.run(["encoder_out"], feeds)[0], int8_enc.run(["encoder_out"], feeds)[0]
             err.append(noise_to_signal(b, a))
         rank = [pool[i] for i in np.argsort(err)[::-1][: d["ranking_utts"]]]
-        enc_feeds = encoder_batch(rank)
+        enc_feeds = encoder_feed(rank)
         dec_feeds = self.decoder_calib_feeds(ws.runner(src["encoder"]), ws.runner(src["decoder"]), rank, len(rank))[0]
         feeds, out = {"encoder": enc_feeds, "decoder": dec_feeds}, {"encoder": "encoder_out", "decoder": "decoder_out"}
         fp32 = {"encoder": fp32_enc, "decoder": session(src["decoder"])}
@@ -373,8 +373,8 @@ class Experiment:
             groups=self._groups(ws), max_full_evals=self.cfg["budget"]["max_full_evals"])
         begin = {n: "int8" for n in nodes}
         search_cache = EvalCache(self.dir / f"search_cache.{method}.jsonl")
-        search_cache.get_or_compute(f"acc:{plan_hash(begin)}", lambda: start["accuracy"])
-        search_cache.get_or_compute(f"lat:{plan_hash(begin)}", lambda: start["latency"])
+        search_cache.get_or_compute(f"acc:{flat_plan_hash(begin)}", lambda: start["accuracy"])
+        search_cache.get_or_compute(f"lat:{flat_plan_hash(begin)}", lambda: start["latency"])
         result = search(problem, search_cache, progress=self.progress)
         out = {"label": f"search from {method}", "calibrator": method, "status": result.status,
                "n_full_evals": result.n_full_evals, "n_cache_hits": result.n_cache_hits, "trace": result.trace,
@@ -383,7 +383,7 @@ class Experiment:
             flat = result.plans[result.best["plan_hash"]]
             models = models_of(flat)
             best = result.best  # its latency is the search's shorter protocol; _select re-times side by side
-            out["best"] = {"label": out["label"], "calibrator": method, "plan_hash": plan_hash(flat),
+            out["best"] = {"label": out["label"], "calibrator": method, "plan_hash": flat_plan_hash(flat),
                            **plan_counts(flat),
                            "accuracy": best["accuracy"], "latency": best["latency"], "passed": True}
             out["models"], out["flat"] = models, flat
@@ -425,7 +425,7 @@ class Experiment:
             return None, None
         groups: dict[str, list] = {}
         for o in options:
-            groups.setdefault(plan_hash(o[2]), []).append(o)
+            groups.setdefault(flat_plan_hash(o[2]), []).append(o)
         reps = {h: min(g, key=lambda o: o[3]["accuracy"][metric]) for h, g in groups.items()}
         timed = {o[0]: o[1] for o in reps.values()}
         timed.setdefault("FP32", ws.fp32)
@@ -446,8 +446,8 @@ class Experiment:
                             "speedup_vs_fp32": ref["objective_ms"] / lat[o[0]]["objective_ms"],
                             "accuracy": o[3]["accuracy"]} for h, o in reps.items()],
                   "fp32_objective_ms": ref["objective_ms"]}
-        selected = {"label": "selected mix", "source": label, "plan_hash": plan_hash(flat), "calibrator": calibrator,
-                    "same_plan": [m[0] for m in groups[plan_hash(flat)] if m[0] != label],
+        selected = {"label": "selected mix", "source": label, "plan_hash": flat_plan_hash(flat), "calibrator": calibrator,
+                    "same_plan": [m[0] for m in groups[flat_plan_hash(flat)] if m[0] != label],
                     **plan_counts(flat),
                     "fallback_nodes": sorted(k for k, v in flat.items() if v != "int8"),
                     "accuracy": rec["accuracy"], "passed": True, "latency": lat[label], "reference_latency": ref,
@@ -480,7 +480,7 @@ class Experiment:
             plan = edit_plan(ws.base_plan(kind, "fp32"), set_nodes=split_plan(flat, kind))
             save_plan(plan, final / f"{kind}.plan.json")
             engines.build(final / f"{kind}.onnx", engines.default_shapes(final / f"{kind}.onnx", kind,
-                                                                         time_range=TIME_RANGES[kind]),
+                                                                         time_range=PIPELINE_TIME_RANGES[kind]),
                           final / f"{kind}_engine", backend=self.cfg["backend"]["name"],
                           threads=self.cfg["backend"]["threads"])
 

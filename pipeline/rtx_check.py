@@ -25,18 +25,18 @@ import engines
 from graph.plan import load_plan
 from graph.placement import quantize
 from graph.validate import validate
-from workbench.errors import WorkbenchError
-from workbench.fsutil import atomic_path, read_json, write_json
+from core.errors import WorkbenchError
+from core.fsutil import atomic_path, read_json, write_json
 
-from .pipeline import KINDS, TIME_RANGES
+from pipeline.wenet import KINDS, PIPELINE_TIME_RANGES
 
 MODELS_FILE, RESULT_JSON, RESULT_MD = "models.json", "rtx_builds.json", "rtx_builds.md"
 
 
 def resolve_run_dir(path: str | Path) -> Path:
     """The run directory of `path`: a run directory itself, or a published `--out` directory (its run.json
-    names the run, found under workbench.runs.default_runs_root())."""
-    from workbench.runs import default_runs_root
+    names the run, found under pipeline.config.default_runs_root())."""
+    from pipeline.config import default_runs_root
 
     path = Path(path)
     if (path / MODELS_FILE).is_file():
@@ -72,16 +72,16 @@ def _tensorrt_recipe(run_dir: Path, run: dict, label: str, kind: str, onnx_path:
 def _qat_export(run: dict, out_dir: Path) -> dict[str, tuple[Path, dict]]:
     """{kind: (Q/DQ ONNX, plan)}: the QAT directory's weights, quantizers from its plans and ranges, exported."""
     from models.export import export_onnx
-    from models.weights import load_model
+    from models.weights import load_weights
 
-    from .qat import export_qat_onnx, insert_quantizers
-    from .qat_run import WEIGHTS, check_qat_dir, table_path
-    from .table import CalibrationTable
+    from quant.qat import export_qat_onnx, insert_quantizers
+    from quant.qat_run import WEIGHTS, check_qat_dir, table_path
+    from quant.table import CalibrationTable
 
     qdir = check_qat_dir(run["config"]["qat"]["dir"])
     plans = {k: load_plan(qdir / f"{k}.plan.json") for k in KINDS}
     if not all((out_dir / f"{k}.onnx").is_file() for k in KINDS):
-        model = load_model(qdir / WEIGHTS).eval()
+        model = load_weights(qdir / WEIGHTS).eval()
         fp32 = dict(zip(KINDS, export_onnx(model, out_dir / "fp32", opset=run["config"]["model"]["opset"])))
         for k in KINDS:
             insert_quantizers(model, plans[k], CalibrationTable.load(table_path(qdir, k)), fp32[k])
@@ -115,10 +115,9 @@ def variants(run_dir: Path) -> dict[str, dict[str, tuple[Path, dict | None]]]:
 
 
 def check_run(path: str | Path, compute_capability: int = 89, log=print) -> dict:
-    """Build every variant with TensorRT-RTX; write rtx_builds.json/.md and the report; WorkbenchError naming
+    """Build every variant with TensorRT-RTX; write rtx_builds.json/.md (the CLI re-renders the report, which
+    lists them); WorkbenchError naming
     each graph that the parser or builder refused (after trying all of them)."""
-    from workbench.report import write_report
-
     run_dir = resolve_run_dir(path)
     rows, failures = [], []
     for variant, kinds in variants(run_dir).items():
@@ -128,7 +127,7 @@ def check_run(path: str | Path, compute_capability: int = 89, log=print) -> dict
                    "validator_problems": None if plan is None else len(validate(onnx_path, plan, "tensorrt"))}
             t0 = time.perf_counter()
             try:
-                shapes = engines.default_shapes(onnx_path, kind, time_range=TIME_RANGES[kind])
+                shapes = engines.default_shapes(onnx_path, kind, time_range=PIPELINE_TIME_RANGES[kind])
                 art = engines.build(onnx_path, shapes, run_dir / "rtx" / _slug(variant) / f"{kind}_engine",
                                     backend="tensorrt-rtx", kind=kind, compute_capabilities=[compute_capability])
                 row.update(plan_bytes=art.meta["plan_bytes"], build_s=art.meta["build_s"], reused=art.reused,
@@ -151,9 +150,8 @@ def check_run(path: str | Path, compute_capability: int = 89, log=print) -> dict
     write_json(run_dir / RESULT_JSON, result)
     with atomic_path(run_dir / RESULT_MD) as tmp:
         tmp.write_text(markdown(result), encoding="utf-8")
-    write_report(run_dir)
-    if Path(path).resolve() != run_dir.resolve():  # a published directory gets the results and the report too
-        for name in (RESULT_JSON, RESULT_MD, "report.md", "report.html"):
+    if Path(path).resolve() != run_dir.resolve():  # a published directory gets the results too
+        for name in (RESULT_JSON, RESULT_MD):
             (Path(path) / name).write_bytes((run_dir / name).read_bytes())
     if failures:
         raise WorkbenchError(f"TensorRT-RTX refused {len(failures)} of {len(rows)} graphs of {run_dir}: "
@@ -161,9 +159,23 @@ def check_run(path: str | Path, compute_capability: int = 89, log=print) -> dict
     return result
 
 
-def markdown(result: dict) -> str:
-    from workbench.report import RTX_TABLE_HEADERS, rtx_table_rows
+def rtx_table_rows(result: dict) -> list[list[str]]:
+    """Rows of the plan-size table of `wb rtx-check` (pipeline.rtx_check): rtx_builds.md and the report."""
+    out = []
+    for r in result["rows"]:
+        probs = r.get("validator_problems")
+        out.append([r["variant"], r["kind"], f"{r['onnx_bytes'] / 1e6:.1f}",
+                    f"{r['plan_bytes'] / 1e6:.1f}" if r.get("plan_bytes") else "FAILED",
+                    f"{r['vs_fp32']:.2f}" if r.get("vs_fp32") else "—",
+                    f"{r['build_s']:.0f}" + (" (reused)" if r.get("reused") else "") if r.get("build_s") else "—",
+                    "—" if probs is None else ("ok" if probs == 0 else f"{probs} problems")])
+    return out
 
+
+RTX_TABLE_HEADERS = ["variant", "kind", "ONNX (MB)", "plan (MB)", "plan / FP32 plan", "build (s)", "our validator"]
+
+
+def markdown(result: dict) -> str:
     lines = [f"# TensorRT-RTX {result['tensorrt_rtx']} builds of run {result['run']} (SM{result['compute_capability']},"
              " built on CPU, not run)", "", "| " + " | ".join(RTX_TABLE_HEADERS) + " |",
              "|" + "---|" * len(RTX_TABLE_HEADERS)]

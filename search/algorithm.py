@@ -28,7 +28,9 @@ from .evalcache import EvalCache
 Plan = dict[str, str]  # node key -> "int8" | "fp16" | "fp32"
 
 
-def plan_hash(plan: Plan) -> str:
+def flat_plan_hash(plan: Plan) -> str:
+    """Short hash of a flat multi-graph plan ({graph:node: precision}), the key of the search's caches (a
+    placed graph's identity is graph.plan.plan_hash, which also covers its model and options)."""
     return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -89,7 +91,7 @@ class _Search:
         return self.p.max_full_evals - self.full_evals
 
     def evaluate(self, plan: Plan, stage: str, label: str) -> dict:
-        h = plan_hash(plan)
+        h = flat_plan_hash(plan)
         self.plans[h] = plan
         for rec in self.trace:
             if rec["plan_hash"] == h and rec["accuracy"] is not None:
@@ -105,7 +107,7 @@ class _Search:
         return rec
 
     def time_plan(self, plan: Plan) -> dict:
-        h = plan_hash(plan)
+        h = flat_plan_hash(plan)
         self.plans[h] = plan
         return self.cache.get_or_compute(f"lat:{h}", lambda: self.p.latency(plan))
 
@@ -169,7 +171,7 @@ class _Search:
             probe = {**base_plan, **{n: self.p.fallback for n in int8_members}}
             lat = self.time_plan(probe)
             self.trace.append({"label": f"probe: {name} -> {self.p.fallback}", "stage": "latency-probe",
-                               "plan_hash": plan_hash(probe), **plan_counts(probe), "accuracy": None,
+                               "plan_hash": flat_plan_hash(probe), **plan_counts(probe), "accuracy": None,
                                "passed": None, "latency": lat, "cached": False})
             if lat["objective_ms"] < base_ms:
                 faster.append((lat["objective_ms"], name, int8_members))

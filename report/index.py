@@ -7,20 +7,19 @@ explicit `runs_root` argument overrides it.
 from __future__ import annotations
 
 import datetime as _dt
-import os
 import sqlite3
 from pathlib import Path
 from typing import Any
 
 from core.host import same_isa
+from pipeline.config import default_runs_root
 
-from .errors import WorkbenchError
-from .fsutil import atomic_path
-from .report import (fp32_baseline, load_run, metric_label, objective_of, metric_of, result_rows, run_json_path,
+from core.errors import WorkbenchError
+from core.fsutil import atomic_path
+from report.document import (fp32_baseline, load_run, metric_label, objective_of, metric_of, result_rows, run_json_path,
                      SELECTED_LABEL)
 
 INDEX_NAME = "index.sqlite"
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 COLUMNS = (  # (name, SQL type); id is the primary key
     ("id", "TEXT PRIMARY KEY"), ("created", "TEXT"), ("model", "TEXT"), ("backend", "TEXT"), ("cpu", "TEXT"),
@@ -31,11 +30,6 @@ COLUMNS = (  # (name, SQL type); id is the primary key
 )
 _NAMES = [c for c, _ in COLUMNS]
 _SCHEMA = f"CREATE TABLE IF NOT EXISTS runs ({', '.join(f'{c} {t}' for c, t in COLUMNS)})"
-
-
-def default_runs_root() -> Path:
-    env = os.environ.get("WB_RUNS_ROOT")
-    return Path(env) if env else REPO_ROOT / "experiments" / "runs"
 
 
 def _root(runs_root: str | Path | None) -> Path:

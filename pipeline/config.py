@@ -2,16 +2,23 @@
 from __future__ import annotations
 
 import copy
+import os
 import tomllib
 from pathlib import Path
 
 from graph.placement import ORT_MODES, resolve_ort_mode
-from workbench.errors import WorkbenchError
+from core.errors import WorkbenchError
 
-from .methods import METHODS
+from quant.methods import METHODS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "experiments" / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.toml"
+
+
+def default_runs_root() -> Path:
+    """Where runs go: $WB_RUNS_ROOT, else experiments/runs in the repository."""
+    env = os.environ.get("WB_RUNS_ROOT")
+    return Path(env) if env else CONFIG_DIR.parent / "runs"
 
 _CHOICES = {
     ("quantize", "recipe"): {"auto", "onnxruntime", "tensorrt"},
@@ -79,7 +86,7 @@ def load_config(*paths: str | Path) -> dict:
         if not cfg["qat"]["dir"]:
             raise WorkbenchError("config calibration.methods has \"qat\" but qat.dir is empty (a directory "
                                  "written by `wb qat`)")
-        from .qat_run import check_qat_dir
+        from quant.qat_run import check_qat_dir
 
         check_qat_dir(cfg["qat"]["dir"])
     for key in ("calib_utts", "eval_utts", "ranking_utts"):
@@ -91,7 +98,7 @@ def load_config(*paths: str | Path) -> dict:
 
 
 def is_wenet(cfg: dict) -> bool:
-    """Whether the config runs the bundled WeNet pipeline (quant.pipeline) rather than a task (pipeline/)."""
+    """Whether the config runs the bundled WeNet pipeline (pipeline.wenet) rather than a task (pipeline/)."""
     return cfg["task"]["kind"] == "wenet_asr" and not cfg["task"]["entry"]
 
 

@@ -14,8 +14,8 @@ import math
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import WorkbenchError
-from .fsutil import atomic_path, read_json
+from core.errors import WorkbenchError
+from core.fsutil import atomic_path, read_json
 
 RUN_FORMAT = "wb-run/1"
 METRIC_LABELS = {"cer_rescore": "CER", "wer_rescore": "WER", "cer_greedy": "greedy CER"}
@@ -614,22 +614,6 @@ ul.kv{list-style:none;padding-left:0}
 """
 
 
-def rtx_table_rows(result: dict) -> list[list[str]]:
-    """Rows of the plan-size table of `wb rtx-check` (quant.rtx_check): rtx_builds.md and the report."""
-    out = []
-    for r in result["rows"]:
-        probs = r.get("validator_problems")
-        out.append([r["variant"], r["kind"], f"{r['onnx_bytes'] / 1e6:.1f}",
-                    f"{r['plan_bytes'] / 1e6:.1f}" if r.get("plan_bytes") else "FAILED",
-                    f"{r['vs_fp32']:.2f}" if r.get("vs_fp32") else "—",
-                    f"{r['build_s']:.0f}" + (" (reused)" if r.get("reused") else "") if r.get("build_s") else "—",
-                    "—" if probs is None else ("ok" if probs == 0 else f"{probs} problems")])
-    return out
-
-
-RTX_TABLE_HEADERS = ["variant", "kind", "ONNX (MB)", "plan (MB)", "plan / FP32 plan", "build (s)", "our validator"]
-
-
 def _build_doc(run: dict, pngs: dict[str, bytes]) -> _Doc:
     crit, metric, thr = run["criterion"], run["criterion"]["metric"], threshold_of(run)
     status, sel = run.get("status"), run.get("selected")
@@ -768,6 +752,8 @@ def _build_doc(run: dict, pngs: dict[str, bytes]) -> _Doc:
     rtx = run.get("rtx_builds")  # wb rtx-check's rtx_builds.json, when it ran on this run
     if rtx:
         d.h(2, f"TensorRT-RTX plans (SM{rtx['compute_capability']}, built on CPU, not run)")
+        from pipeline.rtx_check import RTX_TABLE_HEADERS, rtx_table_rows
+
         d.table(RTX_TABLE_HEADERS, rtx_table_rows(rtx))
         d.p(f"TensorRT-RTX {rtx['tensorrt_rtx']} parsed and built every graph above ahead of time"
             + (f", except {len(rtx['failures'])} it refused" if rtx["failures"] else "")

@@ -1,0 +1,1 @@
+"""The precision search: the algorithm over callbacks (algorithm.py) and its evaluation cache (evalcache.py)."""
