@@ -209,3 +209,36 @@ def test_bad_feeds_and_graph_fail_before_any_work(project, tmp_path, capsys):
     assert main(["search", "--config", str(cfg), "--run-dir", str(tmp_path / "r")]) == 2
     assert "has no metric 'cer_rescore'" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_readme_user_task_example_runs(tmp_path, monkeypatch, capsys):
+    """The README's user-task example, taken from the README itself, through `wb search`."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = readme.split("# mypkg/tasks.py\n", 1)[1].split("```", 1)[0]
+    pkg = tmp_path / "mypkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "tasks.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 1, 3, padding=1)).eval()
+    torch.onnx.export(net, (torch.randn(8, 1, 16, 16),), str(tmp_path / "net.onnx"), input_names=["input"],
+                      output_names=["output"], opset_version=17, dynamo=False,
+                      dynamic_axes={"input": {0: "B"}, "output": {0: "B"}})
+    rng = np.random.default_rng(0)
+    clean = rng.uniform(0, 1, (64, 1, 16, 16)).astype(np.float32)
+    with torch.no_grad():  # "clean" targets the FP32 net reaches, so that PSNR is finite and high
+        target = net(torch.from_numpy(clean)).numpy()
+    np.savez(tmp_path / "data.npz", noisy=clean, clean=target + 0.01)
+    cfg = tmp_path / "user.toml"
+    cfg.write_text(f'[task]\nentry = "mypkg.tasks:make_task"\noptions = {{ onnx = "{tmp_path / "net.onnx"}", '
+                   f'data = "{tmp_path / "data.npz"}" }}\n[criterion]\nmetric = "psnr"\nkind = "absolute"\n'
+                   f'delta = 3.0\n[backend]\nname = "onnxruntime"\nthreads = 1\n[calibration]\nmethods = ["max"]\n'
+                   f'[latency]\nwarmup = 1\niters = 2\nsearch_warmup = 0\nsearch_iters = 1\n')
+    assert main(["search", "--config", str(cfg), "--runs-root", str(tmp_path / "runs"),
+                 "--run-dir", str(tmp_path / "runs" / "u1")]) == 0
+    run = json.loads((tmp_path / "runs" / "u1" / "run.json").read_text())
+    assert run["model"] == "denoiser" and run["status"] == "passed"
+    assert run["baselines"][0]["accuracy"]["psnr"] > 30
