@@ -11,15 +11,9 @@ from graph.analysis import analyze
 from graph.placement import calibration_tensors, required_tensors
 from graph.plan import create_plan
 from graph.validate import validate
-from workbench.cli import main
+from cli_helpers import wb
 
 KINDS = ("encoder", "decoder")
-
-
-def wb(*argv, ok=True):
-    code = main([str(a) for a in argv])
-    assert (code == 0) == ok, (argv, code)
-    return code
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,8 @@ import pytest
 
 from graph.analysis import analyze
 from graph.placement import calibration_tensors
-from workbench.cli import main
+from cli_helpers import wb
 from wenet_like import make_wenet_like_pair, write_npz_feeds
-
-
-def wb(*argv, ok=True):
-    code = main([str(a) for a in argv])
-    assert (code == 0) == ok, (argv, code)
-    return code
 
 
 @pytest.fixture(scope="module")
