@@ -309,15 +309,18 @@ def load(artifact: EngineArtifact | str | os.PathLike, **options):
 
 
 def summarize(latencies_s: Sequence[float], bs: int, sl: int, warmup: int, timer: str = "perf_counter") -> dict:
-    """One JSON row: latency statistics in ms and throughput = bs*sl / median latency (the hackathon's word/s)."""
-    ms = sorted(1e3 * x for x in latencies_s)
+    """One JSON row: latency statistics in ms and throughput = bs*sl / median latency (the hackathon's word/s).
+    `latencies_ms` keeps the run order: in an interleaved benchmark run i of every runner was taken together,
+    which is what paired ratios (search.selection) compare."""
+    runs = [1e3 * x for x in latencies_s]
+    ms = sorted(runs)
     if not ms:
         raise WorkbenchError("no timed iterations: iters must be >= 1")
     median = statistics.median(ms)
     return {"bs": bs, "sl": sl, "warmup": warmup, "iters": len(ms), "timer": timer,
             "median_ms": median, "p90_ms": float(np.percentile(ms, 90)), "mean_ms": statistics.fmean(ms),
             "min_ms": ms[0], "max_ms": ms[-1], "throughput": bs * sl / (median / 1e3),
-            "latencies_ms": [round(x, 4) for x in ms]}
+            "latencies_ms": [round(x, 4) for x in runs]}
 
 
 def time_runs(runner, feeds: Mapping[str, np.ndarray], warmup: int, iters: int) -> tuple[list[float], str]:

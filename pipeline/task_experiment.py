@@ -29,6 +29,7 @@ from search.evalcache import EvalCache
 from quant.methods import method_key
 from search.algorithm import SearchProblem, node_key, plan_counts, flat_plan_hash, search, split_plan
 from quant.table import CalibrationTable
+from pipeline.selection import passing_candidates, select
 from tasks.base import Task, check_metrics
 from tasks.fidelity import noise_to_signal
 from core.errors import WorkbenchError
@@ -251,7 +252,8 @@ class TaskExperiment:
                         "metrics": {m.name: {"higher_is_better": m.higher_is_better} for m in self.task.metrics}},
                "status": "passed" if selected else search_rec["status"], "criterion": crit, "config": cfg,
                "baselines": baselines, "selected": selected, "side_by_side": timing,
-               "searches": [{k: v for k, v in search_rec.items() if k not in ("models", "flat", "trace", "sensitivity")}],
+               "searches": [{k: v for k, v in search_rec.items()
+                             if k not in ("models", "flat", "trace", "sensitivity", "candidates")}],
                "sensitivity": search_rec["sensitivity"], "trace": search_rec["trace"],
                "n_full_evals": search_rec["n_full_evals"], "n_cache_hits": search_rec["n_cache_hits"],
                "wall_s": round(time.time() - t0, 1)}
@@ -288,50 +290,27 @@ class TaskExperiment:
                            **plan_counts(flat), "accuracy": result.best["accuracy"],
                            "latency": result.best["latency"], "passed": True}
             out["models"], out["flat"] = models_of(flat), flat
+        out["candidates"] = passing_candidates(result, out["label"], models_of, method)  # any may win
         return out
 
     def select(self, search_rec: dict, baselines: list[dict], models_of_label: dict) -> tuple[dict | None, dict | None]:
-        """The fastest passing option (one per plan, the most accurate of each), re-timed side by side with FP32;
-        options within the tie tolerance count as equally fast and the most accurate of them wins."""
-        options = [(b["label"], *models_of_label[b["label"]], b) for b in baselines
-                   if b.get("passed") and b["label"] in models_of_label]
-        if search_rec["best"]:
-            options.append((search_rec["label"], search_rec["models"], search_rec["flat"], search_rec["best"]))
-        if not options:
+        """The fastest passing option (pipeline.selection), decided on paired side-by-side timings with FP32."""
+        options = [(b["label"], *models_of_label[b["label"]], b, b.get("calibrator")) for b in baselines
+                   if b.get("passed") and b["label"] in models_of_label] + search_rec.get("candidates", [])
+        m = self.task.metric(self.crit["metric"])
+        lat_cfg = self.cfg["latency"]
+        picked = select(options, lambda rec: -rec["accuracy"][m.name] if m.higher_is_better else rec["accuracy"][m.name],
+                        self.cache, self.side_by_side, self.ws.fp32, lat_cfg["tie_tolerance"],
+                        lat_cfg["side_by_side_max"])
+        if picked is None:
             return None, None
-        groups: dict[str, list] = {}
-        for o in options:
-            groups.setdefault(flat_plan_hash(o[2]), []).append(o)
-        reps = {h: self._most_accurate_option(g) for h, g in groups.items()}
-        timed = {o[0]: o[1] for o in reps.values()}
-        timed.setdefault("FP32", self.ws.fp32)
-        lat = self.cache.get_or_compute(self._content_key("side-by-side:", {
-            f"{label}/{g}": p for label, models in timed.items() for g, p in models.items()}),
-            lambda: self.side_by_side(timed))
-        fastest = min(lat[o[0]]["objective_ms"] for o in reps.values())
-        tol = self.cfg["latency"]["tie_tolerance"]
-        ties = [o for o in reps.values() if lat[o[0]]["objective_ms"] <= fastest * (1 + tol)]
-        label, models, flat, rec = self._most_accurate_option(ties)
+        (label, models, flat, rec, calibrator), lat, timing = picked
         self.finalize(models, flat)
-        ref = lat["FP32"]
-        timing = {"note": "passing options re-timed interleaved run by run with FP32; one per plan",
-                  "rows": [{"label": o[0], "same_plan": [m[0] for m in groups[h] if m[0] != o[0]],
-                            "objective_ms": lat[o[0]]["objective_ms"],
-                            "speedup_vs_fp32": ref["objective_ms"] / lat[o[0]]["objective_ms"],
-                            "accuracy": o[3]["accuracy"]} for h, o in reps.items()],
-                  "fp32_objective_ms": ref["objective_ms"]}
         selected = {"label": "selected mix", "source": label, "plan_hash": flat_plan_hash(flat),
-                    "calibrator": rec.get("calibrator"), **plan_counts(flat),
+                    "calibrator": calibrator, "same_plan": timing["same_plan_as_selected"], **plan_counts(flat),
                     "fallback_nodes": sorted(k for k, v in flat.items() if v != "int8"),
-                    "accuracy": rec["accuracy"], "passed": True, "latency": lat[label], "reference_latency": ref}
+                    "accuracy": rec["accuracy"], "passed": True, "latency": lat[label], "reference_latency": lat["FP32"]}
         return selected, timing
-
-    def _most_accurate_option(self, options: list) -> tuple:
-        best = options[0]
-        for o in options[1:]:
-            if self._better(o[3], best[3]):
-                best = o
-        return best
 
     def side_by_side(self, options: dict[str, dict[str, Path]]) -> dict[str, dict]:
         lat = self.cfg["latency"]
@@ -342,7 +321,7 @@ class TaskExperiment:
             for label, rows in engines.bench_interleaved(runners, self.cases[g], lat["warmup"], lat["iters"]).items():
                 for r in rows:
                     out[label]["cases"].append({"model": g, **{k: r[k] for k in ("bs", "sl", "median_ms", "p90_ms",
-                                                                                  "throughput")}})
+                                                                                  "latencies_ms", "throughput")}})
                     out[label]["objective_ms"] += r["median_ms"]
         return out
 

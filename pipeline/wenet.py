@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import resource
 import time
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from quant.collect import encoder_feed
 from search.evalcache import EvalCache
 from quant.methods import method_key
 from pipeline.config import criterion_threshold, resolve_backend_and_recipe
+from pipeline.selection import passing_candidates, select
 from search.algorithm import SearchProblem, node_key, plan_counts, flat_plan_hash, search, split_plan
 from quant.table import CalibrationTable
 
@@ -39,6 +41,7 @@ KINDS = ("encoder", "decoder")
 # Engine shape ranges (min, opt, max) of the time axis: wide enough for every test utterance and for the
 # hackathon decoder case sl=256, whose encoder input has 4*256+3 frames.
 PIPELINE_TIME_RANGES = {"encoder": (7, 256, 2048), "decoder": (1, 64, 512)}
+MAX_RUNNERS = 12  # engine runners kept besides the FP32 ones (side-by-side timing needs at most 7 at once)
 METRICS = ("cer_rescore", "cer_greedy", "cer_prefix", "wer_rescore")
 
 
@@ -107,12 +110,19 @@ class Workspace:
         return out
 
     def runner(self, model: Path):
-        if model not in self._runners:
+        """The engine runner of `model`, kept while it is among the most recently used (MAX_RUNNERS): a search
+        places dozens of models, and an ONNX Runtime session of each held to the end took 8.6 GB (issue 15)."""
+        if model in self._runners:
+            self._runners[model] = self._runners.pop(model)  # most recently used last
+        else:
             kind = "decoder" if model.parent.name == "decoder" or model.stem == "decoder" else "encoder"
             shapes = engines.default_shapes(model, kind, time_range=PIPELINE_TIME_RANGES[kind])
             art = engines.build(model, shapes, self.dir / "engines" / model.parent.name / model.stem,
                                 backend=self.cfg["backend"]["name"], threads=self.cfg["backend"]["threads"])
             self._runners[model] = engines.load(art)
+            keep = {p for models in (self.fp32, *self.sources.values()) for p in models.values()}
+            for old in [m for m in self._runners if m not in keep][:-MAX_RUNNERS]:
+                del self._runners[old]
         return self._runners[model]
 
 
@@ -324,11 +334,13 @@ class Experiment:
                "host": host, "device": self._device(host),
                "status": "passed" if selected else first["status"], "criterion": crit, "config": cfg,
                "baselines": baselines, "selected": selected, "side_by_side": timing,
-               "searches": [{k: v for k, v in x.items() if k not in ("models", "flat", "trace", "sensitivity")}
+               "searches": [{k: v for k, v in x.items() if k not in ("models", "flat", "trace", "sensitivity",
+                                                                     "candidates")}
                             for x in searches],
                "sensitivity": first["sensitivity"], "trace": first["trace"],
                "n_full_evals": sum(x["n_full_evals"] for x in searches),
-               "n_cache_hits": sum(x["n_cache_hits"] for x in searches), "wall_s": round(time.time() - t0, 1)}
+               "n_cache_hits": sum(x["n_cache_hits"] for x in searches), "wall_s": round(time.time() - t0, 1),
+               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
         if len(searches) > 1:
             run["traces"] = {x["calibrator"]: x["trace"] for x in searches}
         write_json(self.dir / "run.json", run)
@@ -387,6 +399,7 @@ class Experiment:
                            **plan_counts(flat),
                            "accuracy": best["accuracy"], "latency": best["latency"], "passed": True}
             out["models"], out["flat"] = models, flat
+        out["candidates"] = passing_candidates(result, out["label"], models_of, method)  # any may win
         return out
 
     @staticmethod
@@ -406,51 +419,31 @@ class Experiment:
             for label, rows in engines.bench_interleaved(runners, one, lat["warmup"], lat["iters"]).items():
                 r = rows[0]
                 out[label]["cases"].append({"model": kind, **{k: r[k] for k in ("bs", "sl", "median_ms", "p90_ms",
+                                                                                "latencies_ms",
                                                                                 "throughput")}})
                 out[label]["objective_ms"] += r["median_ms"]
         return out
 
     def _select(self, ws, searches, baselines, baseline_models) -> tuple[dict | None, dict | None]:
-        """The fastest passing option: a search's best plan or a passing baseline.  Options with the same plan
-        have the same graph (calibrators change scale values only), hence the same speed by construction: only
-        the most accurate of each plan is kept, and those are re-timed side by side with FP32.  Options within
-        the latency tie tolerance of the fastest are equally fast; the most accurate of them wins.
-        Returns (selected record, side-by-side timing record)."""
+        """The fastest passing option (pipeline.selection): the passing baselines and every passing plan the
+        searches evaluated, decided on paired side-by-side timings with FP32. Returns (selected record, timing)."""
         metric = self.cfg["criterion"]["metric"]
         # Baselines first: a search that ends on a baseline's plan with its accuracy is reported as that baseline.
         options = [(b["label"], *baseline_models[b["label"]], b, b["calibrator"]) for b in baselines
                    if b.get("passed") and b["label"] in baseline_models]
-        options += [(x["label"], x["models"], x["flat"], x["best"], x["calibrator"]) for x in searches if x["best"]]
-        if not options:
+        for x in searches:
+            options += x.get("candidates", [])
+        lat_cfg = self.cfg["latency"]
+        picked = select(options, lambda rec: rec["accuracy"][metric], self.cache, lambda t: self.side_by_side(ws, t),
+                        ws.fp32, lat_cfg["tie_tolerance"], lat_cfg["side_by_side_max"])
+        if picked is None:
             return None, None
-        groups: dict[str, list] = {}
-        for o in options:
-            groups.setdefault(flat_plan_hash(o[2]), []).append(o)
-        reps = {h: min(g, key=lambda o: o[3]["accuracy"][metric]) for h, g in groups.items()}
-        timed = {o[0]: o[1] for o in reps.values()}
-        timed.setdefault("FP32", ws.fp32)
-        key = hashlib.sha256(json.dumps({k: {m: str(p) for m, p in v.items()} for k, v in sorted(timed.items())})
-                             .encode()).hexdigest()[:16]
-        lat = self.cache.get_or_compute(f"side-by-side:{key}", lambda: self.side_by_side(ws, timed))
-        fastest = min(lat[o[0]]["objective_ms"] for o in reps.values())
-        tol = self.cfg["latency"]["tie_tolerance"]
-        ties = [o for o in reps.values() if lat[o[0]]["objective_ms"] <= fastest * (1 + tol)]
-        label, models, flat, rec, calibrator = min(ties, key=lambda o: (o[3]["accuracy"][metric],
-                                                                        lat[o[0]]["objective_ms"]))
+        (label, models, flat, rec, calibrator), lat, timing = picked
         self._finalize(ws, models, flat)
-        ref = lat["FP32"]
-        timing = {"note": "passing options re-timed interleaved run by run with FP32; one per plan (same plan = "
-                          "same graph), the most accurate of each",
-                  "rows": [{"label": o[0], "same_plan": [m[0] for m in groups[h] if m[0] != o[0]],
-                            "objective_ms": lat[o[0]]["objective_ms"],
-                            "speedup_vs_fp32": ref["objective_ms"] / lat[o[0]]["objective_ms"],
-                            "accuracy": o[3]["accuracy"]} for h, o in reps.items()],
-                  "fp32_objective_ms": ref["objective_ms"]}
         selected = {"label": "selected mix", "source": label, "plan_hash": flat_plan_hash(flat), "calibrator": calibrator,
-                    "same_plan": [m[0] for m in groups[flat_plan_hash(flat)] if m[0] != label],
-                    **plan_counts(flat),
+                    "same_plan": timing["same_plan_as_selected"], **plan_counts(flat),
                     "fallback_nodes": sorted(k for k, v in flat.items() if v != "int8"),
-                    "accuracy": rec["accuracy"], "passed": True, "latency": lat[label], "reference_latency": ref,
+                    "accuracy": rec["accuracy"], "passed": True, "latency": lat[label], "reference_latency": lat["FP32"],
                     "hackathon": {k: v for k, v in self.hackathon(ws, models).items() if k != "rows"}}
         return selected, timing
 

@@ -659,15 +659,31 @@ def _build_doc(run: dict, pngs: dict[str, bytes]) -> _Doc:
     if sbs.get("rows"):
         d.h(3, "Side-by-side timing of the passing options")
         timed = sorted(sbs["rows"], key=lambda r: r.get("objective_ms") or 0)
-        d.table(["label", "same plan (same graph) as", metric_label(metric), "objective (ms)", "speedup vs FP32"],
-                [[r["label"], ", ".join(r.get("same_plan") or []) or "—", fmt_metric(metric, metric_of(r, metric)),
-                  fmt_ms(_num(r.get("objective_ms"))), fmt_x(_num(r.get("speedup_vs_fp32")))] for r in timed],
+
+        def paired(r, key):
+            st = r.get(key) or {}
+            return "—" if "median" not in st else f"{st['median']:.3f} ({st['q25']:.3f}–{st['q75']:.3f})"
+
+        d.table(["label", "same plan (same graph) as", "fallback layers", metric_label(metric), "objective (ms)",
+                 "speedup vs FP32", "paired ratio to FP32 (IQR)", "paired ratio to the fastest (IQR)"],
+                [[r["label"], ", ".join(r.get("same_plan") or []) or "—", str(r.get("n_fallback", "—")),
+                  fmt_metric(metric, metric_of(r, metric)), fmt_ms(_num(r.get("objective_ms"))),
+                  fmt_x(_num(r.get("speedup_vs_fp32"))), paired(r, "paired_vs_fp32"), paired(r, "paired_vs_fastest")]
+                 for r in timed],
                 {i for i, r in enumerate(timed) if sel and r["label"] == sel.get("source")})
-        d.p(f"One option per plan (the most accurate; options with the same plan differ only in scale values, so "
-            f"their engines are equally fast), re-timed interleaved run by run with FP32 "
-            f"({fmt_ms(_num(sbs.get('fp32_objective_ms')))} ms here): on a noisy machine only ratios measured side "
-            f"by side are comparable. The selected mix is the fastest of these within the tie tolerance, the most "
-            f"accurate among ties; the latencies in the table above were measured one after another.")
+        if sbs.get("rule"):
+            d.p(f"How the choice was made: these options were timed interleaved run by run with FP32 "
+                f"({fmt_ms(_num(sbs.get('fp32_objective_ms')))} ms here), so run i of each was taken together and "
+                f"its ratio cancels the machine's drift. Fastest by the median paired ratio: "
+                f"{sbs.get('fastest')}. Within noise of it: {', '.join(sbs.get('within_noise') or []) or '—'}. "
+                f"Rule: {sbs['rule']}."
+                + (f" Not timed side by side (slower by their sequential timings): {', '.join(sbs['not_timed'])}."
+                   if sbs.get("not_timed") else ""))
+        else:
+            d.p(f"One option per plan (the most accurate; options with the same plan differ only in scale values, "
+                f"so their engines are equally fast), re-timed interleaved run by run with FP32 "
+                f"({fmt_ms(_num(sbs.get('fp32_objective_ms')))} ms here): on a noisy machine only ratios measured "
+                f"side by side are comparable.")
 
     case_keys = sorted({k for r in rows for k in r["cases"]}, key=_case_sort_key)
     for model in dict.fromkeys(k[0] for k in case_keys):
