@@ -95,16 +95,13 @@ class TaskWorkspace:
         return out
 
     def shapes(self, graph: str) -> dict:
-        """The task's shape ranges, else ranges that admit all of the graph's calibration, evaluation and
-        latency feeds."""
+        """The task's shape ranges, else ranges that admit every feed of `task.shape_feeds`."""
         if graph not in self._shapes:
             spec = self.task.graph(graph)
             if spec.shapes:
                 self._shapes[graph] = spec.shapes
             else:
-                feeds = list(self.task.ranking_feeds(graph, {})) + list(self.task.latency_cases(graph).values())
-                feeds += list(getattr(self.task, "feeds", lambda g, w: [])(graph, "eval"))
-                self._shapes[graph] = engines.base.shapes_from_feeds(feeds)
+                self._shapes[graph] = engines.base.shapes_from_feeds(self.task.shape_feeds(graph))
         return self._shapes[graph]
 
     def runner(self, graph: str, model: Path):

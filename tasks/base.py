@@ -8,7 +8,8 @@ A task is small on purpose (NNCF's accuracy-control backend and Polygraphy's dat
   * `calibration_feeds(graph, runners)`: the feed dicts of one graph (runners: the FP32 runners of the graphs
     before it, for chained tasks);
   * `latency_cases(graph)`: {case label: feeds} timed for the latency objective;
-  * `ranking_feeds(graph)` (optional): a few feeds on which single-layer sensitivity is measured.
+  * `ranking_feeds(graph)` (optional): a few feeds on which single-layer sensitivity is measured;
+  * `shape_feeds(graph)` (optional): feeds whose shapes the engine must admit, when a graph gives no shapes.
 Every check of the task's own data happens in `check()`, which the pipeline calls before any expensive work.
 """
 from __future__ import annotations
@@ -85,6 +86,11 @@ class Task(ABC):
     @abstractmethod
     def latency_cases(self, graph: str) -> dict[str, Feeds]:
         ...
+
+    def shape_feeds(self, graph: str) -> list[Feeds]:
+        """Feeds whose shapes the graph's engine must admit when GraphSpec.shapes is not given (default: the
+        ranking feeds and the latency cases)."""
+        return list(self.ranking_feeds(graph, {})) + list(self.latency_cases(graph).values())
 
     def ranking_feeds(self, graph: str, runners: Mapping[str, Any]) -> list[Feeds]:
         """Feeds for the single-layer sensitivity ranking (default: the first few calibration feeds)."""

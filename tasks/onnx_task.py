@@ -130,5 +130,8 @@ class OnnxTask(Task):
             out |= call_metric(self._user_metric, ref, cand_all, "task.metric")
         return out
 
+    def shape_feeds(self, graph: str) -> list[Feeds]:
+        return [*self.feeds(graph, "calib"), *self.feeds(graph, "eval"), *self.feeds(graph, "latency")]
+
     def ranking_feeds(self, graph: str, runners: Mapping[str, Any] | None = None) -> list[Feeds]:
         return self.feeds(graph, "eval")[:4]
