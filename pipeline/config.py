@@ -1,4 +1,5 @@
-"""Experiment configuration: TOML files layered over experiments/configs/default.toml, validated."""
+"""Experiment configuration: TOML files layered over pipeline/configs/default.toml, validated. The defaults ship
+as package data, so a non-editable install finds them."""
 from __future__ import annotations
 
 import copy
@@ -11,14 +12,14 @@ from core.errors import WorkbenchError
 
 from quant.methods import METHODS
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "experiments" / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.toml"
 
 
 def default_runs_root() -> Path:
     """Where runs go: $WB_RUNS_ROOT, else experiments/runs in the repository."""
     env = os.environ.get("WB_RUNS_ROOT")
-    return Path(env) if env else CONFIG_DIR.parent / "runs"
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "experiments" / "runs"
 
 _CHOICES = {
     ("quantize", "recipe"): {"auto", "onnxruntime", "tensorrt"},

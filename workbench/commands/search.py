@@ -10,8 +10,8 @@ from core.errors import WorkbenchError
 def register(sub) -> None:
     s = sub.add_parser("search", help="find the fastest precision mix that passes the accuracy criterion")
     s.add_argument("--config", type=Path, action="append", default=[],
-                   help="TOML layered over experiments/configs/default.toml (and quick.toml) (repeatable)")
-    s.add_argument("--quick", action="store_true", help="add experiments/configs/quick.toml (a ~5 minute run)")
+                   help="TOML layered over pipeline/configs/default.toml (and quick.toml) (repeatable)")
+    s.add_argument("--quick", action="store_true", help="add pipeline/configs/quick.toml (a ~5 minute run)")
     s.add_argument("--run-dir", type=Path, help="run directory; an existing one is resumed")
     s.add_argument("--runs-root", type=Path, default=None, help="where new runs go (default experiments/runs)")
     s.add_argument("--cache", type=Path, default=None, help="corpus cache directory")
