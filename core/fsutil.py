@@ -89,3 +89,69 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+# --- run-directory lock -----------------------------------------------------------------------------------------
+LOCK_NAME = ".lock"
+_HELD: dict[Path, list] = {}  # resolved run dir -> [open lock file, depth]: re-entrant within one process
+
+
+class RunDirLock:
+    """An exclusive lock (fcntl.flock on `<dir>/.lock`) on a run directory, held while a run works in it.
+
+    A second process fails at once with a WorkbenchError naming the holder's pid. Re-entrant within a process
+    (`wb search` and the experiment it starts both take it). The kernel drops the lock when the holder dies
+    (even by SIGKILL), so a stale .lock file (a copied or killed run) never blocks."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.dir = Path(directory)
+        self._held = False
+
+    def acquire(self) -> "RunDirLock":
+        import fcntl
+
+        if self._held:
+            return self
+        _check_writable_dir(self.dir)
+        key = self.dir.resolve()
+        if key in _HELD:
+            _HELD[key][1] += 1
+        else:
+            f = open(self.dir / LOCK_NAME, "a+")
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "unknown"
+                f.close()
+                raise WorkbenchError(f"run directory {self.dir} is in use by another wb process (pid {holder}); "
+                                     f"wait for it to finish or give another --run-dir") from None
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+            _HELD[key] = [f, 1]
+        self._held = True
+        return self
+
+    def release(self) -> None:
+        if not self._held:
+            return
+        self._held = False
+        key = self.dir.resolve()
+        entry = _HELD.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            del _HELD[key]
+            entry[0].close()  # closing the descriptor drops the flock
+
+    def __enter__(self) -> "RunDirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        self.release()

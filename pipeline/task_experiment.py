@@ -32,7 +32,7 @@ from quant.table import CalibrationTable
 from tasks.base import Task, check_metrics
 from tasks.fidelity import noise_to_signal
 from core.errors import WorkbenchError
-from core.fsutil import sha256_file, write_json
+from core.fsutil import RunDirLock, sha256_file, write_json
 
 
 def criterion_of(cfg: dict, task: Task, reference: float) -> dict:
@@ -122,6 +122,7 @@ class TaskExperiment:
     def __init__(self, cfg: dict, task: Task, run_dir: Path, progress: bool = True):
         self.cfg, self.task, self.dir, self.progress = cfg, task, Path(run_dir), progress
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.lock = RunDirLock(self.dir).acquire()  # one run per directory (re-entrant: wb search holds it too)
         self.cache = EvalCache(self.dir / "cache.jsonl")
         self.ws = TaskWorkspace(self.dir, cfg, task)
         self.names = [g.name for g in task.graphs]

@@ -25,7 +25,7 @@ from graph.placement import quantize
 from graph.plan import create_plan, edit_plan, save_plan
 from tasks.fidelity import noise_to_signal
 from core.errors import WorkbenchError
-from core.fsutil import write_json
+from core.fsutil import RunDirLock, write_json
 
 from quant.calibrate import calibrate
 from quant.collect import encoder_feed
@@ -120,6 +120,7 @@ class Experiment:
     def __init__(self, cfg: dict, run_dir: Path, cache_dir: Path | None, progress: bool = True):
         self.cfg, self.dir, self.progress = cfg, Path(run_dir), progress
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.lock = RunDirLock(self.dir).acquire()  # one run per directory (re-entrant: wb search holds it too)
         self.cache = EvalCache(self.dir / "cache.jsonl")
         self.vocab = load_units(cfg["model"]["vocab"]) if cfg["model"]["vocab"] else DEFAULT_VOCAB  # before any work
         d = cfg["data"]
