@@ -87,3 +87,74 @@ def test_run_dir_lock_is_released_for_the_next_process(tmp_path):
     holder = _hold_lock(tmp_path / "run")  # would block forever / fail if the lock were still held here
     holder.kill()
     holder.wait()
+
+
+# -- 3. every config key: type and range checked before any work -----------------------------------------------
+
+@pytest.mark.parametrize("text,match", [
+    ('[criterion]\ndelta = "big"\n', "criterion.delta must be a number, got a string 'big'"),
+    ('[criterion]\ndelta = true\n', "criterion.delta must be a number, got a boolean"),
+    ('[criterion]\ndelta = nan\n', "criterion.delta must be a number"),
+    ('[criterion]\ndelta = -0.01\n', "criterion.delta must be >= 0"),
+    ('[backend]\nthreads = "two"\n', "backend.threads must be an integer, got a string 'two'"),
+    ('[backend]\nthreads = 0\n', "backend.threads must be >= 1"),
+    ('[backend]\nthreads = 2.0\n', "backend.threads must be an integer, got a number 2.0"),
+    ('[backend]\nname = ["onnxruntime"]\n', "backend.name must be a string"),
+    ('[data]\neval_utts = "many"\n', "data.eval_utts must be an integer"),
+    ('[data]\neval_utts = 2.5\n', "data.eval_utts must be an integer, got a number 2.5"),
+    ('[data]\ncalib_utts = 0\n', "data.calib_utts must be >= 1"),
+    ('[data]\nranking_utts = true\n', "data.ranking_utts must be an integer, got a boolean"),
+    ('[data]\neval_split = 3\n', "data.eval_split must be a string"),
+    ('[model]\nopset = 11\n', "model.opset must be >= 13"),
+    ('[calibration]\npercentile = 100\n', "calibration.percentile must be > 0 and < 100"),
+    ('[calibration]\npercentile = 0\n', "calibration.percentile must be > 0 and < 100"),
+    ('[calibration]\nbatch_size = 0\n', "calibration.batch_size must be >= 1"),
+    ('[calibration]\nmethods = "max"\n', r"calibration.methods must be a list, got a string 'max' \(e.g. \['max'\]\)"),
+    ('[calibration]\nmethods = []\n', "calibration.methods must not be empty"),
+    ('[calibration]\nmethods = ["max", 3]\n', r"calibration.methods\[1\] must be a string"),
+    ('[latency]\niters = 0\n', "latency.iters must be >= 1"),
+    ('[latency]\nsearch_iters = 0\n', "latency.search_iters must be >= 1"),
+    ('[latency]\nwarmup = -1\n', "latency.warmup must be >= 0"),
+    ('[latency]\ntie_tolerance = -0.1\n', "latency.tie_tolerance must be >= 0"),
+    ('[latency]\nbatch_sizes = [1, 0]\n', "latency.batch_sizes must be >= 1"),
+    ('[latency]\nseq_lens = [16, "x"]\n', r"latency.seq_lens\[1\] must be an integer"),
+    ('[latency]\nmodels = "encoder"\n', "latency.models must be a list"),
+    ('[budget]\nmax_full_evals = 1\n', "max_full_evals must be at least 2"),
+    ('[budget]\nmax_full_evals = "ten"\n', "budget.max_full_evals must be an integer"),
+    ('[quantize]\nfallback = 16\n', "quantize.fallback must be a string"),
+    ('[qat]\ndir = false\n', "qat.dir must be a string"),
+    ('[task]\noptions = 3\n', "task.options must be a table"),
+    ('[task]\ngraphs = [1]\n', r"task.graphs\[0\] must be a table"),
+    ('[task]\ngraphs = "a.onnx"\n', "task.graphs must be a list"),
+    ('data = 3\n', "config data must be a table, got an integer 3"),
+])
+def test_bad_config_values_fail_before_any_work(tmp_path, capsys, text, match):
+    import re
+
+    from workbench.cli import main
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text)
+    runs = tmp_path / "runs"
+    assert main(["search", "--config", str(bad), "--runs-root", str(runs)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: config "), err
+    assert re.search(match, err[0]), err[0]
+    assert not runs.exists()  # no run directory was created
+
+
+def test_shipped_configs_pass_the_checks():
+    from pipeline.config import CONFIG_DIR, load_config
+
+    assert load_config()["backend"]["threads"] == 2
+    assert load_config(CONFIG_DIR / "quick.toml")["data"]["eval_utts"] == 100
+
+
+def test_task_options_free_form_and_ints_for_floats(tmp_path):
+    from pipeline.config import load_config
+
+    p = tmp_path / "ok.toml"
+    p.write_text('[task]\noptions = { root = "x", n = [1, "a"], deep = { a = 1 } }\n'
+                 '[criterion]\ndelta = 0\n[calibration]\npercentile = 99\n[latency]\ntie_tolerance = 0\n')
+    cfg = load_config(p)
+    assert cfg["task"]["options"]["deep"] == {"a": 1} and cfg["criterion"]["delta"] == 0
