@@ -79,6 +79,10 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(path.read_text())
     except FileNotFoundError as exc:
         raise WorkbenchError(f"file not found: {path}") from exc
+    except IsADirectoryError as exc:
+        raise WorkbenchError(f"{path} is a directory, not a JSON file") from exc
+    except UnicodeDecodeError as exc:
+        raise WorkbenchError(f"{path} is not a JSON file (not UTF-8 text)") from exc
     except json.JSONDecodeError as exc:
         raise WorkbenchError(f"{path} is not valid JSON: {exc}") from exc
 
@@ -155,3 +159,16 @@ class RunDirLock:
 
     def __del__(self) -> None:
         self.release()
+
+
+def check_model_file(path: str | os.PathLike, what: str = "ONNX model") -> Path:
+    """An input model file, checked before any work: present, a file, not empty (a 0-byte .onnx parses as an
+    empty model, whose errors, "opset 0" or "no Conv/MatMul/Gemm", hide the cause)."""
+    path = Path(path)
+    if not path.exists():
+        raise WorkbenchError(f"{what} not found: {path}")
+    if path.is_dir():
+        raise WorkbenchError(f"{what} {path} is a directory, not a file")
+    if path.stat().st_size == 0:
+        raise WorkbenchError(f"{what} {path} is empty (0 bytes): export or copy it again")
+    return path

@@ -158,3 +158,147 @@ def test_task_options_free_form_and_ints_for_floats(tmp_path):
                  '[criterion]\ndelta = 0\n[calibration]\npercentile = 99\n[latency]\ntie_tolerance = 0\n')
     cfg = load_config(p)
     assert cfg["task"]["options"]["deep"] == {"a": 1} and cfg["criterion"]["delta"] == 0
+
+
+# -- 4. calibration tables and plans: damaged values are one-line errors, by both readers -----------------------
+
+def _table(tensors=None, weights=None):
+    return {"format": "wb-calibration-table/1", "default_method": "max",
+            "tensors": tensors if tensors is not None else {"x": {"amax": {"max": 1.5}, "min": -1.0, "max": 1.5}},
+            "weights": weights if weights is not None else {"W": {"axis": 1, "amax": [0.5, 0.0, 0.25]}}}
+
+
+@pytest.mark.parametrize("data,match", [
+    (_table({"x": {"amax": {"max": 1e-30}}}), r"amax of tensor 'x' \(max\) is 1e-30; it must be a finite number "
+                                              r"> 1e-12.*recalibrate with `wb calibrate`"),
+    (_table({"x": {"amax": {"max": "abc"}}}), r"amax of tensor 'x' \(max\) is 'abc', not a number"),
+    (_table({"x": {"amax": {"max": float("nan")}}}), "amax of tensor 'x' .* is nan"),
+    (_table({"x": {"amax": {"max": -2.0}}}), r"amax of tensor 'x' \(max\) is -2.0"),
+    (_table({"x": {"amax": {"max": 1.0}, "max": "big"}}), "max of tensor 'x' is 'big', not a number"),
+    (_table({"x": 3}), "tensor 'x' must be an object"),
+    (_table([]), '"tensors" must be an object'),
+    (_table(weights={"W": {"axis": 1, "amax": [0.5, -0.1]}}), "weight 'W' channel 1 amax is -0.1; it must be a "
+                                                              "finite number >= 0"),
+    (_table(weights={"W": {"axis": 1, "amax": [float("inf")]}}), "weight 'W' channel 0 amax is inf"),
+    (_table(weights={"W": {"axis": "0", "amax": [1.0]}}), "weight 'W' has axis '0', not an integer"),
+    (_table(weights={"W": {"axis": 0, "amax": "1.0"}}), "weight 'W' has amax '1.0', not a non-empty list"),
+    ({"x": 1e-30}, "amax of tensor 'x' is 1e-30"),
+    ({"x": "abc"}, "amax of tensor 'x' is 'abc', not a number"),
+])
+def test_damaged_tables_are_refused_by_both_readers(tmp_path, data, match):
+    from core.errors import WorkbenchError
+    from graph.calib import load_table
+    from quant.table import CalibrationTable
+
+    p = tmp_path / "t.json"
+    p.write_text(json.dumps(data))
+    with pytest.raises(WorkbenchError, match=match):
+        load_table(p)
+    if "format" in data:
+        with pytest.raises(WorkbenchError, match=match):
+            CalibrationTable.load(p)
+
+
+def test_good_table_loads_in_both_readers(tmp_path):
+    from graph.calib import load_table
+    from quant.table import CalibrationTable
+
+    p = tmp_path / "t.json"
+    p.write_text(json.dumps(_table()))
+    t = load_table(p)
+    assert t.amax == {"x": 1.5} and t.weights == {"W": (1, [0.5, 0.0, 0.25])}
+    assert CalibrationTable.load(p).amax("x") == 1.5
+
+
+@pytest.mark.parametrize("content,match", [
+    (bytes(range(256)) * 4, "not a JSON file \\(not UTF-8 text\\)"),
+    (b"amax: 3\n", "is not valid JSON"),
+])
+def test_random_bytes_table_is_one_line(tmp_path, content, match):
+    from core.errors import WorkbenchError
+    from graph.calib import load_table
+    from quant.table import CalibrationTable
+
+    p = tmp_path / "t.json"
+    p.write_bytes(content)
+    for reader in (load_table, CalibrationTable.load):
+        with pytest.raises(WorkbenchError, match=match):
+            reader(p)
+
+
+@pytest.mark.parametrize("nodes,match", [
+    ([], r"'nodes' must be an object \{node id: precision\}, got \[\]"),
+    (["a", "int8"], "'nodes' must be an object"),
+    ({"a": ["int8"]}, "precision \\['int8'\\] is not one of"),
+    ({"a": 8}, "precision 8 is not one of"),
+])
+def test_bad_plan_nodes_are_one_line(tmp_path, nodes, match):
+    from core.errors import WorkbenchError
+    from graph.plan import PLAN_FORMAT, load_plan
+
+    p = tmp_path / "p.json"
+    p.write_text(json.dumps({"format": PLAN_FORMAT, "model": {"sha256": "x"}, "default": "int8", "nodes": nodes}))
+    with pytest.raises(WorkbenchError, match=match):
+        load_plan(p)
+
+
+def _matmul_model(path: Path) -> Path:
+    """x[2,16] @ W[16,8] -> y: the smallest model with a quantizable node."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(16, 8)).astype(np.float32), "W")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm/MatMul")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])], [w])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    return path
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_quantize_bad_inputs_are_one_line_and_write_nothing(tmp_path, capsys):
+    from graph.plan import PLAN_FORMAT
+    from workbench.cli import main as _main
+
+    def main(argv):
+        return _main([str(a) for a in argv])
+
+    model = _matmul_model(tmp_path / "m.onnx")
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"x": 2.0, "y": 3.0}))
+    out = tmp_path / "q.onnx"
+    assert main(["quantize", "--model", model, "--table", good, "--out", out]) == 0
+    out.unlink()
+    capsys.readouterr()
+
+    tiny = tmp_path / "tiny.json"
+    tiny.write_text(json.dumps({"x": 1e-30, "y": 3.0}))
+    assert main(["quantize", "--model", model, "--table", tiny, "--out", out, "--write-plan", tmp_path / "p"]) == 2
+    assert "amax of tensor 'x' is 1e-30" in _one_error_line(capsys) and not out.exists()
+
+    junk = tmp_path / "junk.json"
+    junk.write_bytes(bytes(range(256)))
+    assert main(["quantize", "--model", model, "--table", junk, "--out", out]) == 2
+    assert "not UTF-8" in _one_error_line(capsys) and not out.exists()
+
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"format": PLAN_FORMAT, "model": {"sha256": "x"}, "default": "int8", "nodes": []}))
+    assert main(["quantize", "--model", model, "--table", good, "--plan", plan, "--out", out]) == 2
+    assert "'nodes' must be an object" in _one_error_line(capsys) and not out.exists()
+
+    (tmp_path / "adir").mkdir()
+    assert main(["quantize", "--model", model, "--table", good, "--out", tmp_path / "adir"]) == 2
+    assert "is a directory" in _one_error_line(capsys)
+
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    for argv in (["quantize", "--model", empty, "--table", good, "--out", out],
+                 ["calibrate", "--model", empty, "--data", tmp_path, "--out", tmp_path / "t.json"]):
+        assert main(argv) == 2
+        assert "is empty" in _one_error_line(capsys) and not out.exists()

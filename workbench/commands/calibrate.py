@@ -76,14 +76,15 @@ def _feeds(args, inputs: dict):
 def run(args) -> None:
     from engines.base import onnx_io
     from quant.calibrate import calibrate
-    from core.fsutil import check_writable_target
+    from core.fsutil import check_model_file, check_writable_target
 
     from core.errors import WorkbenchError
 
     if args.batch_size < 1:
         raise WorkbenchError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if not args.model.is_file():
-        raise WorkbenchError(f"ONNX model not found: {args.model}")
+    check_model_file(args.model)
+    if args.encoder is not None:
+        check_model_file(args.encoder, "FP32 encoder")
     for target in (args.out, args.trt_cache):  # before the pass, not after it
         if target is not None:
             check_writable_target(target)
