@@ -170,7 +170,13 @@ class TaskExperiment:
                                        .encode()).hexdigest()[:24]
 
     def full_record(self, label: str, models: dict[str, Path], **extra) -> dict:
-        rec = self.cache.get_or_compute(self._content_key("baseline:", models), lambda: {
+        # the models' content plus the config that changes the result (pipeline.wenet.baseline_key's rule)
+        sections = {s: self.cfg[s] for s in ("task", "data", "backend", "quantize")} | {
+            "latency": {k: self.cfg["latency"][k] for k in ("batch_sizes", "seq_lens", "warmup", "iters", "models")}}
+        if extra.get("calibrator"):
+            sections["calibration"] = self.cfg["calibration"]
+        config = hashlib.sha256(json.dumps(sections, sort_keys=True, default=str).encode()).hexdigest()[:24]
+        rec = self.cache.get_or_compute(self._content_key("baseline:", models) + ":" + config, lambda: {
             "accuracy": self.accuracy(models), "latency": self.latency(models)})
         return {"label": label, **extra, **rec}
 

@@ -116,6 +116,39 @@ class Workspace:
         return self._runners[model]
 
 
+# What a baseline record (accuracy, latency, hackathon check) depends on besides the models' content: these
+# config sections (resolved: backend "auto" is already the backend used) and, of [latency], the keys that time
+# baselines (search_* and tie_tolerance only rank search candidates). [calibration] only for INT8 records.
+BASELINE_SECTIONS = ("data", "backend", "quantize")
+BASELINE_LATENCY_KEYS = ("batch_sizes", "seq_lens", "warmup", "iters", "models")
+_SHA_MEMO: dict[tuple, str] = {}
+
+
+def _content_sha(path: Path) -> str:
+    """sha256 of a model file, memoised by (path, size, mtime) within the process."""
+    st = Path(path).stat()
+    memo = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if memo not in _SHA_MEMO:
+        from core.fsutil import sha256_file
+
+        _SHA_MEMO[memo] = sha256_file(path)
+    return _SHA_MEMO[memo]
+
+
+def baseline_key(cfg: dict, models: dict[str, Path], reference: dict[str, Path], data: dict,
+                 calibrator: str | None = None) -> str:
+    """The cache key of a baseline: the content (not the path) of the models and of the FP32 reference the
+    hackathon check compares with, the config that changes the result, and `data` (e.g. the vocabulary and the
+    evaluation texts). A copied run directory finds its records; a resume with another config does not."""
+    blob = {"models": {k: _content_sha(p) for k, p in sorted(models.items())},
+            "reference": {k: _content_sha(p) for k, p in sorted(reference.items())},
+            "config": {s: cfg[s] for s in BASELINE_SECTIONS}
+            | {"latency": {k: cfg["latency"][k] for k in BASELINE_LATENCY_KEYS}}
+            | ({"calibration": cfg["calibration"]} if calibrator else {}),
+            "data": data}
+    return "baseline:" + hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+
+
 class Experiment:
     def __init__(self, cfg: dict, run_dir: Path, cache_dir: Path | None, progress: bool = True):
         self.cfg, self.dir, self.progress = cfg, Path(run_dir), progress
@@ -226,7 +259,9 @@ class Experiment:
         return {"passed": sum(r["passed"] for r in rows), "total": len(rows), "rows": rows}
 
     def full_record(self, ws: Workspace, label: str, models: dict[str, Path], **extra) -> dict:
-        key = "baseline:" + hashlib.sha256(json.dumps({k: str(v) for k, v in models.items()}).encode()).hexdigest()
+        data = {"vocab": list(self.vocab.tokens), "eval_texts": hashlib.sha256(
+            json.dumps(list(self.eval_texts)).encode()).hexdigest()}
+        key = baseline_key(self.cfg, models, ws.fp32, data, extra.get("calibrator"))
         rec = self.cache.get_or_compute(key, lambda: {
             "accuracy": self.accuracy(ws, models), "latency": self.latency(ws, models),
             "hackathon": {k: v for k, v in self.hackathon(ws, models).items() if k != "rows"}})

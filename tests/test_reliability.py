@@ -302,3 +302,39 @@ def test_quantize_bad_inputs_are_one_line_and_write_nothing(tmp_path, capsys):
                  ["calibrate", "--model", empty, "--data", tmp_path, "--out", tmp_path / "t.json"]):
         assert main(argv) == 2
         assert "is empty" in _one_error_line(capsys) and not out.exists()
+
+
+# -- 5. baseline cache keys: content and config, not paths -------------------------------------------------------
+
+def test_baseline_key_follows_content_and_config_not_paths(tmp_path):
+    import copy
+    import shutil
+
+    from pipeline.config import load_config
+    from pipeline.wenet import baseline_key
+
+    cfg = load_config()
+    run = tmp_path / "R" / "models" / "fp32"
+    run.mkdir(parents=True)
+    for k in ("encoder", "decoder"):
+        (run / f"{k}.onnx").write_bytes(f"{k} weights".encode())
+    shutil.copytree(tmp_path / "R", tmp_path / "R2")  # cp -a R R2
+    fp32 = {k: tmp_path / "R" / "models" / "fp32" / f"{k}.onnx" for k in ("encoder", "decoder")}
+    fp32_copy = {k: tmp_path / "R2" / "models" / "fp32" / f"{k}.onnx" for k in ("encoder", "decoder")}
+    data = {"vocab": ["a", "b"], "eval_texts": "t"}
+    key = baseline_key(cfg, fp32, fp32, data)
+    assert baseline_key(cfg, fp32_copy, fp32_copy, data) == key  # the copy reuses FP32
+
+    changed = copy.deepcopy(cfg)
+    changed["latency"]["tie_tolerance"] = 0.5  # ranks search candidates only
+    changed["calibration"]["methods"] = ["max"]  # not part of an FP32 record
+    assert baseline_key(changed, fp32, fp32, data) == key
+    for section, name, value in (("data", "eval_utts", 7), ("backend", "threads", 1), ("latency", "iters", 3),
+                                 ("quantize", "fallback", "fp16"), ("latency", "batch_sizes", [1])):
+        changed = copy.deepcopy(cfg)
+        changed[section][name] = value
+        assert baseline_key(changed, fp32, fp32, data) != key, (section, name)
+    assert baseline_key(cfg, fp32, fp32, {**data, "vocab": ["a"]}) != key
+    assert baseline_key(cfg, fp32, fp32, data, calibrator="max") != key
+    fp32_copy["encoder"].write_bytes(b"retrained")  # other content under the same path: another key
+    assert baseline_key(cfg, fp32_copy, fp32_copy, data) != key
