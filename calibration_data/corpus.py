@@ -79,6 +79,14 @@ def _init_worker(split: str, seed: int, sentences: list[str], voices: list[dict]
                   workdir=workdir)
 
 
+def _init_pool_worker(*args) -> None:
+    """A pool worker leaves Ctrl-C to the parent (which stops the pool), instead of each printing a traceback."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init_worker(*args)
+
+
 def _make_utterance(index: int) -> tuple[np.ndarray, dict]:
     """Features and manifest row of one utterance; every random choice comes from its own RNG."""
     s = _STATE
@@ -142,7 +150,7 @@ def _generate(cache_dir: Path, recipe: dict, sentences: list[str], voices: list[
                 results = map(_make_utterance, range(size))
                 pool = None
             else:
-                pool = multiprocessing.Pool(workers, initializer=_init_worker, initargs=init_args)
+                pool = multiprocessing.Pool(workers, initializer=_init_pool_worker, initargs=init_args)
                 results = pool.imap(_make_utterance, range(size), chunksize=max(1, min(16, size // (4 * workers))))
             try:
                 for feats, row in results:

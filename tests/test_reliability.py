@@ -338,3 +338,65 @@ def test_baseline_key_follows_content_and_config_not_paths(tmp_path):
     assert baseline_key(cfg, fp32, fp32, data, calibrator="max") != key
     fp32_copy["encoder"].write_bytes(b"retrained")  # other content under the same path: another key
     assert baseline_key(cfg, fp32_copy, fp32_copy, data) != key
+
+
+# -- 6. Ctrl-C: one line with how to resume, exit 130 --------------------------------------------------------------
+
+def test_interrupted_search_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    import pipeline.wenet
+    from workbench.cli import main
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.wenet, "run_experiment", interrupted)
+    run_dir = tmp_path / "run"
+    assert main(["search", "--quick", "--run-dir", str(run_dir), "--runs-root", str(tmp_path / "runs")]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == [f"interrupted; resume with wb search --run-dir {run_dir}"]
+    with RunDirLock(run_dir):  # released on the way out
+        pass
+
+
+def test_interrupt_elsewhere_and_disk_full_are_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import workbench.commands.quantize as q
+    from workbench.cli import main
+
+    model = _matmul_model(tmp_path / "m.onnx")
+    table = tmp_path / "t.json"
+    table.write_text(json.dumps({"x": 2.0, "y": 3.0}))
+    argv = ["quantize", "--model", str(model), "--table", str(table), "--out", str(tmp_path / "q.onnx")]
+
+    def raiser(exc):
+        def f(*a, **k):
+            raise exc
+        return f
+
+    import graph.placement
+    monkeypatch.setattr(graph.placement, "quantize", raiser(KeyboardInterrupt()))
+    assert main(argv) == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["interrupted"]
+    monkeypatch.setattr(graph.placement, "quantize", raiser(OSError(errno.ENOSPC, "No space left on device", "q.onnx")))
+    assert main(argv) == 2
+    assert _one_error_line(capsys) == "error: No space left on device: q.onnx"
+    monkeypatch.setattr(graph.placement, "quantize", raiser(OSError(errno.EBADF, "Bad file descriptor")))
+    with pytest.raises(OSError):  # a bug keeps its traceback
+        main(argv)
+
+
+def test_real_sigint_of_wb_search(tmp_path):
+    """SIGINT to a running `wb search` (here while it makes the corpus): the hint, exit 130, no traceback."""
+    run_dir = tmp_path / "run"
+    child = subprocess.Popen([sys.executable, "-m", "workbench.cli", "search", "--quick", "--run-dir", str(run_dir),
+                              "--runs-root", str(tmp_path / "runs"), "--cache", str(tmp_path / "corpus")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO)
+    deadline = time.time() + 120
+    while not (run_dir / ".lock").exists() and time.time() < deadline and child.poll() is None:
+        time.sleep(0.1)
+    time.sleep(1.0)
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 130, err[-2000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == f"interrupted; resume with wb search --run-dir {run_dir}", err[-2000:]
