@@ -400,3 +400,33 @@ def test_real_sigint_of_wb_search(tmp_path):
     assert child.returncode == 130, err[-2000:]
     assert "Traceback" not in err, err[-3000:]
     assert err.strip().splitlines()[-1] == f"interrupted; resume with wb search --run-dir {run_dir}", err[-2000:]
+
+
+# -- 7. engine.json with damaged shape ranges ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda s: s["speech"].update(max="big"), "expected {'min','opt','max'} integer lists"),
+    (lambda s: s["speech"].update(max=[16.5, 2048, 80]), "integer lists"),
+    (lambda s: s["speech"].update(min=[True, 7, 80]), "integer lists"),
+    (lambda s: s["speech"].update(opt=[999, 256, 80]), "need 1 <= min <= opt <= max"),
+    (lambda s: s.pop("speech"), "must name exactly its inputs"),
+    (lambda s: s.update(speech=3), "integer lists"),
+])
+def test_engine_json_with_bad_shapes_is_one_line(tiny_onnx, tmp_path, capsys, edit, match):
+    import engines
+    from core.errors import WorkbenchError
+    from engines.base import EngineArtifact
+    from workbench.cli import main
+
+    enc = tiny_onnx[0]
+    art = engines.build(enc, engines.default_shapes(enc, "encoder"), tmp_path / "eng", backend="onnxruntime")
+    meta_path = art.path / "engine.json"
+    meta = json.loads(meta_path.read_text())
+    edit(meta["shapes"])
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(WorkbenchError, match=match):
+        EngineArtifact.open(art.path)
+    assert main(["bench", "--engine", str(art.path), "--batch-sizes", "1", "--seq-lens", "16", "--warmup", "0",
+                 "--iters", "1", "--random-features"]) == 2
+    line = _one_error_line(capsys)
+    assert "engine.json" in line and "rebuild" in line, line
