@@ -430,3 +430,66 @@ def test_engine_json_with_bad_shapes_is_one_line(tiny_onnx, tmp_path, capsys, ed
                  "--iters", "1", "--random-features"]) == 2
     line = _one_error_line(capsys)
     assert "engine.json" in line and "rebuild" in line, line
+
+
+# -- a real kill: SIGKILL of a child `wb search` at a chosen stage, then a resume that redoes nothing finished -----
+
+from test_task_search import project, write_config  # noqa: E402,F401  (the small transformer classifier task)
+
+_KILL_AT = """
+import os, signal, sys
+from search import evalcache
+target, nth = sys.argv[1], int(sys.argv[2])
+orig, seen = evalcache.EvalCache._append, [0]
+def append(self, line):
+    if self.path.name.startswith(target):
+        seen[0] += 1
+        if seen[0] == nth:  # killed in the middle of writing this record: a torn last line
+            with open(self.path, "ab") as f:
+                f.write(line[: len(line) // 2].encode()); f.flush(); os.fsync(f.fileno())
+            os.kill(os.getpid(), signal.SIGKILL)
+    orig(self, line)
+evalcache.EvalCache._append = append
+from workbench.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def _records(run_dir: Path) -> dict[str, list[str]]:
+    """Keys of the complete records of every evaluation cache of a run, in file order (duplicates kept)."""
+    out = {}
+    for p in sorted(run_dir.glob("*.jsonl")):
+        keys = []
+        for line in p.read_text().splitlines():
+            try:
+                keys.append(json.loads(line)["key"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                pass
+        out[p.name] = keys
+    return out
+
+
+@pytest.mark.parametrize("stage,nth", [("cache.jsonl", 2),  # during the baselines (FP32 done, FP16 cut)
+                                       ("search_cache.", 3)])  # inside the precision search
+def test_sigkill_at_a_stage_then_resume_redoes_no_finished_evaluation(project, tmp_path, stage, nth, capsys):
+    from workbench.cli import main
+
+    cfg = write_config(project, f"kill-{nth}.toml")
+    run_dir, runs = tmp_path / "run", tmp_path / "runs"
+    argv = ["search", "--config", str(cfg), "--runs-root", str(runs), "--run-dir", str(run_dir)]
+    child = subprocess.run([sys.executable, "-c", _KILL_AT, stage, str(nth), *argv], capture_output=True, text=True,
+                           env=_env(), cwd=REPO, timeout=300)
+    assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
+    before = _records(run_dir)
+    torn = [p for p in run_dir.glob(f"{stage}*") if not p.read_bytes().endswith(b"\n")]
+    assert torn, "the kill should leave a torn last line"
+    assert not (run_dir / "run.json").exists()
+
+    assert main(argv) == 0  # the resume, on the same directory (the dead child's lock is gone with it)
+    after = _records(run_dir)
+    for name, keys in after.items():
+        assert len(keys) == len(set(keys)), f"{name}: an evaluation was computed twice"
+        assert keys[:len(before.get(name, []))] == before.get(name, []), name  # finished records kept, not redone
+    assert sum(len(k) for k in after.values()) > sum(len(k) for k in before.values())
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["status"] in ("passed", "failed")
