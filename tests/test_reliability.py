@@ -493,3 +493,30 @@ def test_sigkill_at_a_stage_then_resume_redoes_no_finished_evaluation(project, t
     assert sum(len(k) for k in after.values()) > sum(len(k) for k in before.values())
     run = json.loads((run_dir / "run.json").read_text())
     assert run["status"] in ("passed", "failed")
+
+
+def _fake_split(cache: Path, name: str, frames: list[int]) -> None:
+    import numpy as np
+
+    d = cache / name
+    d.mkdir(parents=True)
+    feats = np.random.default_rng(0).normal(size=(sum(frames), 80)).astype(np.float32)
+    np.save(d / "feats.npy", feats)
+    np.save(d / "offsets.npy", np.concatenate([[0], np.cumsum(frames)]).astype(np.int64))
+    (d / "manifest.jsonl").write_text("".join(json.dumps({"index": i, "text": "a b", "frames": f}) + "\n"
+                                              for i, f in enumerate(frames)))
+    (d / "meta.json").write_text(json.dumps({"split": name, "size": len(frames)}))
+
+
+@pytest.mark.parametrize("frames,match", [([20, 3, 30, 5], "utterance 1 has 3 frames \\(and 1 more\\)"),
+                                          ([3], "utterance 0 has 3 frames; the encoder's subsampling needs at least 7")])
+def test_calibrate_refuses_utterances_too_short_for_the_encoder(tiny_onnx, tmp_path, capsys, frames, match):
+    import re
+
+    from workbench.cli import main
+
+    _fake_split(tmp_path / "corpus", "calib", frames)
+    out = tmp_path / "t.json"
+    assert main(["calibrate", "--model", str(tiny_onnx[0]), "--cache", str(tmp_path / "corpus"), "--methods", "max",
+                 "--default-method", "max", "--out", str(out)]) == 2
+    assert re.search(match, _one_error_line(capsys)) and not out.exists()
