@@ -157,8 +157,12 @@ class Experiment:
         self.cache = EvalCache(self.dir / "cache.jsonl")
         self.vocab = load_units(cfg["model"]["vocab"]) if cfg["model"]["vocab"] else DEFAULT_VOCAB  # before any work
         d = cfg["data"]
-        corpus = ensure_corpus(cache_dir, {d["calib_split"]: max(512, d["calib_utts"]),
-                                           d["eval_split"]: max(500, d["eval_utts"])}, progress=progress)
+        # only what the run reads (calib_utts, and 64 for the latency, hackathon and ranking pool; eval_utts);
+        # a larger split already on disk serves (its first utterances are these), so quick and full runs share one
+        sizes: dict[str, int] = {}
+        for split, n in ((d["calib_split"], max(64, d["calib_utts"])), (d["eval_split"], d["eval_utts"])):
+            sizes[split] = max(n, sizes.get(split, 0))  # one split may serve both
+        corpus = ensure_corpus(cache_dir, sizes, progress=progress, at_least=True)
         self.calib = load_split(corpus, d["calib_split"])
         ev = load_split(corpus, d["eval_split"])
         n = min(d["eval_utts"], len(ev))

@@ -520,3 +520,21 @@ def test_calibrate_refuses_utterances_too_short_for_the_encoder(tiny_onnx, tmp_p
     assert main(["calibrate", "--model", str(tiny_onnx[0]), "--cache", str(tmp_path / "corpus"), "--methods", "max",
                  "--default-method", "max", "--out", str(out)]) == 2
     assert re.search(match, _one_error_line(capsys)) and not out.exists()
+
+
+def test_a_larger_split_serves_a_smaller_request(tmp_path):
+    import numpy as np
+
+    from calibration_data.corpus import ensure_corpus, generate_split, load_split
+
+    cache = tmp_path / "corpus"
+    ensure_corpus(cache, {"calib": 3}, workers=1, progress=False)
+    mtime = (cache / "calib" / "meta.json").stat().st_mtime_ns
+    ensure_corpus(cache, {"calib": 2}, workers=1, progress=False, at_least=True)  # e.g. wb search --quick
+    assert (cache / "calib" / "meta.json").stat().st_mtime_ns == mtime and len(load_split(cache, "calib")) == 3
+    small = load_split(generate_split(tmp_path / "small", "calib", 2, workers=1, progress=False).parent, "calib")
+    big = load_split(cache, "calib")
+    for i in range(2):  # the first utterances of the larger split are the smaller split's
+        assert np.array_equal(big.features(i), small.features(i)) and big.texts[i] == small.texts[i]
+    ensure_corpus(cache, {"calib": 4}, workers=1, progress=False, at_least=True)  # larger: generated
+    assert len(load_split(cache, "calib")) == 4
