@@ -30,6 +30,14 @@ def check_writable_target(target: str | os.PathLike) -> None:
     _check_writable_dir(target.parent)
 
 
+def check_writable_dir_target(target: str | os.PathLike) -> None:
+    """Fail before the work: `target` is a directory to (re)write (not a file) in a writable directory."""
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise WorkbenchError(f"{target} is a file: give a directory path to write")
+    _check_writable_dir(target.parent)
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `target`; rename it onto `target` only if the block succeeds."""

@@ -538,3 +538,22 @@ def test_a_larger_split_serves_a_smaller_request(tmp_path):
         assert np.array_equal(big.features(i), small.features(i)) and big.texts[i] == small.texts[i]
     ensure_corpus(cache, {"calib": 4}, workers=1, progress=False, at_least=True)  # larger: generated
     assert len(load_split(cache, "calib")) == 4
+
+
+def test_build_and_bench_check_their_outputs_first(tiny_onnx, tmp_path, capsys):
+    import engines
+    from workbench.cli import main
+
+    enc = tiny_onnx[0]
+    (tmp_path / "afile").write_text("x")
+    assert main(["build", "--model", str(enc), "--backend", "onnxruntime", "--out", str(tmp_path / "afile")]) == 2
+    assert "is a file: give a directory path" in _one_error_line(capsys)
+    empty = tmp_path / "e.onnx"
+    empty.write_bytes(b"")
+    assert main(["build", "--model", str(empty), "--backend", "onnxruntime", "--out", str(tmp_path / "eng")]) == 2
+    assert "is empty" in _one_error_line(capsys) and not (tmp_path / "eng").exists()
+    art = engines.build(enc, engines.default_shapes(enc, "encoder"), tmp_path / "eng", backend="onnxruntime")
+    (tmp_path / "adir").mkdir()
+    assert main(["bench", "--engine", str(art.path), "--json", str(tmp_path / "adir"), "--batch-sizes", "1",
+                 "--seq-lens", "16", "--random-features"]) == 2
+    assert "is a directory" in _one_error_line(capsys)
