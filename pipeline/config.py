@@ -178,6 +178,48 @@ def load_config(*paths: str | Path) -> dict:
     return cfg
 
 
+# The sections whose values the run directory's cached results (models, tables, engines, evaluations) depend
+# on. A resume must keep them; criterion and budget may change (they only judge and bound the search).
+RESUME_SECTIONS = ("task", "model", "data", "calibration", "qat", "quantize", "backend", "latency")
+RESUME_FILE = "inputs.json"
+
+
+def _flat(d, prefix: str = "") -> dict:
+    if not isinstance(d, dict):
+        return {prefix.rstrip("."): d}
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return out
+
+
+def check_resume(run_dir: str | Path, cfg: dict) -> None:
+    """Record the result-affecting config (RESUME_SECTIONS, resolved) in a new run directory; refuse, in one line,
+    to resume one that was started with other values, whose cached results would be stale."""
+    import json
+
+    from core.fsutil import write_json
+
+    path = Path(run_dir) / RESUME_FILE
+    now = json.loads(json.dumps({s: cfg[s] for s in RESUME_SECTIONS if s in cfg}))
+    before = None
+    if path.is_file():
+        try:
+            before = json.loads(path.read_text())
+        except (ValueError, OSError):
+            before = None  # unreadable (it is written atomically, so only by hand): recorded again below
+    if isinstance(before, dict):
+        a, b = _flat(before), _flat(now)
+        diff = [k for k in sorted(set(a) | set(b)) if a.get(k, "<unset>") != b.get(k, "<unset>")]
+        if diff:
+            shown = "; ".join(f"{k} = {json.dumps(a.get(k, '<unset>'))} there, {json.dumps(b.get(k, '<unset>'))} now"
+                              for k in diff[:3]) + (f" (and {len(diff) - 3} more)" if len(diff) > 3 else "")
+            raise WorkbenchError(f"run directory {run_dir} was started with another config ({shown}): its cached "
+                                 f"results would be stale; resume with that config or give a new --run-dir")
+        return
+    write_json(path, now)
+
+
 def is_wenet(cfg: dict) -> bool:
     """Whether the config runs the bundled WeNet pipeline (pipeline.wenet) rather than a task (pipeline/)."""
     return cfg["task"]["kind"] == "wenet_asr" and not cfg["task"]["entry"]

@@ -33,6 +33,7 @@ from tasks.base import Task, check_metrics
 from tasks.fidelity import noise_to_signal
 from core.errors import WorkbenchError
 from core.fsutil import RunDirLock, sha256_file, write_json
+from pipeline.config import check_resume
 
 
 def criterion_of(cfg: dict, task: Task, reference: float) -> dict:
@@ -123,6 +124,7 @@ class TaskExperiment:
         self.cfg, self.task, self.dir, self.progress = cfg, task, Path(run_dir), progress
         self.dir.mkdir(parents=True, exist_ok=True)
         self.lock = RunDirLock(self.dir).acquire()  # one run per directory (re-entrant: wb search holds it too)
+        check_resume(self.dir, cfg)  # a resume keeps the config its cached results were computed with
         self.cache = EvalCache(self.dir / "cache.jsonl")
         self.ws = TaskWorkspace(self.dir, cfg, task)
         self.names = [g.name for g in task.graphs]

@@ -31,7 +31,7 @@ from quant.calibrate import calibrate
 from quant.collect import encoder_feed
 from search.evalcache import EvalCache
 from quant.methods import method_key
-from pipeline.config import criterion_threshold, resolve_backend_and_recipe
+from pipeline.config import check_resume, criterion_threshold, resolve_backend_and_recipe
 from search.algorithm import SearchProblem, node_key, plan_counts, flat_plan_hash, search, split_plan
 from quant.table import CalibrationTable
 
@@ -154,6 +154,7 @@ class Experiment:
         self.cfg, self.dir, self.progress = cfg, Path(run_dir), progress
         self.dir.mkdir(parents=True, exist_ok=True)
         self.lock = RunDirLock(self.dir).acquire()  # one run per directory (re-entrant: wb search holds it too)
+        check_resume(self.dir, cfg)  # a resume keeps the config its cached results were computed with
         self.cache = EvalCache(self.dir / "cache.jsonl")
         self.vocab = load_units(cfg["model"]["vocab"]) if cfg["model"]["vocab"] else DEFAULT_VOCAB  # before any work
         d = cfg["data"]

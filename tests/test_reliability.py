@@ -557,3 +557,23 @@ def test_build_and_bench_check_their_outputs_first(tiny_onnx, tmp_path, capsys):
     assert main(["bench", "--engine", str(art.path), "--json", str(tmp_path / "adir"), "--batch-sizes", "1",
                  "--seq-lens", "16", "--random-features"]) == 2
     assert "is a directory" in _one_error_line(capsys)
+
+
+def test_resume_with_a_changed_config_is_refused_before_any_work(project, tmp_path, capsys):
+    from workbench.cli import main
+
+    cfg = write_config(project, "resume.toml")
+    run_dir = tmp_path / "run"
+    argv = ["search", "--config", str(cfg), "--runs-root", str(tmp_path / "runs"), "--run-dir", str(run_dir)]
+    assert main(argv) == 0
+    capsys.readouterr()
+    before = _records(run_dir)
+    changed = project / "resume-changed.toml"
+    changed.write_text(cfg.read_text().replace("iters = 3", "iters = 4"))
+    assert main(["search", "--config", str(changed), *argv[3:]]) == 2
+    line = _one_error_line(capsys)
+    assert "was started with another config (latency.iters = 3 there, 4 now)" in line, line
+    assert _records(run_dir) == before
+    relaxed = project / "resume-relaxed.toml"  # the criterion and the budget may change on a resume
+    relaxed.write_text(cfg.read_text().replace("max_full_evals = 6", "max_full_evals = 7"))
+    assert main(["search", "--config", str(relaxed), *argv[3:]]) == 0
