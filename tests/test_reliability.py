@@ -577,3 +577,17 @@ def test_resume_with_a_changed_config_is_refused_before_any_work(project, tmp_pa
     relaxed = project / "resume-relaxed.toml"  # the criterion and the budget may change on a resume
     relaxed.write_text(cfg.read_text().replace("max_full_evals = 6", "max_full_evals = 7"))
     assert main(["search", "--config", str(relaxed), *argv[3:]]) == 0
+
+
+def test_wb_qat_checks_out_and_tables_before_training(tmp_path, capsys):
+    from workbench.cli import main
+
+    tables = tmp_path / "calibration"
+    tables.mkdir()
+    for kind in ("encoder", "decoder"):
+        (tables / f"{kind}.json").write_text(json.dumps(_table({"x": {"amax": {"max": 1e-30}}})))
+    (tmp_path / "afile").write_text("")
+    assert main(["qat", "--tables", str(tables), "--out", str(tmp_path / "afile")]) == 2
+    assert "is a file: give a directory path" in _one_error_line(capsys)
+    assert main(["qat", "--tables", str(tables), "--out", str(tmp_path / "q")]) == 2
+    assert "amax of tensor 'x' (max) is 1e-30" in _one_error_line(capsys) and not (tmp_path / "q").exists()
