@@ -125,7 +125,7 @@ class RunDirLock:
         if self._held:
             return self
         _check_writable_dir(self.dir)
-        key = self.dir.resolve()
+        key = self._key = self.dir.resolve()
         if key in _HELD:
             _HELD[key][1] += 1
         else:
@@ -150,13 +150,12 @@ class RunDirLock:
         if not self._held:
             return
         self._held = False
-        key = self.dir.resolve()
-        entry = _HELD.get(key)
+        entry = _HELD.get(self._key)  # the key of acquire(): nothing to resolve (this also runs from __del__)
         if entry is None:
             return
         entry[1] -= 1
         if entry[1] == 0:
-            del _HELD[key]
+            del _HELD[self._key]
             entry[0].close()  # closing the descriptor drops the flock
 
     def __enter__(self) -> "RunDirLock":
