@@ -79,6 +79,14 @@ def _init_worker(split: str, seed: int, sentences: list[str], voices: list[dict]
                   workdir=workdir)
 
 
+def _init_pool_worker(*args) -> None:
+    """A pool worker leaves Ctrl-C to the parent (which stops the pool), instead of each printing a traceback."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init_worker(*args)
+
+
 def _make_utterance(index: int) -> tuple[np.ndarray, dict]:
     """Features and manifest row of one utterance; every random choice comes from its own RNG."""
     s = _STATE
@@ -142,7 +150,7 @@ def _generate(cache_dir: Path, recipe: dict, sentences: list[str], voices: list[
                 results = map(_make_utterance, range(size))
                 pool = None
             else:
-                pool = multiprocessing.Pool(workers, initializer=_init_worker, initargs=init_args)
+                pool = multiprocessing.Pool(workers, initializer=_init_pool_worker, initargs=init_args)
                 results = pool.imap(_make_utterance, range(size), chunksize=max(1, min(16, size // (4 * workers))))
             try:
                 for feats, row in results:
@@ -161,11 +169,19 @@ def _generate(cache_dir: Path, recipe: dict, sentences: list[str], voices: list[
     return target
 
 
-def _recipe_matches(split_dir: Path, recipe: dict) -> bool:
+def _recipe_matches(split_dir: Path, recipe: dict, at_least: bool = False) -> bool:
+    """Whether the split on disk is the one `recipe` makes; `at_least`: or a larger one of the same recipe, whose
+    first `size` utterances are exactly those (every utterance comes from its own RNG, seeded by its index)."""
     try:
         meta = json.loads((split_dir / "meta.json").read_text())
     except (OSError, ValueError):
         return False
+    if not isinstance(meta, dict):
+        return False
+    if at_least:
+        size = meta.get("size")
+        return (isinstance(size, int) and size >= recipe["size"]
+                and all(meta.get(k) == recipe[k] for k in _RECIPE_KEYS if k != "size"))
     return all(meta.get(k) == recipe[k] for k in _RECIPE_KEYS)
 
 
@@ -185,8 +201,9 @@ def generate_split(cache_dir: str | os.PathLike, split: str, size: int, seed: in
 
 
 def ensure_corpus(cache_dir: str | os.PathLike | None = None, sizes: dict[str, int] | None = None, seed: int = 0,
-                  workers: int | None = None, progress: bool = True) -> Path:
-    """Make the splits named in `sizes` (default DEFAULT_SIZES) exist, reusing any whose recipe is unchanged."""
+                  workers: int | None = None, progress: bool = True, at_least: bool = False) -> Path:
+    """Make the splits named in `sizes` (default DEFAULT_SIZES) exist, reusing any whose recipe is unchanged.
+    `at_least`: a split of the same recipe with more utterances is reused too (callers read its first `size`)."""
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     sizes = DEFAULT_SIZES if sizes is None else sizes
     pools = sentence_pools(load_sentences())
@@ -194,7 +211,7 @@ def ensure_corpus(cache_dir: str | os.PathLike | None = None, sizes: dict[str, i
         voices = voices_for_split(split)
         _check_size(split, size)
         recipe = _recipe(split, size, seed, pools[split], voices)
-        if not _recipe_matches(cache_dir / split, recipe):
+        if not _recipe_matches(cache_dir / split, recipe, at_least):
             _generate(cache_dir, recipe, pools[split], voices, workers, progress)
     return cache_dir
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
 import statistics
 import time
@@ -112,10 +113,12 @@ def check_shapes(shapes: Mapping, io: dict, where: str) -> Shapes:
         raise WorkbenchError(f"shape ranges for {where} must name exactly its inputs {sorted(inputs)}, got {sorted(shapes)}")
     out: Shapes = {}
     for name, rng in shapes.items():
-        try:
-            lo, opt, hi = ([int(x) for x in rng[k]] for k in ("min", "opt", "max"))
-        except (KeyError, TypeError, ValueError) as e:
-            raise WorkbenchError(f"shape range of {name}: expected {{'min','opt','max'}} integer lists ({e})") from e
+        lists = [rng.get(k) for k in ("min", "opt", "max")] if isinstance(rng, Mapping) else [None]
+        if not all(isinstance(v, (list, tuple)) and all(isinstance(x, numbers.Integral) and not isinstance(x, bool)
+                                                         for x in v) for v in lists):
+            raise WorkbenchError(f"shape range of {name}: expected {{'min','opt','max'}} integer lists, got "
+                                 f"{json.dumps(rng, default=str)[:80]}")
+        lo, opt, hi = ([int(x) for x in v] for v in lists)
         model_dims = inputs[name]["shape"]
         if not len(lo) == len(opt) == len(hi) == len(model_dims):
             raise WorkbenchError(f"shape range of {name} must have rank {len(model_dims)} (model shape {model_dims})")
@@ -220,6 +223,16 @@ class EngineArtifact:
         for key in ("kind", "shapes", "files", "io", "options", "build_key"):
             if key not in meta:
                 raise WorkbenchError(f"{path / META_FILE} lacks {key!r}: not a complete engine description")
+        io = meta["io"]
+        if not (isinstance(io, dict) and isinstance(io.get("inputs"), dict)
+                and all(isinstance(v, dict) and isinstance(v.get("shape"), list) for v in io["inputs"].values())):
+            raise WorkbenchError(f"{path / META_FILE}: 'io' is not a description of the model's inputs; rebuild it")
+        if not isinstance(meta["shapes"], dict) or not isinstance(meta["files"], dict):
+            raise WorkbenchError(f"{path / META_FILE}: 'shapes' and 'files' must be objects; rebuild the engine")
+        try:  # the ranges every runner and `wb bench` compare feeds with: numbers, ordered, of the model's rank
+            check_shapes(meta["shapes"], io, str(path))
+        except WorkbenchError as exc:
+            raise WorkbenchError(f"{path / META_FILE}: {exc}; rebuild the engine") from None
         return cls(path, meta)
 
 

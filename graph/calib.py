@@ -36,15 +36,98 @@ class CalibTable:
             raise WorkbenchError(f"calibration table {self.source} has no entry for tensor {tensor!r}, "
                                  f"needed by node {needed_by!r}")
         a = self.amax[tensor]
-        if not (math.isfinite(a) and a > 0):
+        if not (math.isfinite(a) and a > AMAX_MIN):
             raise WorkbenchError(f"calibration table {self.source}: amax of tensor {tensor!r} (node "
-                                 f"{needed_by!r}) is {a}; it must be finite and > 0")
+                                 f"{needed_by!r}) is {a}; it must be a finite number > {AMAX_MIN:g}; "
+                                 f"{_RECALIBRATE}")
         return a / QMAX
 
     def magnitude(self, tensor: str) -> float | None:
         if tensor in self.max_abs:
             return self.max_abs[tensor]
         return self.amax.get(tensor)
+
+
+AMAX_MIN = 1e-12  # smallest usable amax: below it the scale (amax/127) crushes every real value to zero; the
+                  # calibrators floor at 1e-8 (quant.methods.AMAX_FLOOR), so only a damaged table goes lower
+_RECALIBRATE = "recalibrate with `wb calibrate`"
+
+
+def _number(v, what: str, source: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise WorkbenchError(f"calibration table {source}: {what} is {v!r}, not a number; {_RECALIBRATE}")
+    return float(v)
+
+
+def _check_amax(v, what: str, source: str) -> float:
+    """An activation amax: a finite number > AMAX_MIN."""
+    a = _number(v, what, source)
+    if not (math.isfinite(a) and a > AMAX_MIN):
+        raise WorkbenchError(f"calibration table {source}: {what} is {a!r}; it must be a finite number > "
+                             f"{AMAX_MIN:g} (its scale would crush the tensor); {_RECALIBRATE}")
+    return a
+
+
+def _check_weight(name: str, e, source: str) -> tuple[int, list[float]]:
+    """A per-channel weight entry: {"axis": int, "amax": [finite numbers >= 0]} (0: an all-zero channel)."""
+    what = f"weight {name!r}"
+    if not isinstance(e, dict) or "axis" not in e or "amax" not in e:
+        raise WorkbenchError(f"calibration table {source}: {what} must be an object with \"axis\" and \"amax\"")
+    axis = e["axis"]
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        raise WorkbenchError(f"calibration table {source}: {what} has axis {axis!r}, not an integer")
+    amax = e["amax"]
+    if not isinstance(amax, list) or not amax:
+        raise WorkbenchError(f"calibration table {source}: {what} has amax {amax!r}, not a non-empty list")
+    out = []
+    for i, v in enumerate(amax):
+        a = _number(v, f"{what} channel {i} amax", source)
+        if not (math.isfinite(a) and a >= 0):
+            raise WorkbenchError(f"calibration table {source}: {what} channel {i} amax is {a!r}; it must be a "
+                                 f"finite number >= 0; {_RECALIBRATE}")
+        out.append(a)
+    return axis, out
+
+
+def check_table(table: dict, source: str) -> None:
+    """Every value of a `wb-calibration-table/1` dict: tensors with numeric, finite, usable amax for every
+    method, numeric min/max, well-formed per-channel weights. One reader's rules, shared by quant.table."""
+    if table.get("format") != TABLE_FORMAT:
+        raise WorkbenchError(f"calibration table {source} has format {table.get('format')!r}, expected "
+                             f"{TABLE_FORMAT!r}")
+    tensors, weights = table.get("tensors"), table.get("weights")
+    if not isinstance(tensors, dict):
+        raise WorkbenchError(f"calibration table {source}: \"tensors\" must be an object of tensor entries")
+    if weights is not None and not isinstance(weights, dict):
+        raise WorkbenchError(f"calibration table {source}: \"weights\" must be an object of weight entries")
+    default = table.get("default_method", "entropy")
+    if not isinstance(default, str):
+        raise WorkbenchError(f"calibration table {source}: default_method is {default!r}, not a string")
+    for name, e in tensors.items():
+        if not isinstance(e, dict):
+            raise WorkbenchError(f"calibration table {source}: tensor {name!r} must be an object, got {e!r}")
+        amax = e.get("amax") or {}
+        if not isinstance(amax, dict):
+            raise WorkbenchError(f"calibration table {source}: tensor {name!r} amax must be an object "
+                                 f"{{method: amax}}, got {amax!r}")
+        for method, v in amax.items():
+            _check_amax(v, f"amax of tensor {name!r} ({method})", source)
+        method = e.get("method") or default
+        if not isinstance(method, str):
+            raise WorkbenchError(f"calibration table {source}: tensor {name!r} method is {method!r}, not a string")
+        if method not in amax:
+            if "scale" not in e:
+                raise WorkbenchError(f"calibration table {source}: tensor {name!r} has no amax for method {method!r}")
+            _check_amax(_number(e["scale"], f"scale of tensor {name!r}", source) * QMAX,
+                        f"amax (scale x 127) of tensor {name!r}", source)
+        for key in ("min", "max"):
+            if key in e:
+                v = _number(e[key], f"{key} of tensor {name!r}", source)
+                if not math.isfinite(v):
+                    raise WorkbenchError(f"calibration table {source}: {key} of tensor {name!r} is {v}; "
+                                         f"{_RECALIBRATE}")
+    for name, e in (weights or {}).items():
+        _check_weight(name, e, source)
 
 
 def load_table(table: str | Path | dict | CalibTable) -> CalibTable:
@@ -57,30 +140,23 @@ def load_table(table: str | Path | dict | CalibTable) -> CalibTable:
     if not isinstance(table, dict):
         raise WorkbenchError(f"calibration table {source} is not a JSON object")
     if "format" not in table:  # plain {tensor: amax}
-        try:
-            return CalibTable({str(k): float(v) for k, v in table.items()}, source=source)
-        except (TypeError, ValueError) as exc:
-            raise WorkbenchError(f"calibration table {source}: expected {{tensor: amax}} numbers") from exc
-    if table["format"] != TABLE_FORMAT:
-        raise WorkbenchError(f"calibration table {source} has format {table['format']!r}, expected {TABLE_FORMAT!r}")
+        return CalibTable({str(k): _check_amax(v, f"amax of tensor {k!r}", source) for k, v in table.items()},
+                          source=source)
+    check_table(table, source)
     default = table.get("default_method", "entropy")
     amax, max_abs, weights = {}, {}, {}
-    for name, e in (table.get("tensors") or {}).items():
+    for name, e in table["tensors"].items():
         method = e.get("method") or default
         a = (e.get("amax") or {}).get(method)
-        if a is None:
-            if "scale" in e:  # fall back to the stored scale
-                a = float(e["scale"]) * QMAX
-            else:
-                raise WorkbenchError(f"calibration table {source}: tensor {name!r} has no amax for method {method!r}")
-        amax[name] = float(a)
+        amax[name] = float(a) if a is not None else float(e["scale"]) * QMAX
         if "min" in e and "max" in e:
             max_abs[name] = max(abs(float(e["min"])), abs(float(e["max"])))
         elif "max" in (e.get("amax") or {}):
             max_abs[name] = float(e["amax"]["max"])
     for name, e in (table.get("weights") or {}).items():
-        weights[name] = (int(e["axis"]), [float(x) for x in e["amax"]])
-    return CalibTable(amax, max_abs, weights, source, (table.get("model") or {}).get("fingerprint"))
+        weights[name] = _check_weight(name, e, source)
+    model = table.get("model") if isinstance(table.get("model"), dict) else {}
+    return CalibTable(amax, max_abs, weights, source, model.get("fingerprint"))
 
 
 def observe_amax(model, feeds: list[dict], tensors: list[str] | None = None) -> dict[str, float]:

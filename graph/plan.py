@@ -36,7 +36,7 @@ DEFAULT_OPTIONS = {
 
 
 def _check_precision(p: str, where: str) -> str:
-    if p not in PRECISIONS:
+    if not isinstance(p, str) or p not in PRECISIONS:
         raise WorkbenchError(f"{where}: precision {p!r} is not one of {', '.join(PRECISIONS)}")
     return p
 
@@ -143,6 +143,11 @@ def validate_plan(plan: dict, analysis: Analysis | None = None, source: str = "p
     for key in ("model", "default", "nodes"):
         if key not in plan:
             raise WorkbenchError(f"{source} lacks {key!r}")
+    for key, what in (("model", "an object"), ("nodes", "an object {node id: precision}")):
+        if not isinstance(plan[key], dict):
+            raise WorkbenchError(f"{source}: {key!r} must be {what}, got {json.dumps(plan[key])[:60]}")
+    if not isinstance(plan.get("options") or {}, dict):
+        raise WorkbenchError(f"{source}: 'options' must be an object, got {json.dumps(plan['options'])[:60]}")
     plan = copy.deepcopy(plan)
     _check_precision(plan["default"], f"{source} default")
     for nid, p in plan["nodes"].items():

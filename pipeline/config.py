@@ -3,6 +3,7 @@ as package data, so a non-editable install finds them."""
 from __future__ import annotations
 
 import copy
+import math
 import os
 import tomllib
 from pathlib import Path
@@ -50,7 +51,7 @@ def _merge(base: dict, over: dict, where: str) -> dict:
             raise WorkbenchError(f"unknown config key {where}{key!r} (known: {sorted(base)})")
         if isinstance(base[key], dict):
             if not isinstance(value, dict):
-                raise WorkbenchError(f"config key {where}{key!r} must be a table")
+                raise WorkbenchError(f"config {where}{key} must be a table, got {_kind(value)} {value!r}")
             # an empty table in the defaults is free-form (task.options): taken as given
             out[key] = copy.deepcopy(value) if not base[key] else _merge(base[key], value, f"{where}{key}.")
         else:
@@ -58,11 +59,93 @@ def _merge(base: dict, over: dict, where: str) -> dict:
     return out
 
 
+# Ranges, checked after the types (which come from default.toml's values, see _check_types): (low, low
+# inclusive, high, high inclusive); None = unbounded. Lists of numbers: every element.
+_RANGES = {
+    ("model", "opset"): (13, True, None, None),
+    ("data", "calib_utts"): (1, True, None, None),
+    ("data", "eval_utts"): (1, True, None, None),
+    ("data", "ranking_utts"): (1, True, None, None),
+    ("calibration", "percentile"): (0, False, 100, False),
+    ("calibration", "batch_size"): (1, True, None, None),
+    ("backend", "threads"): (1, True, None, None),
+    ("latency", "batch_sizes"): (1, True, None, None),
+    ("latency", "seq_lens"): (1, True, None, None),
+    ("latency", "warmup"): (0, True, None, None),
+    ("latency", "iters"): (1, True, None, None),
+    ("latency", "search_warmup"): (0, True, None, None),
+    ("latency", "search_iters"): (1, True, None, None),
+    ("latency", "tie_tolerance"): (0, True, None, None),
+}
+_NONEMPTY_LISTS = {("calibration", "methods"), ("latency", "batch_sizes"), ("latency", "seq_lens"),
+                   ("latency", "models")}
+_LIST_ELEMENT = {("task", "graphs"): dict}  # an empty default list says nothing about its elements
+
+
+def _kind(value) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", dict: "a table",
+            list: "a list"}.get(type(value), type(value).__name__)
+
+
+def _type_ok(value, like) -> bool:
+    """`value` has the type of the default `like`: bool is bool, int is int (not bool or float), float takes
+    int too (not bool, and finite), str is str."""
+    if isinstance(like, bool):
+        return isinstance(value, bool)
+    if isinstance(like, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(like, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, type(like))
+
+
+def _check_types(cfg: dict, default: dict, where: str = "") -> None:
+    for key, like in default.items():
+        name, value = f"{where}{key}", cfg[key]
+        if isinstance(like, dict):
+            if not isinstance(value, dict):
+                raise WorkbenchError(f"config {name} must be a table, got {value!r}")
+            if like:  # an empty default table (task.options) is free-form
+                _check_types(value, like, f"{name}.")
+        elif isinstance(like, list):
+            if not isinstance(value, list):
+                hint = f" (e.g. [{value!r}])" if isinstance(value, str) else ""
+                raise WorkbenchError(f"config {name} must be a list, got {_kind(value)} {value!r}{hint}")
+            elem = _LIST_ELEMENT.get(tuple(name.split(".")), like[0] if like else None)
+            for i, v in enumerate(value):
+                ok = isinstance(v, elem) if isinstance(elem, type) else elem is None or _type_ok(v, elem)
+                if not ok:
+                    want = _kind(elem() if isinstance(elem, type) else elem)
+                    raise WorkbenchError(f"config {name}[{i}] must be {want}, got {_kind(v)} {v!r}")
+        elif not _type_ok(value, like):
+            extra = " (finite)" if isinstance(like, float) and isinstance(value, float) else ""
+            raise WorkbenchError(f"config {name} must be {_kind(like)}{extra}, got {_kind(value)} {value!r}")
+
+
+def _check_ranges(cfg: dict) -> None:
+    for (section, key) in sorted(_NONEMPTY_LISTS):
+        if not cfg[section][key]:
+            raise WorkbenchError(f"config {section}.{key} must not be empty")
+    for (section, key), (lo, lo_inc, hi, hi_inc) in _RANGES.items():
+        value = cfg[section][key]
+        for v in value if isinstance(value, list) else [value]:
+            bad = (lo is not None and (v < lo if lo_inc else v <= lo)) or \
+                  (hi is not None and (v > hi if hi_inc else v >= hi))
+            if bad:
+                rule = " and ".join(r for r in (
+                    lo is not None and f"{'>=' if lo_inc else '>'} {lo}", hi is not None and f"{'<=' if hi_inc else '<'} {hi}") if r)
+                raise WorkbenchError(f"config {section}.{key} must be {rule}, got {value!r}")
+
+
 def load_config(*paths: str | Path) -> dict:
-    """default.toml, then each of `paths` on top (later wins). Unknown keys and bad values are errors."""
-    cfg = _read(DEFAULT_CONFIG)
+    """default.toml, then each of `paths` on top (later wins). Unknown keys and values of the wrong type or
+    out of range are errors, raised before any work."""
+    default = _read(DEFAULT_CONFIG)
+    cfg = default
     for p in paths:
         cfg = _merge(cfg, _read(Path(p)), "")
+    _check_types(cfg, default)
+    _check_ranges(cfg)
     for (section, key), allowed in _CHOICES.items():
         if cfg[section][key] not in allowed:
             raise WorkbenchError(f"config {section}.{key} = {cfg[section][key]!r}; choose one of {sorted(allowed)}")
@@ -76,8 +159,9 @@ def load_config(*paths: str | Path) -> dict:
     elif cfg["criterion"]["kind"] == "hackathon":
         raise WorkbenchError("config criterion.kind = \"hackathon\" is the bundled WeNet pipeline's; a task takes "
                              "absolute, relative or fixed")
-    if not isinstance(cfg["criterion"]["delta"], (int, float)) or isinstance(cfg["criterion"]["delta"], bool):
-        raise WorkbenchError(f"config criterion.delta must be a number, got {cfg['criterion']['delta']!r}")
+    if cfg["criterion"]["kind"] in ("absolute", "relative") and cfg["criterion"]["delta"] < 0:
+        raise WorkbenchError(f"config criterion.delta must be >= 0 for criterion.kind = "
+                             f"{cfg['criterion']['kind']!r}, got {cfg['criterion']['delta']!r}")
     bad = set(cfg["calibration"]["methods"]) - _METHODS
     if bad or not cfg["calibration"]["methods"]:
         raise WorkbenchError(f"config calibration.methods: unknown {sorted(bad)}; choose from {sorted(_METHODS)}")
@@ -90,12 +174,51 @@ def load_config(*paths: str | Path) -> dict:
         from quant.qat_run import check_qat_dir
 
         check_qat_dir(cfg["qat"]["dir"])
-    for key in ("calib_utts", "eval_utts", "ranking_utts"):
-        if int(cfg["data"][key]) < 1:
-            raise WorkbenchError(f"config data.{key} must be at least 1")
     if cfg["budget"]["max_full_evals"] < 2:
         raise WorkbenchError("config budget.max_full_evals must be at least 2 (all-INT8 and the fallback plan)")
     return cfg
+
+
+# The sections whose values the run directory's cached results (models, tables, engines, evaluations) depend
+# on. A resume must keep them; criterion and budget may change (they only judge and bound the search).
+RESUME_SECTIONS = ("task", "model", "data", "calibration", "qat", "quantize", "backend", "latency")
+RESUME_FILE = "inputs.json"
+
+
+def _flat(d, prefix: str = "") -> dict:
+    if not isinstance(d, dict):
+        return {prefix.rstrip("."): d}
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return out
+
+
+def check_resume(run_dir: str | Path, cfg: dict) -> None:
+    """Record the result-affecting config (RESUME_SECTIONS, resolved) in a new run directory; refuse, in one line,
+    to resume one that was started with other values, whose cached results would be stale."""
+    import json
+
+    from core.fsutil import write_json
+
+    path = Path(run_dir) / RESUME_FILE
+    now = json.loads(json.dumps({s: cfg[s] for s in RESUME_SECTIONS if s in cfg}))
+    before = None
+    if path.is_file():
+        try:
+            before = json.loads(path.read_text())
+        except (ValueError, OSError):
+            before = None  # unreadable (it is written atomically, so only by hand): recorded again below
+    if isinstance(before, dict):
+        a, b = _flat(before), _flat(now)
+        diff = [k for k in sorted(set(a) | set(b)) if a.get(k, "<unset>") != b.get(k, "<unset>")]
+        if diff:
+            shown = "; ".join(f"{k} = {json.dumps(a.get(k, '<unset>'))} there, {json.dumps(b.get(k, '<unset>'))} now"
+                              for k in diff[:3]) + (f" (and {len(diff) - 3} more)" if len(diff) > 3 else "")
+            raise WorkbenchError(f"run directory {run_dir} was started with another config ({shown}): its cached "
+                                 f"results would be stale; resume with that config or give a new --run-dir")
+        return
+    write_json(path, now)
 
 
 def is_wenet(cfg: dict) -> bool:

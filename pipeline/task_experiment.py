@@ -33,7 +33,8 @@ from pipeline.selection import passing_candidates, select
 from tasks.base import Task, check_metrics
 from tasks.fidelity import noise_to_signal
 from core.errors import WorkbenchError
-from core.fsutil import sha256_file, write_json
+from core.fsutil import RunDirLock, sha256_file, write_json
+from pipeline.config import check_resume
 
 
 def criterion_of(cfg: dict, task: Task, reference: float) -> dict:
@@ -120,6 +121,8 @@ class TaskExperiment:
     def __init__(self, cfg: dict, task: Task, run_dir: Path, progress: bool = True):
         self.cfg, self.task, self.dir, self.progress = cfg, task, Path(run_dir), progress
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.lock = RunDirLock(self.dir).acquire()  # one run per directory (re-entrant: wb search holds it too)
+        check_resume(self.dir, cfg)  # a resume keeps the config its cached results were computed with
         self.cache = EvalCache(self.dir / "cache.jsonl")
         self.ws = TaskWorkspace(self.dir, cfg, task)
         self.names = [g.name for g in task.graphs]
@@ -167,7 +170,13 @@ class TaskExperiment:
                                        .encode()).hexdigest()[:24]
 
     def full_record(self, label: str, models: dict[str, Path], **extra) -> dict:
-        rec = self.cache.get_or_compute(self._content_key("baseline:", models), lambda: {
+        # the models' content plus the config that changes the result (pipeline.wenet.baseline_key's rule)
+        sections = {s: self.cfg[s] for s in ("task", "data", "backend", "quantize")} | {
+            "latency": {k: self.cfg["latency"][k] for k in ("batch_sizes", "seq_lens", "warmup", "iters", "models")}}
+        if extra.get("calibrator"):
+            sections["calibration"] = self.cfg["calibration"]
+        config = hashlib.sha256(json.dumps(sections, sort_keys=True, default=str).encode()).hexdigest()[:24]
+        rec = self.cache.get_or_compute(self._content_key("baseline:", models) + ":" + config, lambda: {
             "accuracy": self.accuracy(models), "latency": self.latency(models)})
         return {"label": label, **extra, **rec}
 

@@ -26,13 +26,13 @@ from graph.placement import quantize
 from graph.plan import create_plan, edit_plan, save_plan
 from tasks.fidelity import noise_to_signal
 from core.errors import WorkbenchError
-from core.fsutil import write_json
+from core.fsutil import RunDirLock, write_json
 
 from quant.calibrate import calibrate
 from quant.collect import encoder_feed
 from search.evalcache import EvalCache
 from quant.methods import method_key
-from pipeline.config import criterion_threshold, resolve_backend_and_recipe
+from pipeline.config import check_resume, criterion_threshold, resolve_backend_and_recipe
 from pipeline.selection import passing_candidates, select
 from search.algorithm import SearchProblem, node_key, plan_counts, flat_plan_hash, search, split_plan
 from quant.table import CalibrationTable
@@ -126,15 +126,54 @@ class Workspace:
         return self._runners[model]
 
 
+# What a baseline record (accuracy, latency, hackathon check) depends on besides the models' content: these
+# config sections (resolved: backend "auto" is already the backend used) and, of [latency], the keys that time
+# baselines (search_* and tie_tolerance only rank search candidates). [calibration] only for INT8 records.
+BASELINE_SECTIONS = ("data", "backend", "quantize")
+BASELINE_LATENCY_KEYS = ("batch_sizes", "seq_lens", "warmup", "iters", "models")
+_SHA_MEMO: dict[tuple, str] = {}
+
+
+def _content_sha(path: Path) -> str:
+    """sha256 of a model file, memoised by (path, size, mtime) within the process."""
+    st = Path(path).stat()
+    memo = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if memo not in _SHA_MEMO:
+        from core.fsutil import sha256_file
+
+        _SHA_MEMO[memo] = sha256_file(path)
+    return _SHA_MEMO[memo]
+
+
+def baseline_key(cfg: dict, models: dict[str, Path], reference: dict[str, Path], data: dict,
+                 calibrator: str | None = None) -> str:
+    """The cache key of a baseline: the content (not the path) of the models and of the FP32 reference the
+    hackathon check compares with, the config that changes the result, and `data` (e.g. the vocabulary and the
+    evaluation texts). A copied run directory finds its records; a resume with another config does not."""
+    blob = {"models": {k: _content_sha(p) for k, p in sorted(models.items())},
+            "reference": {k: _content_sha(p) for k, p in sorted(reference.items())},
+            "config": {s: cfg[s] for s in BASELINE_SECTIONS}
+            | {"latency": {k: cfg["latency"][k] for k in BASELINE_LATENCY_KEYS}}
+            | ({"calibration": cfg["calibration"]} if calibrator else {}),
+            "data": data}
+    return "baseline:" + hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+
+
 class Experiment:
     def __init__(self, cfg: dict, run_dir: Path, cache_dir: Path | None, progress: bool = True):
         self.cfg, self.dir, self.progress = cfg, Path(run_dir), progress
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.lock = RunDirLock(self.dir).acquire()  # one run per directory (re-entrant: wb search holds it too)
+        check_resume(self.dir, cfg)  # a resume keeps the config its cached results were computed with
         self.cache = EvalCache(self.dir / "cache.jsonl")
         self.vocab = load_units(cfg["model"]["vocab"]) if cfg["model"]["vocab"] else DEFAULT_VOCAB  # before any work
         d = cfg["data"]
-        corpus = ensure_corpus(cache_dir, {d["calib_split"]: max(512, d["calib_utts"]),
-                                           d["eval_split"]: max(500, d["eval_utts"])}, progress=progress)
+        # only what the run reads (calib_utts, and 64 for the latency, hackathon and ranking pool; eval_utts);
+        # a larger split already on disk serves (its first utterances are these), so quick and full runs share one
+        sizes: dict[str, int] = {}
+        for split, n in ((d["calib_split"], max(64, d["calib_utts"])), (d["eval_split"], d["eval_utts"])):
+            sizes[split] = max(n, sizes.get(split, 0))  # one split may serve both
+        corpus = ensure_corpus(cache_dir, sizes, progress=progress, at_least=True)
         self.calib = load_split(corpus, d["calib_split"])
         ev = load_split(corpus, d["eval_split"])
         n = min(d["eval_utts"], len(ev))
@@ -235,7 +274,9 @@ class Experiment:
         return {"passed": sum(r["passed"] for r in rows), "total": len(rows), "rows": rows}
 
     def full_record(self, ws: Workspace, label: str, models: dict[str, Path], **extra) -> dict:
-        key = "baseline:" + hashlib.sha256(json.dumps({k: str(v) for k, v in models.items()}).encode()).hexdigest()
+        data = {"vocab": list(self.vocab.tokens), "eval_texts": hashlib.sha256(
+            json.dumps(list(self.eval_texts)).encode()).hexdigest()}
+        key = baseline_key(self.cfg, models, ws.fp32, data, extra.get("calibrator"))
         rec = self.cache.get_or_compute(key, lambda: {
             "accuracy": self.accuracy(ws, models), "latency": self.latency(ws, models),
             "hackathon": {k: v for k, v in self.hackathon(ws, models).items() if k != "rows"}})

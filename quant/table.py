@@ -19,7 +19,7 @@ import os
 import struct
 from pathlib import Path
 
-from graph.calib import QMAX, TABLE_FORMAT
+from graph.calib import QMAX, TABLE_FORMAT, check_table
 from core.errors import WorkbenchError
 from core.fsutil import atomic_path, read_json, sha256_file, write_json
 
@@ -43,6 +43,7 @@ class CalibrationTable:
         for key in ("tensors", "default_method"):
             if key not in data:
                 raise WorkbenchError(f"calibration table {path} has no {key!r} field")
+        check_table(data, str(path))  # graph.calib's rules: one reader, one set of checks
         return cls(data)
 
     def save(self, path: str | os.PathLike) -> None:

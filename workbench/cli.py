@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
+import os
 import pkgutil
 import sys
 import time
@@ -209,7 +211,21 @@ def main(argv: list[str] | None = None) -> int:
     except WorkbenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        run_dir = getattr(args, "active_run_dir", None)  # set by `wb search` once it has a run directory
+        print("\ninterrupted" + (f"; resume with wb search --run-dir {run_dir}" if run_dir else ""), file=sys.stderr)
+        return 130
+    except OSError as exc:
+        if exc.errno not in _ENVIRONMENT_ERRNOS:
+            raise  # anything else is a bug: keep its traceback
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"error: {exc.strerror or os.strerror(exc.errno)}{where}", file=sys.stderr)
+        return 2
     return 0
+
+
+# The machine's fault, not the workbench's: full disk or quota, read-only file system (one line, exit 2).
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 
 if __name__ == "__main__":

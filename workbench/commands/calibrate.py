@@ -55,6 +55,7 @@ def _feeds(args, inputs: dict):
         raise WorkbenchError(f"{args.model} is not a WeNet encoder or decoder (inputs {sorted(inputs)}): give its "
                              f"calibration feeds with --data DIR (.npz files keyed by input name)")
     split = load_split(args.cache or default_cache_dir(), args.split)
+    _check_lengths(split, args)
     info = {"split": args.split, "limit": args.limit or None}
     if kind == "encoder":
         if args.encoder is not None:
@@ -73,17 +74,36 @@ def _feeds(args, inputs: dict):
         info | {"encoder": str(args.encoder)}
 
 
+def _check_lengths(split, args) -> None:
+    """Every utterance the pass reads has the frames the encoder's subsampling needs (not an ONNX Runtime shape
+    error mid-pass, nor a 3-frame utterance padded into a batch and taken silently)."""
+    import numpy as np
+
+    from core.errors import WorkbenchError
+    from evaluation.asr import MIN_FRAMES
+
+    n = min(len(split), args.limit) if args.limit else len(split)
+    lengths = np.diff(np.asarray(split.offsets))[:n]
+    short = np.flatnonzero(lengths < MIN_FRAMES)
+    if short.size:
+        i = int(short[0])
+        more = f" (and {short.size - 1} more)" if short.size > 1 else ""
+        raise WorkbenchError(f"corpus split {args.split!r}: utterance {i} has {int(lengths[i])} frames{more}; the "
+                             f"encoder's subsampling needs at least {MIN_FRAMES}")
+
+
 def run(args) -> None:
     from engines.base import onnx_io
     from quant.calibrate import calibrate
-    from core.fsutil import check_writable_target
+    from core.fsutil import check_model_file, check_writable_target
 
     from core.errors import WorkbenchError
 
     if args.batch_size < 1:
         raise WorkbenchError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if not args.model.is_file():
-        raise WorkbenchError(f"ONNX model not found: {args.model}")
+    check_model_file(args.model)
+    if args.encoder is not None:
+        check_model_file(args.encoder, "FP32 encoder")
     for target in (args.out, args.trt_cache):  # before the pass, not after it
         if target is not None:
             check_writable_target(target)

@@ -33,6 +33,10 @@ def cmd_build(args) -> None:
     from engines import build, default_shapes, resolve_backend
     from engines.base import BATCH_RANGE
 
+    from core.fsutil import check_model_file, check_writable_dir_target
+
+    check_model_file(args.model)
+    check_writable_dir_target(args.out)  # before the build, not after it
     shapes = default_shapes(args.model, args.kind, batch=args.batch or BATCH_RANGE, time_range=args.time)
     backend = resolve_backend(args.backend)
     options = {}
@@ -66,8 +70,10 @@ def cmd_bench(args) -> None:
     from core.host import describe, host_info
     from engines import EngineArtifact, bench, bench_cases, format_bench_table, load
     from engines.cases import corpus_pool
-    from core.fsutil import write_json
+    from core.fsutil import check_writable_target, write_json
 
+    if args.json:
+        check_writable_target(args.json)  # before the timing runs, not after them
     art = EngineArtifact.open(args.engine)
     runner = load(art, **({"threads": args.threads} if args.threads else {}))
     pool, features = (corpus_pool(args.split) if art.kind == "encoder" and not args.random_features

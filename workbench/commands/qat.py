@@ -57,9 +57,15 @@ def run(args) -> None:
     from models.weights import DEFAULT_WEIGHTS, load_weights
     from quant.qat_run import QatOptions, run_qat
 
+    from core.fsutil import check_writable_dir_target
+    from graph.calib import load_table
+
+    check_writable_dir_target(args.out)  # before the training, not after it
     weights = args.weights or DEFAULT_WEIGHTS
-    model = load_weights(weights)
     tables = _tables(args.tables)
+    for table in tables.values():
+        load_table(table)  # every value checked before any work
+    model = load_weights(weights)
     cache = args.cache or default_cache_dir()
     train_split, val_split = load_split(cache, "train"), load_split(cache, "calib")
     opts = QatOptions(steps=args.steps, lr=args.lr, warmup=args.warmup, kd_weight=args.kd_weight,

@@ -34,16 +34,20 @@ def run(args: argparse.Namespace) -> None:
     from graph.plan import counts, create_plan, load_plan, save_plan
     from graph.validate import check_or_raise
 
-    from core.fsutil import check_writable_target
+    from graph.calib import load_table
 
+    from core.fsutil import check_model_file, check_writable_target
+
+    check_model_file(args.model)
     for target in (args.out, args.write_plan):  # before the work, not after it
         if target is not None:
             check_writable_target(target)
+    table = load_table(args.table)  # every value checked before the model is touched
     model = prepare_model(args.model)
     analysis = analyze(model)
     plan = load_plan(args.plan, analysis) if args.plan else create_plan(analysis, args.default_plan)
     # quantize -> validate -> write: nothing is written unless both succeed
-    res = quantize(model, args.table, plan, recipe=args.recipe, ort_mode=args.ort_mode)
+    res = quantize(model, table, plan, recipe=args.recipe, ort_mode=args.ort_mode)
     check_or_raise(res.model, res.plan, args.recipe, original=model)
     import onnx
     from core.fsutil import atomic_path

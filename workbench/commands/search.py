@@ -5,6 +5,7 @@ import datetime as dt
 from pathlib import Path
 
 from core.errors import WorkbenchError
+from core.fsutil import RunDirLock
 
 
 def register(sub) -> None:
@@ -36,18 +37,20 @@ def run(args) -> None:
     run_dir = args.run_dir or root / (dt.datetime.now().strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else ""))
     if run_dir.exists() and (run_dir / "run.json").is_file() and not args.run_dir:
         raise WorkbenchError(f"{run_dir} already holds a finished run")
-    if task is None:
-        from pipeline.wenet import run_experiment
+    args.active_run_dir = run_dir  # for main()'s "interrupted; resume with ..." hint
+    with RunDirLock(run_dir):  # held to the end (report, index, --out): a second wb search here fails at once
+        if task is None:
+            from pipeline.wenet import run_experiment
 
-        run = run_experiment(cfg, run_dir, args.cache)
-    else:
-        from pipeline.task_experiment import run_task_experiment
+            run = run_experiment(cfg, run_dir, args.cache)
+        else:
+            from pipeline.task_experiment import run_task_experiment
 
-        run = run_task_experiment(cfg, task, run_dir)
-    paths = write_report(run_dir)
-    index_run(run_dir, root)
-    if args.out:
-        publish(run_dir, args.out)
+            run = run_task_experiment(cfg, task, run_dir)
+        paths = write_report(run_dir)
+        index_run(run_dir, root)
+        if args.out:
+            publish(run_dir, args.out)
     print(summary(run, paths))
 
 
