@@ -59,7 +59,7 @@ def _number(v, what: str, source: str) -> float:
     return float(v)
 
 
-def _check_amax(v, what: str, source: str) -> float:
+def check_amax(v, what: str, source: str) -> float:
     """An activation amax: a finite number > AMAX_MIN."""
     a = _number(v, what, source)
     if not (math.isfinite(a) and a > AMAX_MIN):
@@ -90,8 +90,10 @@ def _check_weight(name: str, e, source: str) -> tuple[int, list[float]]:
 
 
 def check_table(table: dict, source: str) -> None:
-    """Every value of a `wb-calibration-table/1` dict: tensors with numeric, finite, usable amax for every
-    method, numeric min/max, well-formed per-channel weights. One reader's rules, shared by quant.table."""
+    """The structure of a `wb-calibration-table/1` dict: tensors with numeric amax (every method) and min/max,
+    per-channel weights finite and >= 0. One reader's rules, shared by quant.table. An activation amax is
+    checked finite and > AMAX_MIN (check_amax) where a plan uses it: a table also holds tensors that no plan
+    quantizes, such as an attention mask's -inf constant."""
     if table.get("format") != TABLE_FORMAT:
         raise WorkbenchError(f"calibration table {source} has format {table.get('format')!r}, expected "
                              f"{TABLE_FORMAT!r}")
@@ -110,22 +112,18 @@ def check_table(table: dict, source: str) -> None:
         if not isinstance(amax, dict):
             raise WorkbenchError(f"calibration table {source}: tensor {name!r} amax must be an object "
                                  f"{{method: amax}}, got {amax!r}")
-        for method, v in amax.items():
-            _check_amax(v, f"amax of tensor {name!r} ({method})", source)
+        for method, v in amax.items():  # numbers here; finite and > AMAX_MIN where a plan uses the tensor (scale)
+            _number(v, f"amax of tensor {name!r} ({method})", source)
         method = e.get("method") or default
         if not isinstance(method, str):
             raise WorkbenchError(f"calibration table {source}: tensor {name!r} method is {method!r}, not a string")
         if method not in amax:
             if "scale" not in e:
                 raise WorkbenchError(f"calibration table {source}: tensor {name!r} has no amax for method {method!r}")
-            _check_amax(_number(e["scale"], f"scale of tensor {name!r}", source) * QMAX,
-                        f"amax (scale x 127) of tensor {name!r}", source)
+            _number(e["scale"], f"scale of tensor {name!r}", source)
         for key in ("min", "max"):
             if key in e:
-                v = _number(e[key], f"{key} of tensor {name!r}", source)
-                if not math.isfinite(v):
-                    raise WorkbenchError(f"calibration table {source}: {key} of tensor {name!r} is {v}; "
-                                         f"{_RECALIBRATE}")
+                _number(e[key], f"{key} of tensor {name!r}", source)
     for name, e in (weights or {}).items():
         _check_weight(name, e, source)
 
@@ -139,8 +137,9 @@ def load_table(table: str | Path | dict | CalibTable) -> CalibTable:
         table = read_json(table)
     if not isinstance(table, dict):
         raise WorkbenchError(f"calibration table {source} is not a JSON object")
-    if "format" not in table:  # plain {tensor: amax}
-        return CalibTable({str(k): _check_amax(v, f"amax of tensor {k!r}", source) for k, v in table.items()},
+    if "format" not in table:  # plain {tensor: amax}: numbers here; finite and usable checked where used (scale),
+        # as such a dict (observe_amax) also holds tensors no plan quantizes (an attention mask's -inf constant)
+        return CalibTable({str(k): _number(v, f"amax of tensor {k!r}", source) for k, v in table.items()},
                           source=source)
     check_table(table, source)
     default = table.get("default_method", "entropy")

@@ -26,7 +26,7 @@ from graph.placement import quantize
 from graph.plan import create_plan, edit_plan, save_plan
 from tasks.fidelity import noise_to_signal
 from core.errors import WorkbenchError
-from core.fsutil import RunDirLock, write_json
+from core.fsutil import RunDirLock, sha256_file, write_json
 
 from quant.calibrate import calibrate
 from quant.collect import encoder_feed
@@ -139,8 +139,6 @@ def _content_sha(path: Path) -> str:
     st = Path(path).stat()
     memo = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
     if memo not in _SHA_MEMO:
-        from core.fsutil import sha256_file
-
         _SHA_MEMO[memo] = sha256_file(path)
     return _SHA_MEMO[memo]
 

@@ -19,7 +19,7 @@ import os
 import struct
 from pathlib import Path
 
-from graph.calib import QMAX, TABLE_FORMAT, check_table
+from graph.calib import QMAX, TABLE_FORMAT, check_amax, check_table
 from core.errors import WorkbenchError
 from core.fsutil import atomic_path, read_json, sha256_file, write_json
 
@@ -31,8 +31,9 @@ TRT_HEADER = "TRT-8601-EntropyCalibration2"
 
 
 class CalibrationTable:
-    def __init__(self, data: dict):
+    def __init__(self, data: dict, source: str = "<table>"):
         self.data = data
+        self.source = source
 
     # -------------------------------------------------------------- io
     @classmethod
@@ -44,7 +45,7 @@ class CalibrationTable:
             if key not in data:
                 raise WorkbenchError(f"calibration table {path} has no {key!r} field")
         check_table(data, str(path))  # graph.calib's rules: one reader, one set of checks
-        return cls(data)
+        return cls(data, str(path))
 
     def save(self, path: str | os.PathLike) -> None:
         write_json(path, self.data)
@@ -76,7 +77,8 @@ class CalibrationTable:
         if method not in e["amax"]:
             raise WorkbenchError(f"method {method!r} was not calibrated for tensor {tensor!r} "
                                  f"(available: {', '.join(e['amax'])})")
-        return max(float(e["amax"][method]), AMAX_FLOOR)
+        a = check_amax(e["amax"][method], f"amax of tensor {tensor!r} ({method})", self.source)  # as graph.calib
+        return max(a, AMAX_FLOOR)
 
     def scale(self, tensor: str, method: str | None = None) -> float:
         return self.amax(tensor, method) / QMAX

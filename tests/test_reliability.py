@@ -169,11 +169,11 @@ def _table(tensors=None, weights=None):
 
 
 @pytest.mark.parametrize("data,match", [
-    (_table({"x": {"amax": {"max": 1e-30}}}), r"amax of tensor 'x' \(max\) is 1e-30; it must be a finite number "
-                                              r"> 1e-12.*recalibrate with `wb calibrate`"),
+    (_table({"x": {"amax": {"max": 1e-30}}}), r"amax of tensor 'x' \((max|node 'node')\) is 1e-30; it must be a "
+                                              r"finite number > 1e-12.*recalibrate with `wb calibrate`"),
     (_table({"x": {"amax": {"max": "abc"}}}), r"amax of tensor 'x' \(max\) is 'abc', not a number"),
     (_table({"x": {"amax": {"max": float("nan")}}}), "amax of tensor 'x' .* is nan"),
-    (_table({"x": {"amax": {"max": -2.0}}}), r"amax of tensor 'x' \(max\) is -2.0"),
+    (_table({"x": {"amax": {"max": -2.0}}}), r"amax of tensor 'x' \((max|node 'node')\) is -2.0"),
     (_table({"x": {"amax": {"max": 1.0}, "max": "big"}}), "max of tensor 'x' is 'big', not a number"),
     (_table({"x": 3}), "tensor 'x' must be an object"),
     (_table([]), '"tensors" must be an object'),
@@ -182,7 +182,6 @@ def _table(tensors=None, weights=None):
     (_table(weights={"W": {"axis": 1, "amax": [float("inf")]}}), "weight 'W' channel 0 amax is inf"),
     (_table(weights={"W": {"axis": "0", "amax": [1.0]}}), "weight 'W' has axis '0', not an integer"),
     (_table(weights={"W": {"axis": 0, "amax": "1.0"}}), "weight 'W' has amax '1.0', not a non-empty list"),
-    ({"x": 1e-30}, "amax of tensor 'x' is 1e-30"),
     ({"x": "abc"}, "amax of tensor 'x' is 'abc', not a number"),
 ])
 def test_damaged_tables_are_refused_by_both_readers(tmp_path, data, match):
@@ -192,11 +191,23 @@ def test_damaged_tables_are_refused_by_both_readers(tmp_path, data, match):
 
     p = tmp_path / "t.json"
     p.write_text(json.dumps(data))
-    with pytest.raises(WorkbenchError, match=match):
-        load_table(p)
+    with pytest.raises(WorkbenchError, match=match):  # at load (types, weights) or where the tensor is used
+        load_table(p).scale("x", "node")
     if "format" in data:
         with pytest.raises(WorkbenchError, match=match):
-            CalibrationTable.load(p)
+            CalibrationTable.load(p).amax("x")
+
+
+def test_plain_dict_amax_is_checked_where_it_is_used():
+    from core.errors import WorkbenchError
+    from graph.calib import load_table
+
+    t = load_table({"x": 1e-30, "mask": float("inf"), "y": 2.0})  # unused entries may be anything numeric
+    assert t.scale("y", "n") == pytest.approx(2.0 / 127)
+    for name, shown in (("x", "1e-30"), ("mask", "inf")):
+        with pytest.raises(WorkbenchError, match=rf"amax of tensor '{name}' \(node 'conv'\) is {shown}; it must be a "
+                                                 r"finite number > 1e-12; recalibrate"):
+            t.scale(name, "conv")
 
 
 def test_good_table_loads_in_both_readers(tmp_path):
@@ -280,7 +291,7 @@ def test_quantize_bad_inputs_are_one_line_and_write_nothing(tmp_path, capsys):
     tiny = tmp_path / "tiny.json"
     tiny.write_text(json.dumps({"x": 1e-30, "y": 3.0}))
     assert main(["quantize", "--model", model, "--table", tiny, "--out", out, "--write-plan", tmp_path / "p"]) == 2
-    assert "amax of tensor 'x' is 1e-30" in _one_error_line(capsys) and not out.exists()
+    assert "amax of tensor 'x' (node 'mm/MatMul') is 1e-30" in _one_error_line(capsys) and not out.exists()
 
     junk = tmp_path / "junk.json"
     junk.write_bytes(bytes(range(256)))

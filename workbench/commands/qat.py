@@ -58,13 +58,15 @@ def run(args) -> None:
     from quant.qat_run import QatOptions, run_qat
 
     from core.fsutil import check_writable_dir_target
-    from graph.calib import load_table
+    from quant.table import CalibrationTable
 
     check_writable_dir_target(args.out)  # before the training, not after it
     weights = args.weights or DEFAULT_WEIGHTS
     tables = _tables(args.tables)
-    for table in tables.values():
-        load_table(table)  # every value checked before any work
+    for path in tables.values():  # every range QAT starts from, checked before any work
+        table = CalibrationTable.load(path)
+        for tensor in table.tensors:
+            table.amax(tensor)
     model = load_weights(weights)
     cache = args.cache or default_cache_dir()
     train_split, val_split = load_split(cache, "train"), load_split(cache, "calib")
