@@ -120,6 +120,9 @@ def recognize(
         ids = order[start : start + batch_size]
         speech, speech_lengths = pad_batch([feats[i] for i in ids])
         enc = encoder.run({"speech": speech, "speech_lengths": speech_lengths})
+        if not np.isfinite(enc["ctc_log_probs"]).all():
+            raise WorkbenchError("the encoder produced NaN or Inf CTC log-probabilities: its weights or its "
+                                 "quantization are broken (check the model with `wb check` against FP32)")
         if enc["ctc_log_probs"].shape[-1] != len(vocab):
             raise WorkbenchError(
                 f"the encoder has {enc['ctc_log_probs'].shape[-1]} output units but the vocabulary has {len(vocab)}"

@@ -261,7 +261,8 @@ class TaskExperiment:
                "searches": [{k: v for k, v in search_rec.items()
                              if k not in ("models", "flat", "trace", "sensitivity", "candidates")}],
                "sensitivity": search_rec["sensitivity"], "trace": search_rec["trace"],
-               "n_full_evals": search_rec["n_full_evals"], "n_cache_hits": search_rec["n_cache_hits"],
+               "n_full_evals": search_rec["n_full_evals"], "n_computed_evals": search_rec["n_computed_evals"],
+               "n_cache_hits": search_rec["n_cache_hits"],
                "wall_s": round(time.time() - t0, 1)}
         write_json(self.dir / "run.json", run)
         return run
@@ -288,7 +289,8 @@ class TaskExperiment:
         cache.get_or_compute(f"lat:{flat_plan_hash(begin)}", lambda: start["latency"])
         result = search(problem, cache, progress=self.progress)
         out = {"label": f"search from {method}", "calibrator": method, "status": result.status,
-               "n_full_evals": result.n_full_evals, "n_cache_hits": result.n_cache_hits, "trace": result.trace,
+               "n_full_evals": result.n_full_evals, "n_computed_evals": result.n_computed,
+               "n_cache_hits": result.n_cache_hits, "trace": result.trace,
                "sensitivity": sens, "best": None}
         if result.best is not None:
             flat = result.plans[result.best["plan_hash"]]

@@ -378,6 +378,7 @@ class Experiment:
                             for x in searches],
                "sensitivity": first["sensitivity"], "trace": first["trace"],
                "n_full_evals": sum(x["n_full_evals"] for x in searches),
+               "n_computed_evals": sum(x["n_computed_evals"] for x in searches),
                "n_cache_hits": sum(x["n_cache_hits"] for x in searches), "wall_s": round(time.time() - t0, 1),
                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
         if len(searches) > 1:
@@ -428,7 +429,8 @@ class Experiment:
         search_cache.get_or_compute(f"lat:{flat_plan_hash(begin)}", lambda: start["latency"])
         result = search(problem, search_cache, progress=self.progress)
         out = {"label": f"search from {method}", "calibrator": method, "status": result.status,
-               "n_full_evals": result.n_full_evals, "n_cache_hits": result.n_cache_hits, "trace": result.trace,
+               "n_full_evals": result.n_full_evals, "n_computed_evals": result.n_computed,
+               "n_cache_hits": result.n_cache_hits, "trace": result.trace,
                "sensitivity": sens, "best": None}
         if result.best is not None:
             flat = result.plans[result.best["plan_hash"]]

@@ -69,8 +69,9 @@ class SearchResult:
     best: dict | None
     trace: list[dict]
     plans: dict[str, Plan]
-    n_full_evals: int
+    n_full_evals: int  # accuracy evaluations the search used (its budget), cached ones included
     n_cache_hits: int
+    n_computed: int = 0  # of those, computed in this process (the rest came from the evaluation cache)
 
 
 class _Search:
@@ -80,6 +81,7 @@ class _Search:
         self.trace: list[dict] = []
         self.plans: dict[str, Plan] = {}
         self.full_evals = 0
+        self.computed = 0
         self.bar = tqdm(total=problem.max_full_evals, desc="search (full evaluations)", disable=not progress)
         # Most sensitive first; ties broken by name so the order is reproducible.
         self.order = sorted(problem.nodes, key=lambda n: (-problem.sensitivity.get(n, 0.0), n))
@@ -99,6 +101,7 @@ class _Search:
         cached = f"acc:{h}" in self.cache
         acc = self.cache.get_or_compute(f"acc:{h}", lambda: self.p.accuracy(plan))
         self.full_evals += 1
+        self.computed += 0 if cached else 1
         self.bar.update(1)
         rec = {"label": label, "stage": stage, "plan_hash": h,
                **plan_counts(plan),
@@ -187,7 +190,7 @@ class _Search:
     def finish(self, status: str) -> SearchResult:
         self.bar.close()
         best = self.pick_fastest() if status == "passed" else None
-        return SearchResult(status, best, self.trace, self.plans, self.full_evals, self.cache.hits)
+        return SearchResult(status, best, self.trace, self.plans, self.full_evals, self.cache.hits, self.computed)
 
 
 def search(problem: SearchProblem, cache: EvalCache, progress: bool = True) -> SearchResult:

@@ -48,6 +48,7 @@ def test_resume_reuses_cached_evaluations(tmp_path):
     r2 = search(make_problem(second), EvalCache(cache_path), progress=False)
     assert second == []  # nothing recomputed
     assert r2.n_cache_hits >= r1.n_full_evals
+    assert r1.n_computed == r1.n_full_evals == len(first) and r2.n_computed == 0  # honest counts
     assert r2.best["plan_hash"] == r1.best["plan_hash"]
 
 

@@ -81,7 +81,10 @@ def summary(run: dict, paths: dict) -> str:
 
     crit = run["criterion"]
     metric = crit["metric"]
-    lines = [f"run {run['id']}: {run['status'].upper()}  ({run['n_full_evals']} full evaluations in the search, "
+    computed = run.get("n_computed_evals")
+    evals = f"{run['n_full_evals']} full evaluations in the search" + (
+        f" ({computed} computed, {run['n_full_evals'] - computed} from the cache)" if computed is not None else "")
+    lines = [f"run {run['id']}: {run['status'].upper()}  ({evals}, "
              f"{run['wall_s']:.0f} s)", f"criterion: {crit['text']}"
              + (f" -> threshold {fmt_metric(metric, crit['threshold'])}" if crit.get("threshold") is not None else "")]
     # result_rows: baselines, each search's best, the selected mix, with the report's speedups
