@@ -70,7 +70,8 @@ def default_shapes(onnx_path: str | os.PathLike, kind: str | None = None,
     inputs = onnx_io(onnx_path)["inputs"]
     kind = kind or guess_kind(list(inputs))
     if kind not in TIME_RANGE:
-        raise WorkbenchError(f"unknown model kind {kind!r}: expected 'encoder' or 'decoder'")
+        raise WorkbenchError(f"{onnx_path} is not a WeNet encoder or decoder (kind {kind!r}), so it has no default "
+                             f"shape ranges: give them explicitly (`wb build --shapes FILE.json`)")
     t = tuple(time_range or TIME_RANGE[kind])
     ranges = {"B": tuple(batch), "T": t}
     if kind == "encoder":
@@ -84,7 +85,8 @@ def default_shapes(onnx_path: str | os.PathLike, kind: str | None = None,
     shapes: Shapes = {}
     for name in inputs:
         if name not in layout:
-            raise WorkbenchError(f"{onnx_path}: input {name} is not part of WeNet's {kind} interface; give shapes explicitly")
+            raise WorkbenchError(f"{onnx_path}: input {name} is not part of WeNet's {kind} interface; give shapes "
+                                 f"explicitly (`wb build --shapes FILE.json`)")
         shapes[name] = {key: [ranges[a][i] if isinstance(a, str) else a for a in layout[name]]
                         for i, key in enumerate(("min", "opt", "max"))}
     return shapes

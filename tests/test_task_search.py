@@ -242,3 +242,17 @@ def test_readme_user_task_example_runs(tmp_path, monkeypatch, capsys):
     run = json.loads((tmp_path / "runs" / "u1" / "run.json").read_text())
     assert run["model"] == "denoiser" and run["status"] == "passed"
     assert run["baselines"][0]["accuracy"]["psnr"] > 30
+
+
+def test_wb_build_any_model_with_shapes(project, tmp_path, capsys):
+    """`wb build` on a model that is not WeNet's: default shapes are refused with a pointer to --shapes, and a
+    --shapes file builds it."""
+    model = project / "classifier.onnx"
+    assert main(["build", "--model", str(model), "--backend", "onnxruntime", "--out", str(tmp_path / "e0")]) == 2
+    assert "--shapes" in capsys.readouterr().err and not (tmp_path / "e0").exists()
+    shapes = tmp_path / "shapes.json"
+    shapes.write_text(json.dumps({"features": {"min": [1, 4, 16], "opt": [2, 12, 16], "max": [8, 64, 16]}}))
+    assert main(["build", "--model", str(model), "--backend", "onnxruntime", "--shapes", str(shapes),
+                 "--out", str(tmp_path / "e1"), "--threads", "1"]) == 0
+    meta = json.loads((tmp_path / "e1" / "engine.json").read_text())
+    assert meta["kind"] == "generic" and meta["shapes"]["features"]["max"] == [8, 64, 16]

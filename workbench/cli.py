@@ -50,6 +50,14 @@ def cmd_export(args) -> None:
     print(f"exported {'trained' if trained else 'RANDOM-INIT'} {model.cfg.name} model: {enc}, {dec}")
 
 
+def _check_json_target(args) -> None:
+    """--json must be writable before the evaluation runs, not after."""
+    if getattr(args, "json", None) is not None:
+        from core.fsutil import check_writable_target
+
+        check_writable_target(args.json)
+
+
 def _vocab(args):
     """--vocab (WeNet units.txt) or the bundled 31 characters."""
     from calibration_data.text import DEFAULT_VOCAB, load_units
@@ -58,6 +66,7 @@ def _vocab(args):
 
 
 def cmd_evaluate(args) -> None:
+    _check_json_target(args)
     from calibration_data.corpus import load_split
     from evaluation.asr import evaluate
     from evaluation.runners import OrtRunner
@@ -77,6 +86,7 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_check(args) -> None:
+    _check_json_target(args)
     from calibration_data.corpus import load_split
     from evaluation.hackathon import format_table, make_cases, run_check
     from evaluation.runners import OrtRunner

@@ -37,7 +37,13 @@ def cmd_build(args) -> None:
 
     check_model_file(args.model)
     check_writable_dir_target(args.out)  # before the build, not after it
-    shapes = default_shapes(args.model, args.kind, batch=args.batch or BATCH_RANGE, time_range=args.time)
+    if args.shapes is not None:  # any model: its shape ranges from a JSON file
+        from core.fsutil import read_json
+
+        shapes, kind = read_json(args.shapes), args.kind or "generic"
+    else:
+        shapes, kind = default_shapes(args.model, args.kind, batch=args.batch or BATCH_RANGE, time_range=args.time), \
+            args.kind
     backend = resolve_backend(args.backend)
     options = {}
     if backend == "onnxruntime":
@@ -51,7 +57,7 @@ def cmd_build(args) -> None:
         options["compute_capabilities"] = args.compute_capability  # None: the GPU's, if one is here
     elif args.compute_capability:
         print(f"note: --compute-capability applies to the tensorrt-rtx backend only; ignored for {backend}")
-    art = build(args.model, shapes, args.out, backend=backend, kind=args.kind, **options)
+    art = build(args.model, shapes, args.out, backend=backend, kind=kind, **options)
     print(f"{'reused' if art.reused else 'built'} {art.backend} {art.kind} engine {art.path}")
     if "plan_bytes" in art.meta:
         targets = art.meta.get("compute_capabilities")
@@ -95,7 +101,10 @@ def cmd_bench(args) -> None:
 def register(subparsers) -> None:
     s = subparsers.add_parser("build", help="build (or reuse) an engine artifact from an encoder/decoder ONNX model")
     s.add_argument("--model", type=Path, required=True, help="encoder.onnx or decoder.onnx (FP32, FP16 or Q/DQ)")
-    s.add_argument("--kind", choices=("encoder", "decoder"), default=None, help="default: from the input names")
+    s.add_argument("--kind", choices=("encoder", "decoder", "generic"), default=None,
+                   help="default: from the input names (generic: any model, with --shapes)")
+    s.add_argument("--shapes", type=Path, default=None,
+                   help='JSON shape ranges for any model: {"input": {"min": [..], "opt": [..], "max": [..]}, ...}')
     s.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt", "tensorrt-rtx"), default="auto",
                    help="auto: TensorRT when usable, else ONNX Runtime (the verified backend); tensorrt-rtx builds on "
                         "CPU, ahead of time for --compute-capability")
