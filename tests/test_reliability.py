@@ -399,9 +399,12 @@ def test_interrupt_elsewhere_and_disk_full_are_one_line(tmp_path, capsys, monkey
 def test_real_sigint_of_wb_search(tmp_path):
     """SIGINT to a running `wb search` (here while it makes the corpus): the hint, exit 130, no traceback."""
     run_dir = tmp_path / "run"
+    # A shell starts background jobs with SIGINT ignored, and Python keeps an inherited SIG_IGN: the child gets the
+    # default disposition back, as a terminal's foreground `wb search` has it.
     child = subprocess.Popen([sys.executable, "-m", "workbench.cli", "search", "--quick", "--run-dir", str(run_dir),
                               "--runs-root", str(tmp_path / "runs"), "--cache", str(tmp_path / "corpus")],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (run_dir / ".lock").exists() and time.time() < deadline and child.poll() is None:
         time.sleep(0.1)
