@@ -397,8 +397,13 @@ def test_interrupt_elsewhere_and_disk_full_are_one_line(tmp_path, capsys, monkey
 
 
 def test_real_sigint_of_wb_search(tmp_path):
-    """SIGINT to a running `wb search` (here while it makes the corpus): the hint, exit 130, no traceback."""
+    """SIGINT to a running `wb search` (here in the pipeline, after the corpus exists): the hint, exit 130, no
+    traceback. The corpus is made first without worker processes, so that no pool worker can outlive the
+    interrupted parent and hold its output pipes open (which made this test hang once under CI load)."""
     run_dir = tmp_path / "run"
+    subprocess.run([sys.executable, "-m", "workbench.cli", "data", "--cache", str(tmp_path / "corpus"), "--splits",
+                    "calib,test", "--sizes", "calib=64,test=100", "--workers", "1"], check=True, env=_env(), cwd=REPO,
+                   capture_output=True)
     # A shell starts background jobs with SIGINT ignored, and Python keeps an inherited SIG_IGN: the child gets the
     # default disposition back, as a terminal's foreground `wb search` has it.
     child = subprocess.Popen([sys.executable, "-m", "workbench.cli", "search", "--quick", "--run-dir", str(run_dir),
