@@ -12,6 +12,7 @@ import copy
 import datetime as dt
 import hashlib
 import json
+import resource
 import time
 from pathlib import Path
 
@@ -27,9 +28,10 @@ from graph.plan import create_plan, edit_plan, save_plan
 from quant.calibrate import calibrate
 from search.evalcache import EvalCache
 from quant.methods import method_key
-from search.algorithm import SearchProblem, node_key, plan_counts, flat_plan_hash, search, split_plan
+from search.algorithm import node_key, plan_counts, flat_plan_hash, split_plan
 from quant.table import CalibrationTable
-from pipeline.selection import passing_candidates, select
+from pipeline.search_stage import probe_groups, search_from
+from pipeline.selection import select
 from tasks.base import Task, check_metrics
 from tasks.fidelity import noise_to_signal
 from core.errors import WorkbenchError
@@ -263,43 +265,23 @@ class TaskExperiment:
                "sensitivity": search_rec["sensitivity"], "trace": search_rec["trace"],
                "n_full_evals": search_rec["n_full_evals"], "n_computed_evals": search_rec["n_computed_evals"],
                "n_cache_hits": search_rec["n_cache_hits"],
-               "wall_s": round(time.time() - t0, 1)}
+               "wall_s": round(time.time() - t0, 1),
+               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
         write_json(self.dir / "run.json", run)
         return run
 
     def search_from(self, start: dict, passes) -> dict:
         method = start["calibrator"]
-        sens = self.sensitivity(method)
-        nodes = [node_key(g, n) for g in self.names for n in self.ws.int8_nodes(g)]
 
         def models_of(flat):
             return {g: self.ws.model(g, split_plan(flat, g), method) for g in self.names}
 
-        groups: dict[str, list[str]] = {}
-        for g in self.names:
-            for q in self.ws.analysis[g].quantizable:
-                groups.setdefault(f"{g} {q.kind}", []).append(node_key(g, q.id))
-        problem = SearchProblem(nodes=nodes, fallback=self.cfg["quantize"]["fallback"],
-                                accuracy=lambda flat: self.accuracy(models_of(flat)), passes=passes,
-                                latency=lambda flat: self.latency(models_of(flat), search=True), sensitivity=sens,
-                                groups=groups, max_full_evals=self.cfg["budget"]["max_full_evals"])
-        begin = {n: "int8" for n in nodes}
-        cache = EvalCache(self.dir / f"search_cache.{method}.jsonl")
-        cache.get_or_compute(f"acc:{flat_plan_hash(begin)}", lambda: start["accuracy"])
-        cache.get_or_compute(f"lat:{flat_plan_hash(begin)}", lambda: start["latency"])
-        result = search(problem, cache, progress=self.progress)
-        out = {"label": f"search from {method}", "calibrator": method, "status": result.status,
-               "n_full_evals": result.n_full_evals, "n_computed_evals": result.n_computed,
-               "n_cache_hits": result.n_cache_hits, "trace": result.trace,
-               "sensitivity": sens, "best": None}
-        if result.best is not None:
-            flat = result.plans[result.best["plan_hash"]]
-            out["best"] = {"label": out["label"], "calibrator": method, "plan_hash": flat_plan_hash(flat),
-                           **plan_counts(flat), "accuracy": result.best["accuracy"],
-                           "latency": result.best["latency"], "passed": True}
-            out["models"], out["flat"] = models_of(flat), flat
-        out["candidates"] = passing_candidates(result, out["label"], models_of, method)  # any may win
-        return out
+        return search_from(start, nodes=[node_key(g, n) for g in self.names for n in self.ws.int8_nodes(g)],
+                           sensitivity=self.sensitivity(method), groups=probe_groups(self.ws.analysis, node_key),
+                           models_of=models_of, accuracy=lambda flat: self.accuracy(models_of(flat)),
+                           latency=lambda flat: self.latency(models_of(flat), search=True), passes=passes,
+                           cfg=self.cfg, cache_path=self.dir / f"search_cache.{method}.jsonl",
+                           progress=self.progress)
 
     def select(self, search_rec: dict, baselines: list[dict], models_of_label: dict) -> tuple[dict | None, dict | None]:
         """The fastest passing option (pipeline.selection), decided on paired side-by-side timings with FP32."""

@@ -33,8 +33,9 @@ from quant.collect import encoder_feed
 from search.evalcache import EvalCache
 from quant.methods import method_key
 from pipeline.config import check_resume, criterion_threshold, resolve_backend_and_recipe
-from pipeline.selection import passing_candidates, select
-from search.algorithm import SearchProblem, node_key, plan_counts, flat_plan_hash, search, split_plan
+from pipeline.search_stage import probe_groups, search_from
+from pipeline.selection import select
+from search.algorithm import node_key, plan_counts, flat_plan_hash, split_plan
 from quant.table import CalibrationTable
 
 KINDS = ("encoder", "decoder")
@@ -405,8 +406,6 @@ class Experiment:
         """The precision search starting from the all-INT8 baseline `start` (its calibrator's ranges and
         FP32 weights)."""
         method = start["calibrator"]
-        sens = self.sensitivity(ws, method)
-        nodes = [n for k in KINDS for n in self._keys(ws, k)]
 
         def models_of(flat):
             return {k: ws.model(k, split_plan(flat, k), method) for k in KINDS}
@@ -419,29 +418,12 @@ class Experiment:
                 acc["hackathon_passed"], acc["hackathon_total"] = h["passed"], h["total"]
             return acc
 
-        problem = SearchProblem(
-            nodes=nodes, fallback=self.cfg["quantize"]["fallback"], accuracy=accuracy_of, passes=passes,
-            latency=lambda flat: self.latency(ws, models_of(flat), search=True), sensitivity=sens,
-            groups=self._groups(ws), max_full_evals=self.cfg["budget"]["max_full_evals"])
-        begin = {n: "int8" for n in nodes}
-        search_cache = EvalCache(self.dir / f"search_cache.{method}.jsonl")
-        search_cache.get_or_compute(f"acc:{flat_plan_hash(begin)}", lambda: start["accuracy"])
-        search_cache.get_or_compute(f"lat:{flat_plan_hash(begin)}", lambda: start["latency"])
-        result = search(problem, search_cache, progress=self.progress)
-        out = {"label": f"search from {method}", "calibrator": method, "status": result.status,
-               "n_full_evals": result.n_full_evals, "n_computed_evals": result.n_computed,
-               "n_cache_hits": result.n_cache_hits, "trace": result.trace,
-               "sensitivity": sens, "best": None}
-        if result.best is not None:
-            flat = result.plans[result.best["plan_hash"]]
-            models = models_of(flat)
-            best = result.best  # its latency is the search's shorter protocol; _select re-times side by side
-            out["best"] = {"label": out["label"], "calibrator": method, "plan_hash": flat_plan_hash(flat),
-                           **plan_counts(flat),
-                           "accuracy": best["accuracy"], "latency": best["latency"], "passed": True}
-            out["models"], out["flat"] = models, flat
-        out["candidates"] = passing_candidates(result, out["label"], models_of, method)  # any may win
-        return out
+        return search_from(start, nodes=[n for k in KINDS for n in self._keys(ws, k)],
+                           sensitivity=self.sensitivity(ws, method),
+                           groups=probe_groups({k: ws.analysis[k] for k in KINDS}, node_key), models_of=models_of,
+                           accuracy=accuracy_of, latency=lambda flat: self.latency(ws, models_of(flat), search=True),
+                           passes=passes, cfg=self.cfg, cache_path=self.dir / f"search_cache.{method}.jsonl",
+                           progress=self.progress)
 
     @staticmethod
     def _keys(ws: Workspace, kind: str) -> list[str]:
@@ -492,15 +474,6 @@ class Experiment:
         if crit["kind"] == "hackathon":
             return lambda acc: acc.get("hackathon_passed") == acc.get("hackathon_total")
         return lambda acc: acc[crit["metric"]] <= crit["threshold"] + 1e-12
-
-    @staticmethod
-    def _groups(ws: Workspace) -> dict[str, list[str]]:
-        """Latency-probe groups: nodes of one kind per model (e.g. all depthwise convs of the encoder)."""
-        groups: dict[str, list[str]] = {}
-        for kind in KINDS:
-            for q in ws.analysis[kind].quantizable:
-                groups.setdefault(f"{kind} {q.kind}", []).append(node_key(kind, q.id))
-        return groups
 
     def _finalize(self, ws: Workspace, models: dict[str, Path], flat: dict[str, str]) -> None:
         """The selected mix's models, plans and engines under run_dir/final/ (encoder.plan and decoder.plan
