@@ -29,6 +29,7 @@ _CHOICES = {
     ("backend", "name"): {"auto", "onnxruntime", "tensorrt"},
     ("criterion", "kind"): {"absolute", "relative", "hackathon", "fixed"},
     ("task", "kind"): {"wenet_asr", "onnx"},
+    ("distributed", "engine"): {"serial", "ray"},
 }
 # The bundled pipeline's metrics; a task's own metrics are checked against the task (tasks.base.Task.metric).
 WENET_METRICS = {"cer_rescore", "cer_greedy", "cer_prefix", "wer_rescore"}
@@ -76,6 +77,7 @@ _RANGES = {
     ("latency", "search_warmup"): (0, True, None, None),
     ("latency", "search_iters"): (1, True, None, None),
     ("latency", "tie_tolerance"): (0, True, None, None),
+    ("distributed", "max_parallel"): (0, True, None, None),
 }
 _NONEMPTY_LISTS = {("calibration", "methods"), ("latency", "batch_sizes"), ("latency", "seq_lens"),
                    ("latency", "models")}
@@ -174,9 +176,21 @@ def load_config(*paths: str | Path) -> dict:
         from quant.qat_run import check_qat_dir
 
         check_qat_dir(cfg["qat"]["dir"])
+    _check_distributed(cfg["distributed"])
     if cfg["budget"]["max_full_evals"] < 2:
         raise WorkbenchError("config budget.max_full_evals must be at least 2 (all-INT8 and the fallback plan)")
     return cfg
+
+
+def _check_distributed(d: dict) -> None:
+    """[distributed]: the address's form, and Ray installed when asked for (before any work)."""
+    a = d["address"]
+    if a not in ("local", "auto") and not (a.startswith("ray://") and ":" in a[len("ray://"):]):
+        raise WorkbenchError(f"config distributed.address = {a!r}; use \"local\", \"auto\" or \"ray://host:port\"")
+    if d["engine"] == "ray":
+        from search.executor import import_ray
+
+        import_ray()
 
 
 # The sections whose values the run directory's cached results (models, tables, engines, evaluations) depend

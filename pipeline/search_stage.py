@@ -13,13 +13,14 @@ from .selection import passing_candidates
 
 def search_from(start: dict, *, nodes: list[str], sensitivity: dict[str, float], groups: dict[str, list[str]],
                 models_of: Callable, accuracy: Callable, latency: Callable, passes: Callable, cfg: dict,
-                cache_path: Path, progress: bool = True) -> dict:
+                cache_path: Path, progress: bool = True, fanout: dict | None = None) -> dict:
     """The precision search from the all-INT8 baseline `start` (a baseline record with calibrator, accuracy and
     latency). `models_of(flat)` places a flat plan's models; `accuracy(flat)` and `latency(flat)` measure it."""
     method = start["calibrator"]
     problem = SearchProblem(nodes=nodes, fallback=cfg["quantize"]["fallback"], accuracy=accuracy, passes=passes,
                             latency=latency, sensitivity=sensitivity, groups=groups,
-                            max_full_evals=cfg["budget"]["max_full_evals"])
+                            max_full_evals=cfg["budget"]["max_full_evals"],
+                            **(fanout or {}))  # accuracy_many, prepare_many, parallel: pipeline.fanout
     begin = flat_plan_hash({n: "int8" for n in nodes})
     cache = EvalCache(cache_path)
     cache.get_or_compute(f"acc:{begin}", lambda: start["accuracy"])  # the baseline is the search's start

@@ -171,16 +171,53 @@ class TaskExperiment:
         return prefix + hashlib.sha256(json.dumps({g: sha256_file(p) for g, p in sorted(models.items())})
                                        .encode()).hexdigest()[:24]
 
-    def full_record(self, label: str, models: dict[str, Path], **extra) -> dict:
+    def _baseline_key(self, models: dict[str, Path], calibrator: str | None) -> str:
         # the models' content plus the config that changes the result (pipeline.wenet.baseline_key's rule)
         sections = {s: self.cfg[s] for s in ("task", "data", "backend", "quantize")} | {
             "latency": {k: self.cfg["latency"][k] for k in ("batch_sizes", "seq_lens", "warmup", "iters", "models")}}
-        if extra.get("calibrator"):
+        if calibrator:
             sections["calibration"] = self.cfg["calibration"]
         config = hashlib.sha256(json.dumps(sections, sort_keys=True, default=str).encode()).hexdigest()[:24]
-        rec = self.cache.get_or_compute(self._content_key("baseline:", models) + ":" + config, lambda: {
-            "accuracy": self.accuracy(models), "latency": self.latency(models)})
+        return self._content_key("baseline:", models) + ":" + config
+
+    def full_record(self, label: str, models: dict[str, Path], **extra) -> dict:
+        key = self._baseline_key(models, extra.get("calibrator"))
+        part = self.cache.entries.get(key + ":accuracy")  # the workers' part of it (_prefetch_baselines)
+        rec = self.cache.get_or_compute(key, lambda: {
+            "accuracy": part if part else self.accuracy(models), "latency": self.latency(models)})
         return {"label": label, **extra, **rec}
+
+    # --- fan-out (pipeline.fanout): the same work on an executor's workers ------------------------------------
+    @property
+    def fanout(self):
+        if getattr(self, "_fanout", None) is None:
+            from pipeline.fanout import Fanout
+
+            self._fanout = Fanout(self.cfg, self.dir, self.progress)
+        return self._fanout
+
+    def _context(self, what: str, **data) -> dict:
+        """Plain data a worker rebuilds this run's TaskWorkspace from, plus `data`; keyed for the object store."""
+        from pipeline.fanout import context_key
+
+        base = {"run_dir": str(self.dir), "cfg": self.cfg, "fp32": {g: str(p) for g, p in self.ws.fp32.items()},
+                "tables": {m: {g: str(self.dir / "calibration" / f"{g}.{m}.json") for g in t}
+                           for m, t in self.ws.tables.items()},
+                "shapes": {g: self.ws.shapes(g) for g in self.names}}
+        base["ws_key"] = context_key(base)
+        return {**base, **data, "key": context_key(what, base["ws_key"])}
+
+    def _prefetch_baselines(self, specs: list[tuple[dict[str, Path], str | None]]) -> None:
+        """The baselines' accuracies on the workers, cached as each arrives; full_record then times each in the
+        driver, one at a time, after all of them are done (timing stays alone)."""
+        from pipeline.fanout import task_accuracy
+
+        keys = [self._baseline_key(models, cal) for models, cal in specs]
+        todo = [(k, m) for k, (m, _) in zip(keys, specs) if k not in self.cache and f"{k}:accuracy" not in self.cache]
+        self.fanout.map(task_accuracy, self._context("accuracy", task=self.task),
+                        [{"models": {g: str(p) for g, p in m.items()}} for _, m in todo],
+                        lambda i, acc: self.cache.get_or_compute(f"{todo[i][0]}:accuracy", lambda: acc),
+                        desc="baselines (accuracy)")
 
     def sensitivity(self, method: str) -> dict[str, float]:
         """Noise-to-signal ratio of each graph's main output with only one node in INT8, on the task's ranking
@@ -196,7 +233,12 @@ class TaskExperiment:
             r = self.ws.runner(g, self.ws.fp32[g])
             out = self.task.graph(g).main_output or r.output_names[0]
             refs[g] = (out, [r.run(f)[out] for f in feeds[g]])
-        for g, node in tqdm(todo, desc="sensitivity", disable=not self.progress):
+        if self.fanout.distributed:  # one probe per node on the workers, each cached as it arrives
+            from pipeline.fanout import task_probe
+
+            ctx = self._context(f"sensitivity:{method}", feeds=feeds, refs=refs)
+            scores = self.fanout.probes(task_probe, ctx, todo, method, self.cache, f"sensitivity:{method}:", node_key)
+        for g, node in tqdm(todo if not scores else [], desc="sensitivity", disable=not self.progress):
             r = self.ws.runner(g, self.ws.model(g, {node: "int8"}, method))
             out, ref = refs[g]
             scores[node_key(g, node)] = float(np.mean([noise_to_signal(r.run(f)[out], a)
@@ -226,6 +268,15 @@ class TaskExperiment:
             self.cases[g] = cases
         all_of = lambda g, prec: {n: prec for n in self.ws.int8_nodes(g)}  # noqa: E731
         fp32 = dict(self.ws.fp32)
+        if self.fanout.distributed:  # accuracies on the workers first; the records below time them here, alone
+            specs = [(fp32, None)]
+            try:
+                specs.append(({g: self.ws.model(g, all_of(g, "fp16"), self.methods[0], default="fp16")
+                               for g in self.names}, None))
+            except WorkbenchError:
+                pass  # recorded below as the serial run records it
+            specs += [({g: self.ws.model(g, all_of(g, "int8"), m) for g in self.names}, m) for m in self.methods]
+            self._prefetch_baselines(specs)
         baselines = [self.full_record("FP32", fp32, precision="fp32", calibrator=None)]
         models_of_label = {"FP32": (fp32, {node_key(g, n): "fp32" for g in self.names for n in self.ws.int8_nodes(g)})}
         self.crit = crit = criterion_of(cfg, self.task, baselines[0]["accuracy"][cfg["criterion"]["metric"]])
@@ -281,7 +332,14 @@ class TaskExperiment:
                            models_of=models_of, accuracy=lambda flat: self.accuracy(models_of(flat)),
                            latency=lambda flat: self.latency(models_of(flat), search=True), passes=passes,
                            cfg=self.cfg, cache_path=self.dir / f"search_cache.{method}.jsonl",
-                           progress=self.progress)
+                           progress=self.progress, fanout=self._search_fanout(method))
+
+    def _search_fanout(self, method: str) -> dict:
+        from pipeline.fanout import task_accuracy, task_prepare
+
+        if not self.fanout.distributed:
+            return {}
+        return self.fanout.search(task_accuracy, task_prepare, self._context("accuracy", task=self.task), method)
 
     def select(self, search_rec: dict, baselines: list[dict], models_of_label: dict) -> tuple[dict | None, dict | None]:
         """The fastest passing option (pipeline.selection), decided on paired side-by-side timings with FP32."""
@@ -337,4 +395,9 @@ def run_task_experiment(cfg: dict, task: Task, run_dir: str | Path, progress: bo
     if cfg["backend"]["name"] != "onnxruntime":
         raise WorkbenchError("the task pipeline runs on the onnxruntime backend for now (TensorRT runners need "
                              "WeNet's interface); set backend.name = \"onnxruntime\"")
-    return TaskExperiment(cfg, task, Path(run_dir), progress).run()
+    exp = TaskExperiment(cfg, task, Path(run_dir), progress)
+    try:
+        return exp.run()
+    finally:
+        if getattr(exp, "_fanout", None) is not None:
+            exp._fanout.close()  # Ray's logs into run_dir/ray/

@@ -272,14 +272,58 @@ class Experiment:
                          self.hack_cases)
         return {"passed": sum(r["passed"] for r in rows), "total": len(rows), "rows": rows}
 
-    def full_record(self, ws: Workspace, label: str, models: dict[str, Path], **extra) -> dict:
+    def _baseline_key(self, ws: Workspace, models: dict[str, Path], calibrator: str | None) -> str:
         data = {"vocab": list(self.vocab.tokens), "eval_texts": hashlib.sha256(
             json.dumps(list(self.eval_texts)).encode()).hexdigest()}
-        key = baseline_key(self.cfg, models, ws.fp32, data, extra.get("calibrator"))
+        return baseline_key(self.cfg, models, ws.fp32, data, calibrator)
+
+    def full_record(self, ws: Workspace, label: str, models: dict[str, Path], **extra) -> dict:
+        key = self._baseline_key(ws, models, extra.get("calibrator"))
+        part = self.cache.entries.get(key + ":accuracy")  # the workers' part of it (_prefetch_baselines)
         rec = self.cache.get_or_compute(key, lambda: {
-            "accuracy": self.accuracy(ws, models), "latency": self.latency(ws, models),
-            "hackathon": {k: v for k, v in self.hackathon(ws, models).items() if k != "rows"}})
+            "accuracy": part["accuracy"] if part else self.accuracy(ws, models), "latency": self.latency(ws, models),
+            "hackathon": part["hackathon"] if part else
+            {k: v for k, v in self.hackathon(ws, models).items() if k != "rows"}})
         return {"label": label, **extra, **rec}
+
+    # --- fan-out (pipeline.fanout): the same work on an executor's workers ------------------------------------
+    @property
+    def fanout(self):
+        if getattr(self, "_fanout", None) is None:
+            from pipeline.fanout import Fanout
+
+            self._fanout = Fanout(self.cfg, self.dir, self.progress)
+        return self._fanout
+
+    def _context(self, ws: Workspace, what: str, **data) -> dict:
+        """Plain data a worker rebuilds this run's Workspace from, plus `data`; keyed for the object store."""
+        from pipeline.fanout import context_key
+
+        s = lambda d: {m: {k: str(p) for k, p in t.items()} for m, t in d.items()}  # noqa: E731
+        base = {"run_dir": str(self.dir), "cfg": self.cfg, "fp32": {k: str(p) for k, p in ws.fp32.items()},
+                "tables": s(ws.tables), "sources": s(ws.sources)}
+        base["ws_key"] = context_key(base)
+        return {**base, **data, "key": context_key(what, base["ws_key"])}
+
+    def _accuracy_context(self, ws: Workspace) -> dict:
+        return self._context(ws, "accuracy", eval_feats=self.eval_feats, eval_texts=list(self.eval_texts),
+                             vocab=self.vocab, hack_cases=self.hack_cases)
+
+    def _prefetch_baselines(self, ws: Workspace, specs: list[tuple[dict[str, Path], str | None]]) -> None:
+        """The baselines' accuracy and hackathon check on the workers, cached as each arrives; full_record then
+        times each model in the driver, one at a time, after all of them are done (timing stays alone)."""
+        from pipeline.fanout import wenet_accuracy
+
+        keys = [self._baseline_key(ws, models, cal) for models, cal in specs]
+        todo = [(k, m) for k, (m, _) in zip(keys, specs) if k not in self.cache and f"{k}:accuracy" not in self.cache]
+
+        def got(i, part):
+            if "error" not in part:
+                self.cache.get_or_compute(f"{todo[i][0]}:accuracy", lambda: part)
+
+        self.fanout.map(wenet_accuracy, self._accuracy_context(ws), [
+            {"models": {k: str(p) for k, p in m.items()}, "hackathon": "summary", "tolerate": True} for _, m in todo],
+            got, desc="baselines (accuracy)")
 
     # --- stage 4: sensitivity ---------------------------------------------------------------------------------
     def sensitivity(self, ws: Workspace, method: str) -> dict[str, float]:
@@ -312,7 +356,12 @@ class Experiment:
         refs = {k: fp32[k].run([out[k]], feeds[k])[0] for k in KINDS}
         scores = {}
         todo = [(k, n) for k in KINDS for n in ws.int8_nodes(k)]
-        for kind, node in tqdm(todo, desc="sensitivity", disable=not self.progress):
+        if self.fanout.distributed:  # one probe per node on the workers, each cached as it arrives
+            from pipeline.fanout import wenet_probe
+
+            ctx = self._context(ws, f"sensitivity:{method}", outputs=out, feeds=feeds, refs=refs)
+            scores = self.fanout.probes(wenet_probe, ctx, todo, method, self.cache, f"sensitivity:{method}:", node_key)
+        for kind, node in tqdm(todo if not scores else [], desc="sensitivity", disable=not self.progress):
             got = session(ws.model(kind, {node: "int8"}, method)).run([out[kind]], feeds[kind])[0]
             scores[node_key(kind, node)] = noise_to_signal(got, refs[kind])
         return self.cache.get_or_compute(f"sensitivity:{method}", lambda: scores)
@@ -335,6 +384,15 @@ class Experiment:
                                      seq_lens=lat["seq_lens"])
 
         all_of = lambda kind, prec: {n: prec for n in ws.int8_nodes(kind)}  # noqa: E731
+        if self.fanout.distributed:  # accuracies on the workers first; the loop below times them here, alone
+            specs = [(fp32, None)]
+            try:
+                specs.append(({k: ws.model(k, all_of(k, "fp16"), self.methods[0], default="fp16", source="fp32")
+                               for k in KINDS}, None))
+            except Exception:  # noqa: BLE001 - the loop below records it as the serial run does
+                pass
+            specs += [({k: ws.model(k, all_of(k, "int8"), m) for k in KINDS}, m) for m in self.methods]
+            self._prefetch_baselines(ws, specs)
         steps = tqdm(total=2 + len(self.methods), desc="baselines", disable=not self.progress)
         baselines = [self.full_record(ws, "FP32", fp32, precision="fp32", calibrator=None)]
         baseline_models = {"FP32": (fp32, {n: "fp32" for k in KINDS for n in self._keys(ws, k)})}
@@ -423,7 +481,15 @@ class Experiment:
                            groups=probe_groups({k: ws.analysis[k] for k in KINDS}, node_key), models_of=models_of,
                            accuracy=accuracy_of, latency=lambda flat: self.latency(ws, models_of(flat), search=True),
                            passes=passes, cfg=self.cfg, cache_path=self.dir / f"search_cache.{method}.jsonl",
-                           progress=self.progress)
+                           progress=self.progress, fanout=self._search_fanout(ws, method, crit))
+
+    def _search_fanout(self, ws: Workspace, method: str, crit: dict) -> dict:
+        from pipeline.fanout import wenet_accuracy, wenet_prepare
+
+        if not self.fanout.distributed:
+            return {}
+        return self.fanout.search(wenet_accuracy, wenet_prepare, self._accuracy_context(ws), method,
+                                  {"hackathon": crit["kind"] == "hackathon"})
 
     @staticmethod
     def _keys(ws: Workspace, kind: str) -> list[str]:
@@ -495,4 +561,9 @@ class Experiment:
 def run_experiment(cfg: dict, run_dir: str | Path, cache_dir: str | Path | None = None,
                    progress: bool = True) -> dict:
     cfg = resolve_backend_and_recipe(cfg)  # raises a clear error when tensorrt is asked for and missing
-    return Experiment(cfg, Path(run_dir), Path(cache_dir) if cache_dir else None, progress).run()
+    exp = Experiment(cfg, Path(run_dir), Path(cache_dir) if cache_dir else None, progress)
+    try:
+        return exp.run()
+    finally:
+        if getattr(exp, "_fanout", None) is not None:
+            exp._fanout.close()  # Ray's logs into run_dir/ray/

@@ -13,6 +13,12 @@ sensitivity signal; this module decides which plans to evaluate, with few full e
    only add Q/DQ overhead, and a probe that is faster is validated with a full evaluation before it may win.
 
 Every evaluation is cached by plan hash (EvalCache), so an interrupted search resumes without redoing work.
+
+With several workers (`accuracy_many`, `parallel` > 1) the steps stay sequential, but when the next step's plan
+is not cached yet the plans of the following steps, both outcomes of each, are evaluated with it (speculation,
+breadth first, at most `parallel`); the sequential search then finds them in the cache. Its trace, budget and
+result are the serial search's: a speculative result is counted only when a step uses it. Latency probes and
+passing plans are placed and built in parallel (`prepare_many`) and then timed here one at a time.
 """
 from __future__ import annotations
 
@@ -61,6 +67,10 @@ class SearchProblem:
     sensitivity: dict[str, float]  # cheap signal per node, higher = more harmful in INT8
     groups: dict[str, list[str]] = field(default_factory=dict)  # latency-probe groups (e.g. by op kind)
     max_full_evals: int = 12
+    # several accuracy evaluations at once (an executor's fan-out): (plans, on_result(index, accuracy)) -> None
+    accuracy_many: Callable[[list[Plan], Callable[[int, dict], None]], None] | None = None
+    prepare_many: Callable[[list[Plan]], None] | None = None  # place and build plans about to be timed
+    parallel: int = 1  # workers; 1: no speculation (the serial search)
 
 
 @dataclass
@@ -72,6 +82,7 @@ class SearchResult:
     n_full_evals: int  # accuracy evaluations the search used (its budget), cached ones included
     n_cache_hits: int
     n_computed: int = 0  # of those, computed in this process (the rest came from the evaluation cache)
+    n_speculative: int = 0  # evaluated ahead by idle workers and not used by the search (kept in the cache)
 
 
 class _Search:
@@ -82,6 +93,7 @@ class _Search:
         self.plans: dict[str, Plan] = {}
         self.full_evals = 0
         self.computed = 0
+        self.speculated: set[str] = set()  # plan hashes evaluated ahead in this process, not used yet
         self.bar = tqdm(total=problem.max_full_evals, desc="search (full evaluations)", disable=not progress)
         # Most sensitive first; ties broken by name so the order is reproducible.
         self.order = sorted(problem.nodes, key=lambda n: (-problem.sensitivity.get(n, 0.0), n))
@@ -98,8 +110,12 @@ class _Search:
         for rec in self.trace:
             if rec["plan_hash"] == h and rec["accuracy"] is not None:
                 return rec
-        cached = f"acc:{h}" in self.cache
-        acc = self.cache.get_or_compute(f"acc:{h}", lambda: self.p.accuracy(plan))
+        if h in self.speculated:  # computed here, ahead of time: counted as the serial search counts it
+            self.speculated.discard(h)
+            cached, acc = False, self.cache.entries[f"acc:{h}"]
+        else:
+            cached = f"acc:{h}" in self.cache
+            acc = self.cache.get_or_compute(f"acc:{h}", lambda: self.p.accuracy(plan))
         self.full_evals += 1
         self.computed += 0 if cached else 1
         self.bar.update(1)
@@ -118,16 +134,66 @@ class _Search:
         rec["latency"] = self.time_plan(self.plans[rec["plan_hash"]])
         return rec["latency"]
 
+    # --- speculation: evaluate the plans of the next steps together when workers would otherwise idle ------
+    def prefetch(self, plans: list[Plan]) -> None:
+        todo = {flat_plan_hash(p): p for p in plans if f"acc:{flat_plan_hash(p)}" not in self.cache}
+        if self.p.accuracy_many is None or self.p.parallel < 2 or not todo:
+            return
+        hashes = list(todo)
+
+        def got(i: int, acc: dict) -> None:  # written as it arrives: a killed driver keeps it
+            self.cache.get_or_compute(f"acc:{hashes[i]}", lambda: acc)
+            self.speculated.add(hashes[i])
+
+        self.p.accuracy_many(list(todo.values()), got)
+
+    def frontier(self, state, step: Callable, done: Callable, depth: int) -> list[Plan]:
+        """Uncached plans of the steps from `state`, breadth first over both outcomes of each step: at most
+        `parallel`, at most `depth` steps ahead. `step(s)` -> (plan, state if it passes, state if it fails)."""
+        out: dict[str, Plan] = {}
+        level = [state]
+        for _ in range(depth):
+            nxt = []
+            for s in level:
+                if done(s):
+                    continue
+                plan, on_pass, on_fail = step(s)
+                h = flat_plan_hash(plan)
+                if f"acc:{h}" not in self.cache and h not in out:
+                    out[h] = plan
+                    if len(out) >= self.p.parallel:
+                        return list(out.values())
+                nxt += [on_pass, on_fail]
+            level = nxt
+        return list(out.values())
+
+    def speculate(self, state, step: Callable, done: Callable, depth: int, extra: tuple = ()) -> None:
+        if self.p.parallel < 2 or self.p.accuracy_many is None:
+            return
+        first = [*extra, step(state)[0]]
+        if all(f"acc:{flat_plan_hash(p)}" in self.cache for p in first):
+            return  # the next step can go on at once
+        self.prefetch((first + self.frontier(state, step, done, depth))[:self.p.parallel])
+
     def run(self) -> SearchResult:
         nodes = self.order
         start = self.evaluate(self.plan_with(set()), "start", "all-int8")
         reverted: set[str] = set()
         if not start["passed"]:
-            top = self.evaluate(self.plan_with(set(nodes)), "bisect", f"all-{self.p.fallback}")
+            def bisect_step(s):
+                lo, hi = s
+                mid = (lo + hi) // 2
+                return self.plan_with(set(nodes[:mid])), (lo, mid), (mid, hi)
+
+            bisect_done = lambda s: s[1] - s[0] <= 1  # noqa: E731
+            top_plan = self.plan_with(set(nodes))
+            self.speculate((0, len(nodes)), bisect_step, bisect_done, self.budget_left() - 1, extra=(top_plan,))
+            top = self.evaluate(top_plan, "bisect", f"all-{self.p.fallback}")
             if not top["passed"]:
                 return self.finish("no_passing_plan")
             lo, hi = 0, len(nodes)  # plan(lo) fails, plan(hi) passes
             while hi - lo > 1 and self.budget_left() > 0:
+                self.speculate((lo, hi), bisect_step, bisect_done, self.budget_left())
                 mid = (lo + hi) // 2
                 rec = self.evaluate(self.plan_with(set(nodes[:mid])), "bisect", f"revert top {mid}")
                 lo, hi = (lo, mid) if rec["passed"] else (mid, hi)
@@ -141,7 +207,16 @@ class _Search:
         """Re-quantize reverted nodes that turn out harmless, least sensitive first, in halving chunks."""
         pool = [n for n in reversed(self.order) if n in reverted]  # least sensitive first
         chunk = max(1, len(pool) // 2)
+
+        def step(s):  # the loop below as a function of its state, for speculation
+            rev, left, c = s
+            trial = rev - set(left[:c])
+            on_fail = (rev, left[1:] if c == 1 else left, max(1, c // 2) if c > 1 else 1)
+            return self.plan_with(set(trial)), (trial, left[c:], c), on_fail
+
         while pool and chunk >= 1 and self.budget_left() > 1:  # keep one evaluation for the latency probe
+            self.speculate((frozenset(reverted), tuple(pool), chunk), step, lambda s: not s[1],
+                           self.budget_left() - 1)
             trial = reverted - set(pool[:chunk])
             rec = self.evaluate(self.plan_with(trial), "refine", f"re-quantize {chunk} of {len(reverted)}")
             if rec["passed"]:
@@ -155,6 +230,7 @@ class _Search:
 
     def pick_fastest(self) -> dict | None:
         passing = [r for r in self.trace if r["passed"]]
+        self.prepare([self.plans[r["plan_hash"]] for r in passing])
         for rec in passing:
             self.time_record(rec)
         return min(passing, key=lambda r: r["latency"]["objective_ms"], default=None)
@@ -167,6 +243,8 @@ class _Search:
         base_plan = self.plans[best["plan_hash"]]
         base_ms = best["latency"]["objective_ms"]
         faster = []
+        self.prepare([{**base_plan, **{n: self.p.fallback for n in members if base_plan.get(n) == "int8"}}
+                      for members in self.p.groups.values() if any(base_plan.get(n) == "int8" for n in members)])
         for name, members in sorted(self.p.groups.items()):
             int8_members = [n for n in members if base_plan.get(n) == "int8"]
             if not int8_members:
@@ -187,10 +265,17 @@ class _Search:
                 if rec["passed"]:
                     self.time_record(rec)
 
+    def prepare(self, plans: list[Plan]) -> None:
+        """Place and build the untimed ones of `plans` on the workers; the driver times them afterwards, alone."""
+        todo = {flat_plan_hash(p): p for p in plans if f"lat:{flat_plan_hash(p)}" not in self.cache}
+        if self.p.prepare_many is not None and self.p.parallel > 1 and len(todo) > 1:
+            self.p.prepare_many(list(todo.values()))
+
     def finish(self, status: str) -> SearchResult:
         self.bar.close()
         best = self.pick_fastest() if status == "passed" else None
-        return SearchResult(status, best, self.trace, self.plans, self.full_evals, self.cache.hits, self.computed)
+        return SearchResult(status, best, self.trace, self.plans, self.full_evals, self.cache.hits, self.computed,
+                            len(self.speculated))
 
 
 def search(problem: SearchProblem, cache: EvalCache, progress: bool = True) -> SearchResult:

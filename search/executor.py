@@ -1,0 +1,170 @@
+"""Where independent evaluations run: in this process one after another (serial, the default) or as Ray tasks on
+one machine or a cluster (`[distributed] engine = "ray"`).
+
+A fan-out is `executor.map(fn, context, items, on_result)`: `fn(context, item)` is a picklable top-level function
+that reads models from the shared run directory (by path, named by content hash) and returns a plain result;
+`context` is shared data (feeds, references) that Ray ships once through its object store. Results come back
+to the driver, which hands each one to `on_result` as it arrives: the driver writes it into the evaluation cache
+(the only source of truth), so a killed driver resumes with every finished result kept. Ray retries a task
+whose worker died (`max_retries`); an exception raised by `fn` is not retried (it would fail again) and
+fails the fan-out after the other tasks finished.
+
+`map` returns only when every task is done, so nothing runs on the workers while the driver times a model:
+latency is measured in the driver between fan-outs, never beside other work on the node.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from tqdm import tqdm
+
+from core.errors import WorkbenchError
+
+RAY_HINT = "pip install -e .[ray]"
+
+
+class SerialExecutor:
+    """Today's behaviour: each item in this process, in order."""
+
+    parallel = 1
+    name = "serial"
+
+    def map(self, fn: Callable, context: Any, items: Sequence, on_result: Callable[[int, Any], None] | None = None,
+            desc: str = "", progress: bool = True) -> list:
+        out = []
+        for i, item in enumerate(tqdm(items, desc=desc, disable=not progress or not desc)):
+            out.append(fn(context, item))
+            if on_result:
+                on_result(i, out[-1])
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def _run(fn, context, item):
+    return fn(context, item)
+
+
+class RayExecutor:
+    """Items as Ray tasks, at most `max_parallel` in flight, each holding `threads` CPUs (the ONNX Runtime
+    threads of one evaluation, the serial run's count: ORT CPU results are bit-identical for one thread count)."""
+
+    name = "ray"
+
+    def __init__(self, address: str, max_parallel: int, threads: int, log_dir: Path | None = None,
+                 max_retries: int = 3):
+        ray = import_ray()
+        self.ray, self.threads, self.max_retries, self.log_dir = ray, threads, max_retries, log_dir
+        self._refs: dict[str, Any] = {}
+        self.owns = not ray.is_initialized()  # a cluster this process joined (tests) is left running
+        if self.owns:
+            kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+            try:
+                if address == "local":
+                    ray.init(**kwargs)
+                else:
+                    ray.init(address=address, **kwargs)
+            except Exception as exc:  # ConnectionError and Ray's own errors: one line for the user
+                raise WorkbenchError(f"cannot start or reach the Ray cluster at distributed.address = {address!r}: "
+                                     f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        fits = max(1, cpus // threads)
+        self.parallel = min(max_parallel, fits) if max_parallel > 0 else fits
+        self._remote = ray.remote(num_cpus=threads, max_retries=max_retries, retry_exceptions=False)(_run)
+        if log_dir is not None:
+            self._record_session()
+
+    def _session_dir(self) -> Path | None:
+        try:
+            return Path(self.ray._private.worker._global_node.get_session_dir_path())
+        except Exception:  # noqa: BLE001 - a client connection has no local session directory
+            return None
+
+    def _record_session(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        session = self._session_dir()
+        (self.log_dir / "session.txt").write_text(f"{session or 'remote cluster'}\n")
+
+    def _put(self, context: Any):
+        """The context in the object store, once per run for a keyed context ({"key": content hash, ...})."""
+        key = context.get("key") if isinstance(context, dict) else None
+        if key is None:
+            return self.ray.put(context)
+        if key not in self._refs:
+            self._refs[key] = self.ray.put(context)
+        return self._refs[key]
+
+    def map(self, fn: Callable, context: Any, items: Sequence, on_result: Callable[[int, Any], None] | None = None,
+            desc: str = "", progress: bool = True) -> list:
+        ray = self.ray
+        if not items:
+            return []
+        ctx = self._put(context)
+        todo = list(enumerate(items))
+        running: dict = {}  # ObjectRef -> index
+        out: list = [None] * len(items)
+        failed: list[tuple[int, BaseException]] = []
+        bar = tqdm(total=len(items), desc=desc or "fan-out", disable=not progress)
+        try:
+            while todo or running:
+                while todo and len(running) < self.parallel:
+                    i, item = todo.pop(0)
+                    running[self._remote.remote(fn, ctx, item)] = i
+                bar.set_postfix(running=len(running), failed=len(failed), refresh=False)
+                done, _ = ray.wait(list(running), num_returns=1)
+                for ref in done:
+                    i = running.pop(ref)
+                    try:
+                        out[i] = ray.get(ref)
+                    except Exception as exc:  # noqa: BLE001 - collected, raised once the others are done
+                        failed.append((i, exc))
+                        continue
+                    if on_result:
+                        on_result(i, out[i])
+                    bar.update(1)
+        except BaseException:
+            for ref in running:  # Ctrl-C or a failing on_result: nothing keeps running behind the driver's back
+                ray.cancel(ref, force=True)
+            raise
+        finally:
+            bar.set_postfix(running=0, failed=len(failed))
+            bar.close()
+        if failed:
+            i, exc = failed[0]
+            cause = getattr(exc, "cause", None) or exc
+            if isinstance(cause, WorkbenchError):
+                raise cause
+            raise WorkbenchError(f"{len(failed)} of {len(items)} Ray tasks of {desc or 'a fan-out'} failed; the "
+                                 f"first ({items[i]!r}): {str(cause).splitlines()[-1] if str(cause) else cause!r}")
+        return out
+
+    def close(self) -> None:
+        """Copy the session's logs into the run directory (Ray keeps them under /tmp, whose socket paths must stay
+        short), then stop the cluster this executor started."""
+        session = self._session_dir() if self.log_dir is not None else None
+        if self.owns:
+            self.ray.shutdown()
+        if session is not None and (session / "logs").is_dir():
+            dest = self.log_dir / "logs"
+            shutil.rmtree(dest, ignore_errors=True)
+            shutil.copytree(session / "logs", dest, ignore_dangling_symlinks=True,
+                            ignore=shutil.ignore_patterns("*.sock"))
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise WorkbenchError(f"distributed.engine = \"ray\" needs Ray, which is not installed: {RAY_HINT}") from None
+    return ray
+
+
+def make_executor(dist: dict, threads: int, run_dir: Path | None = None):
+    """The executor of a config's [distributed] table (validated by pipeline.config)."""
+    if dist["engine"] == "serial":
+        return SerialExecutor()
+    return RayExecutor(dist["address"], dist["max_parallel"], threads,
+                       log_dir=Path(run_dir) / "ray" if run_dir is not None else None)
