@@ -29,7 +29,7 @@ wb_need_debs() {
 
 # Extras to install: WB_EXTRAS (comma-separated), else dev, plus tensorrt-rtx in CI (its checks must run there).
 wb_extras() {
-    if [ -n "${WB_EXTRAS:-}" ]; then echo "$WB_EXTRAS"; elif [ -n "${CI:-}" ]; then echo "dev,tensorrt-rtx"; else echo "dev"; fi
+    if [ -n "${WB_EXTRAS:-}" ]; then echo "$WB_EXTRAS"; elif [ -n "${CI:-}" ]; then echo "dev,tensorrt-rtx,ray"; else echo "dev"; fi
 }
 
 wb_need_venv() {

@@ -1,0 +1,136 @@
+"""Sensitivity-stage and search wall time of the WeNet pipeline on Ray with 1, 4, 8 workers (issue 19).
+
+One prepared run directory (FP32 export, calibration, the all-INT8 start baseline) is copied afresh for each
+worker count, so every count places, builds and evaluates everything itself; one local Ray cluster serves all
+counts (its start is timed once, apart). Each worker is one Ray task of backend.threads CPUs, so N workers use
+N x threads cores. Writes JSON with the host (core.host.describe) and the times.
+
+    python experiments/bench_ray.py --workers 1,4,8 --out bench.json [--corpus DIR] [--eval-utts 100]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import engines  # noqa: E402
+from core.host import describe, host_info  # noqa: E402
+
+
+def prepare(cfg: dict, run_dir: Path, corpus: Path | None):
+    import pipeline.wenet as wenet
+    from engines.cases import bench_cases
+    from evaluation.hackathon import make_cases
+
+    if corpus is not None:  # a carried, pre-made corpus: no synthesizers needed (the device has none)
+        wenet.ensure_corpus = lambda *a, **k: corpus
+    exp = wenet.Experiment(cfg, run_dir, None, progress=False)
+    fp32 = exp.export_fp32()
+    ws = wenet.Workspace(exp.dir, cfg, fp32)
+    exp.calibrate_all(ws)
+    lat = cfg["latency"]
+    exp.pool = pool = [exp.calib.features(i) for i in range(min(64, len(exp.calib)))]
+    exp.cases = {k: bench_cases(engines.base.onnx_io(fp32[k]), k, lat["batch_sizes"], lat["seq_lens"],
+                                feats_pool=pool) for k in wenet.KINDS}
+    exp.hack_cases = make_cases(ws.runner(fp32["encoder"]), pool, batch_sizes=lat["batch_sizes"],
+                                seq_lens=lat["seq_lens"])
+    return exp, ws
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workers", default="1,4,8")
+    ap.add_argument("--serial", action="store_true", help="also time the serial engine")
+    ap.add_argument("--no-search", action="store_true")
+    ap.add_argument("--corpus", type=Path, default=None)
+    ap.add_argument("--eval-utts", type=int, default=100)
+    ap.add_argument("--calib-utts", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2, help="backend.threads: ORT threads per evaluation and task")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/bench_ray"))
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+
+    import copy
+
+    import ray
+
+    from pipeline.config import load_config, resolve_backend_and_recipe
+
+    base_cfg = load_config()
+    base_cfg["backend"]["name"] = "onnxruntime"
+    base_cfg["data"]["calib_utts"], base_cfg["data"]["eval_utts"] = args.calib_utts, args.eval_utts
+    base_cfg["calibration"]["methods"] = ["percentile"]
+    base_cfg["backend"]["threads"] = args.threads
+    base_cfg = resolve_backend_and_recipe(base_cfg)
+    shutil.rmtree(args.work, ignore_errors=True)
+    base = args.work / "base"
+    t0 = time.perf_counter()
+    exp, ws = prepare(base_cfg, base, args.corpus)
+    method = exp.methods[0]
+    all8 = {k: ws.model(k, {n: "int8" for n in ws.int8_nodes(k)}, method) for k in ws.fp32}
+    start = exp.full_record(ws, f"INT8 all ({method})", all8, precision="int8", calibrator=method)
+    prep_s = time.perf_counter() - t0
+    fp32_rec = exp.full_record(ws, "FP32", dict(ws.fp32), precision="fp32", calibrator=None)
+    from pipeline.config import criterion_threshold
+
+    crit = criterion_threshold(base_cfg, fp32_rec["accuracy"][base_cfg["criterion"]["metric"]])
+
+    t0 = time.perf_counter()
+    ray.init(num_cpus=engines.base.physical_cores(), include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    ray_start_s = time.perf_counter() - t0
+    results = {"host": describe(host_info()), "cores": engines.base.physical_cores(),
+               "threads_per_task": base_cfg["backend"]["threads"], "eval_utts": args.eval_utts,
+               "calib_utts": args.calib_utts, "method": method, "prepare_s": round(prep_s, 1),
+               "ray_start_s": round(ray_start_s, 1), "runs": []}
+    counts = (["serial"] if args.serial else []) + [int(x) for x in args.workers.split(",")]
+    ref = None
+    for n in counts:
+        cfg = copy.deepcopy(base_cfg)
+        cfg["distributed"] = {"engine": "serial" if n == "serial" else "ray", "address": "auto",
+                              "max_parallel": 0 if n == "serial" else n}
+        run_dir = args.work / f"run-{n}"
+        shutil.copytree(base, run_dir, ignore=shutil.ignore_patterns(".lock"))
+        import pipeline.wenet as wenet
+
+        e = wenet.Experiment(cfg, run_dir, None, progress=False)
+        e.pool, e.cases, e.hack_cases = exp.pool, exp.cases, exp.hack_cases
+        w = wenet.Workspace(e.dir, cfg, {k: run_dir / "models" / "fp32" / f"{k}.onnx" for k in wenet.KINDS})
+        w.tables = {m: {k: run_dir / "calibration" / p.name for k, p in t.items()} for m, t in ws.tables.items()}
+        e.methods = exp.methods
+        _ = e.fanout  # the executor (joins the running cluster) before the clock starts
+        t0 = time.perf_counter()
+        sens = e.sensitivity(w, method)
+        sens_s = time.perf_counter() - t0
+        row = {"workers": n, "sensitivity_s": round(sens_s, 2), "n_probes": len(sens)}
+        if not args.no_search:
+            t0 = time.perf_counter()
+            rec = e.search_from(w, start, e._passes(crit), crit)
+            row |= {"search_s": round(time.perf_counter() - t0, 2), "search_evals": rec["n_full_evals"],
+                    "search_computed": rec["n_computed_evals"], "status": rec["status"],
+                    "best": (rec.get("best") or {}).get("plan_hash"),
+                    "trace": [(r["plan_hash"], r["passed"]) for r in rec["trace"] if r["stage"] != "latency-probe"]}
+        if ref is None:
+            ref = (sens, row.get("trace"))
+        row["same_sensitivity"] = sens == ref[0]
+        row["same_trace"] = row.get("trace") == ref[1]
+        row.pop("trace", None)
+        e.fanout.close()
+        results["runs"].append(row)
+        print(json.dumps(row), flush=True)
+    first = results["runs"][0]
+    for r in results["runs"]:
+        r["sensitivity_speedup"] = round(first["sensitivity_s"] / r["sensitivity_s"], 2)
+        if "search_s" in r:
+            r["search_speedup"] = round(first["search_s"] / r["search_s"], 2)
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
