@@ -148,7 +148,9 @@ def required_tensors(analysis: Analysis, plan: dict, recipe: str = "tensorrt") -
 
 
 def _prune(g: onnx.GraphProto) -> None:
-    """Drop initializers and weight-path nodes (Constant/Identity/Transpose/Cast) nothing reads anymore."""
+    """Drop initializers and weight-path nodes (Constant/Identity/Transpose/Cast) nothing reads anymore. Only
+    those: unlike onnx-graphsurgeon's cleanup, which drops any dead node, this leaves the rest of a user's
+    graph exactly as it came."""
     while True:
         used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
         dead = [n for n in g.node if n.op_type in ("Constant", "Identity", "Transpose", "Cast")
