@@ -651,11 +651,8 @@ def test_one_weight_range_rule():
 # fresh per-run noise (3 %) in every process; the criterion is set so that all-INT8 fails, so the search must
 # bisect and refine, and the fastest passing mix is the one with the fewest fallback layers the search found.
 _TIMED = """
-import os, signal, sys
 import numpy as np, onnx
 from engines import base
-from search import evalcache
-target, nth = sys.argv[1], int(sys.argv[2])
 rng, truth = np.random.default_rng(), {}
 def true_ms(path):
     if path not in truth:
@@ -667,19 +664,7 @@ def true_ms(path):
 def time_runs(runner, feeds, warmup, iters):
     return [true_ms(runner.path) / 1e3 * rng.lognormal(0, 0.03) for _ in range(iters)], "simulated"
 base.time_runs = time_runs
-orig, seen = evalcache.EvalCache._append, [0]
-def append(self, line):
-    if target and self.path.name.startswith(target):
-        seen[0] += 1
-        if seen[0] == nth:
-            with open(self.path, "ab") as f:
-                f.write(line[: len(line) // 2].encode()); f.flush(); os.fsync(f.fileno())
-            os.kill(os.getpid(), signal.SIGKILL)
-    orig(self, line)
-evalcache.EvalCache._append = append
-from workbench.cli import main
-sys.exit(main(sys.argv[3:]))
-"""
+""" + _KILL_AT  # then the kill at the nth record (never with nth 0)
 
 
 def test_sigkill_in_the_search_then_resume_selects_the_uninterrupted_plan(project, tmp_path):
@@ -687,7 +672,7 @@ def test_sigkill_in_the_search_then_resume_selects_the_uninterrupted_plan(projec
 
     def wb_search(cfg, run_dir, kill_at=0):
         argv = ["search", "--config", str(cfg), "--runs-root", str(runs), "--run-dir", str(run_dir)]
-        return subprocess.run([sys.executable, "-c", _TIMED, "search_cache." if kill_at else "", str(kill_at),
+        return subprocess.run([sys.executable, "-c", _TIMED, "search_cache.", str(kill_at),
                                *argv], capture_output=True, text=True, env=_env(), cwd=REPO, timeout=600)
 
     probe = wb_search(write_config(project, "kill-probe.toml"), tmp_path / "probe")  # all-INT8's cosine here
