@@ -3,19 +3,21 @@
 # backend (TensorRT when usable, else ONNX Runtime on CPU):
 #   data -> FP32 export -> calibration (max, percentile, entropy, MSE) -> baselines (FP32, FP16, all-INT8 per
 #   calibrator) -> per-layer sensitivity -> precision search -> final engines -> report.
-# Usage: ./build.sh [--quick] [--qat] [--out DIR] [--config FILE.toml]
+# Usage: ./build.sh [--quick] [--qat] [--minilm] [--out DIR] [--config FILE.toml]
 #   --quick: less data and fewer timing runs (about 5 minutes); --out: where the deliverables go (default out/);
-#   --qat: the shipped QAT model joins as calibrator "qat" (experiments/configs/qat.toml), with its own search.
+#   --qat: the shipped QAT model joins as calibrator "qat" (experiments/configs/qat.toml), with its own search;
+#   --minilm: the sentence_embedding task on all-MiniLM-L6-v2 instead (experiments/configs/minilm.toml, extra minilm).
 set -euo pipefail
 cd "$(dirname "$0")"
-QUICK=(); OUT_DIR="out"; CONFIG=(); QAT=()
+QUICK=(); OUT_DIR="out"; CONFIG=(); QAT=(); MINILM=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=(--quick) ;;
         --qat) QAT=(--config experiments/configs/qat.toml) ;;
+        --minilm) MINILM=(--config experiments/configs/minilm.toml); export WB_ADD_EXTRAS="${WB_ADD_EXTRAS:+$WB_ADD_EXTRAS,}minilm" ;;
         --out) OUT_DIR="$2"; shift ;;
         --config) CONFIG=(--config "$2"); shift ;;
-        -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
         *) echo "build.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -23,8 +25,10 @@ done
 source tools/bootstrap.sh
 wb() { "$WB_PY" -m workbench.cli "$@"; }
 
-echo "== data: synthetic speech corpus (calib 512, test 500 utterances; reused when present)"
-wb data --splits calib,test --sizes calib=512,test=500
+if [ ${#MINILM[@]} -eq 0 ]; then  # the MiniLM task reads fortunes text itself: no speech corpus
+    echo "== data: synthetic speech corpus (calib 512, test 500 utterances; reused when present)"
+    wb data --splits calib,test --sizes calib=512,test=500
+fi
 
 echo "== search: calibration, baselines, sensitivity, precision search, final engines, report"
-wb search "${QUICK[@]}" "${QAT[@]}" "${CONFIG[@]}" --out "$OUT_DIR"
+wb search "${QUICK[@]}" "${QAT[@]}" "${MINILM[@]}" "${CONFIG[@]}" --out "$OUT_DIR"

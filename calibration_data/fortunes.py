@@ -61,3 +61,27 @@ def load_sentences(directory: str | os.PathLike | None = None) -> list[str]:
                 if MIN_CHARS <= len(sentence) <= MAX_CHARS and len(sentence.split()) >= MIN_WORDS:
                     seen.setdefault(sentence)
     return list(seen)
+
+
+TEXT_MAX_CHARS = 400  # written text (no speech limit): long enough for 128-token inputs, short of paragraphs
+_SPACES = re.compile(r"\s+")
+
+
+def load_texts(directory: str | os.PathLike | None = None, max_chars: int = TEXT_MAX_CHARS) -> list[str]:
+    """Sentences as written (case, digits and punctuation kept; white space collapsed), for text models:
+    deduplicated, MIN_CHARS..max_chars characters and >= MIN_WORDS words, in corpus order."""
+    directory = Path(directory) if directory is not None else fortunes_dir()
+    files = _corpus_files(directory) if directory.is_dir() else []
+    if not files:
+        raise WorkbenchError(
+            f"no fortunes corpus found in {directory}: install it with `apt-get install fortunes fortunes-min` "
+            "(or point WB_FORTUNES_DIR at a directory of fortune files)"
+        )
+    seen: dict[str, None] = {}
+    for path in files:
+        for entry in _entries(path):
+            for raw in _sentences(entry):
+                text = _SPACES.sub(" ", raw).strip()
+                if MIN_CHARS <= len(text) <= max_chars and len(text.split()) >= MIN_WORDS:
+                    seen.setdefault(text)
+    return list(seen)

@@ -170,7 +170,10 @@ def _retype(model: onnx.ModelProto, block: set[str]) -> onnx.ModelProto:
 
 
 def toposort(nodes: list[onnx.NodeProto], g: onnx.GraphProto) -> list[onnx.NodeProto]:
-    """Stable topological order (original order wherever it is already valid)."""
+    """Stable topological order (original order wherever it is already valid). Written here rather than taken
+    from onnx-graphsurgeon: its toposort orders nodes by depth, which reshuffles a graph that is already valid,
+    so placed models would not diff cleanly against their FP32 graph (and a graphsurgeon round trip rewrites
+    the whole model for what is one pass over the node list)."""
     avail = {i.name for i in g.input} | {i.name for i in g.initializer} | {""}
     prod = {o: k for k, n in enumerate(nodes) for o in n.output}
     order, state = [], [0] * len(nodes)

@@ -49,7 +49,7 @@ from core.errors import WorkbenchError
 from core.fsutil import atomic_path
 
 from .analysis import Analysis, GraphIndex, analyze, prepare_model
-from .calib import QMAX, CalibTable, load_table
+from .calib import AMAX_FLOOR, QMAX, CalibTable, channel_amax, load_table
 from .fp16 import convert_fp16, toposort
 from .plan import create_plan, validate_plan
 
@@ -101,15 +101,15 @@ def _weight_amax(w: np.ndarray, axis: int, source: str, table: CalibTable) -> np
         ax, am = table.weights[source]
         if ax == axis and len(am) == w.shape[axis]:
             return np.asarray(am, np.float32)
-    red = tuple(d for d in range(w.ndim) if d != axis)
-    return np.max(np.abs(w.astype(np.float32)), axis=red)
+    return channel_amax(w, axis).astype(np.float32)
 
 
 def quantize_weight(w: np.ndarray, axis: int, amax: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-channel INT8: scale = amax/127 (strictly positive: a zero channel gets a tiny scale and
-    quantizes to 0), q = clip(round_half_even(w/scale), -128, 127)."""
-    amax = np.asarray(amax, np.float32)
-    scale = np.where(amax > 0, amax / QMAX, np.float32(1e-8)).astype(np.float32)
+    """Symmetric per-channel INT8: scale = max(amax, AMAX_FLOOR)/127 (strictly positive: a zero channel gets a
+    tiny scale and quantizes to 0), q = clip(round_half_even(w/scale), -128, 127). The one weight quantizer:
+    the tensorrt recipe's weights and `wb` tools go through it."""
+    amax = np.maximum(np.asarray(amax, np.float32), np.float32(AMAX_FLOOR))
+    scale = (amax / np.float32(QMAX)).astype(np.float32)
     shape = [1] * w.ndim
     shape[axis] = -1
     q = np.clip(np.rint(w.astype(np.float32) / scale.reshape(shape)), -128, 127).astype(np.int8)
@@ -148,7 +148,9 @@ def required_tensors(analysis: Analysis, plan: dict, recipe: str = "tensorrt") -
 
 
 def _prune(g: onnx.GraphProto) -> None:
-    """Drop initializers and weight-path nodes (Constant/Identity/Transpose/Cast) nothing reads anymore."""
+    """Drop initializers and weight-path nodes (Constant/Identity/Transpose/Cast) nothing reads anymore. Only
+    those: unlike onnx-graphsurgeon's cleanup, which drops any dead node, this leaves the rest of a user's
+    graph exactly as it came."""
     while True:
         used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
         dead = [n for n in g.node if n.op_type in ("Constant", "Identity", "Transpose", "Cast")

@@ -28,7 +28,7 @@ _CHOICES = {
     ("quantize", "ort_mode"): {"auto", *ORT_MODES},
     ("backend", "name"): {"auto", "onnxruntime", "tensorrt"},
     ("criterion", "kind"): {"absolute", "relative", "hackathon", "fixed"},
-    ("task", "kind"): {"wenet_asr", "onnx"},
+    ("task", "kind"): {"wenet_asr", "onnx", "sentence_embedding"},
     ("distributed", "engine"): {"serial", "ray"},
 }
 # The bundled pipeline's metrics; a task's own metrics are checked against the task (tasks.base.Task.metric).

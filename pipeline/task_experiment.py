@@ -30,6 +30,7 @@ from search.evalcache import EvalCache
 from quant.methods import method_key
 from search.algorithm import node_key, plan_counts, flat_plan_hash, split_plan
 from quant.table import CalibrationTable
+from pipeline.runners import RunnerCache
 from pipeline.search_stage import probe_groups, search_from
 from pipeline.selection import select
 from tasks.base import Task, check_metrics
@@ -77,7 +78,7 @@ class TaskWorkspace:
         self.loaded = {name: prepare_model(p) for name, p in self.fp32.items()}
         self.analysis = {name: analyze(m) for name, m in self.loaded.items()}
         self.tables: dict[str, dict[str, object]] = {}  # method -> graph -> loaded CalibTable
-        self._runners: dict[Path, object] = {}
+        self._runners = RunnerCache()
         self._shapes: dict[str, dict] = {}
 
     def int8_nodes(self, graph: str) -> list[str]:
@@ -108,12 +109,14 @@ class TaskWorkspace:
         return self._shapes[graph]
 
     def runner(self, graph: str, model: Path):
-        if model not in self._runners:
+        """The engine runner of `model`, kept while it is among the most recently used (pipeline.runners)."""
+        def make():
             art = engines.build(model, self.shapes(graph), self.dir / "engines" / graph / model.stem,
                                 backend=self.cfg["backend"]["name"], kind="generic",
                                 threads=self.cfg["backend"]["threads"])
-            self._runners[model] = engines.load(art)
-        return self._runners[model]
+            return engines.load(art)
+
+        return self._runners.get(model, make, self.fp32.values())
 
     def runners(self, models: dict[str, Path]) -> dict:
         return {g: self.runner(g, p) for g, p in models.items()}

@@ -33,6 +33,7 @@ from quant.collect import encoder_feed
 from search.evalcache import EvalCache
 from quant.methods import method_key
 from pipeline.config import check_resume, criterion_threshold, resolve_backend_and_recipe
+from pipeline.runners import RunnerCache
 from pipeline.search_stage import probe_groups, search_from
 from pipeline.selection import select
 from search.algorithm import node_key, plan_counts, flat_plan_hash, split_plan
@@ -42,7 +43,6 @@ KINDS = ("encoder", "decoder")
 # Engine shape ranges (min, opt, max) of the time axis: wide enough for every test utterance and for the
 # hackathon decoder case sl=256, whose encoder input has 4*256+3 frames.
 PIPELINE_TIME_RANGES = {"encoder": (7, 256, 2048), "decoder": (1, 64, 512)}
-MAX_RUNNERS = 12  # engine runners kept besides the FP32 ones (side-by-side timing needs at most 7 at once)
 METRICS = ("cer_rescore", "cer_greedy", "cer_prefix", "wer_rescore")
 
 
@@ -56,7 +56,7 @@ class Workspace:
         self.analysis = {k: analyze(str(p)) for k, p in fp32.items()}
         self.tables: dict[str, dict[str, Path]] = {}  # method -> kind -> table path
         self.sources: dict[str, dict[str, Path]] = {}  # method -> kind -> FP32 model it places (default fp32)
-        self._runners: dict[Path, object] = {}
+        self._runners = RunnerCache()
         self._plans: dict[tuple[str, str], dict] = {}
         self._loaded: dict[Path, tuple] = {}  # FP32 path -> (ModelProto, Analysis): read once, placed many times
         self._tables: dict[Path, object] = {}  # table path -> graph.calib.CalibTable
@@ -111,20 +111,16 @@ class Workspace:
         return out
 
     def runner(self, model: Path):
-        """The engine runner of `model`, kept while it is among the most recently used (MAX_RUNNERS): a search
-        places dozens of models, and an ONNX Runtime session of each held to the end took 8.6 GB (issue 15)."""
-        if model in self._runners:
-            self._runners[model] = self._runners.pop(model)  # most recently used last
-        else:
+        """The engine runner of `model`, kept while it is among the most recently used (pipeline.runners)."""
+        def make():
             kind = "decoder" if model.parent.name == "decoder" or model.stem == "decoder" else "encoder"
             shapes = engines.default_shapes(model, kind, time_range=PIPELINE_TIME_RANGES[kind])
             art = engines.build(model, shapes, self.dir / "engines" / model.parent.name / model.stem,
                                 backend=self.cfg["backend"]["name"], threads=self.cfg["backend"]["threads"])
-            self._runners[model] = engines.load(art)
-            keep = {p for models in (self.fp32, *self.sources.values()) for p in models.values()}
-            for old in [m for m in self._runners if m not in keep][:-MAX_RUNNERS]:
-                del self._runners[old]
-        return self._runners[model]
+            return engines.load(art)
+
+        pinned = {p for models in (self.fp32, *self.sources.values()) for p in models.values()}
+        return self._runners.get(model, make, pinned)
 
 
 # What a baseline record (accuracy, latency, hackathon check) depends on besides the models' content: these

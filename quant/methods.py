@@ -20,10 +20,10 @@ import numpy as np
 from scipy.stats import entropy as _kl
 
 from core.errors import WorkbenchError
+from graph.calib import AMAX_FLOOR  # the format's floor: an all-zero tensor gets scale 1e-8/127, not 0
 
 from .histogram import TensorStats
 
-AMAX_FLOOR = 1e-8  # smallest amax ever reported: an all-zero tensor gets scale 1e-8/127, not 0 (division by zero)
 DEFAULT_PERCENTILES = (99.9, 99.99, 99.999)
 METHODS = ("max", "percentile", "entropy", "mse")
 

@@ -1,4 +1,6 @@
-"""The calibration table (readable JSON, written atomically) and TensorRT's legacy calibration cache text.
+"""The calibration table a calibration run builds (readable JSON, written atomically), and its export to
+TensorRT's legacy calibration cache text. The format itself (validation, reading, the amax rules, the cache
+text) is graph.calib's: this class reads and checks through it.
 
 JSON layout (`FORMAT`):
   {"format": "wb-calibration-table/1", "model": {"path", "sha256"}, "data": {"n_samples", "batch_size", ...},
@@ -7,28 +9,20 @@ JSON layout (`FORMAT`):
                       "scale": amax/127, "count": int, "min": .., "max": ..,
                       "histogram": {"bin_width", "nbins", "occupied_bins", "nonzero_bins", "abs_quantiles"}}},
    "weights": {initializer: {"axis": int, "amax": [per-channel floats], ...}}}
-Every amax is floored at `quant.methods.AMAX_FLOOR` (1e-8), so constant-zero tensors get a positive scale.
-
-TensorRT cache: first line e.g. `TRT-8601-EntropyCalibration2`, then `name: <8 hex digits>` per tensor, the
-big-endian IEEE-754 bits of the float32 scale (amax / 127). Reading gives amax = scale * 127.
+Every amax is floored at `graph.calib.AMAX_FLOOR` (1e-8), so constant-zero tensors get a positive scale.
 """
 from __future__ import annotations
 
-import math
 import os
-import struct
 from pathlib import Path
 
-from graph.calib import QMAX, TABLE_FORMAT, check_amax, check_table
+from graph.calib import (AMAX_FLOOR, QMAX, TABLE_FORMAT, TRT_HEADER, entry_amax, read_table, read_trt_cache,
+                         write_trt_cache)
 from core.errors import WorkbenchError
-from core.fsutil import atomic_path, read_json, sha256_file, write_json
+from core.fsutil import sha256_file, write_json
 
-from .methods import AMAX_FLOOR
-
-FORMAT = TABLE_FORMAT  # defined with graph/'s reader (graph/ does not import quant/)
-TRT_HEADER = "TRT-8601-EntropyCalibration2"
-
-
+FORMAT = TABLE_FORMAT
+__all__ = ["CalibrationTable", "build_table", "read_trt_cache", "write_trt_cache", "FORMAT", "QMAX", "TRT_HEADER"]
 
 class CalibrationTable:
     def __init__(self, data: dict, source: str = "<table>"):
@@ -38,14 +32,7 @@ class CalibrationTable:
     # -------------------------------------------------------------- io
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CalibrationTable":
-        data = read_json(path)
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise WorkbenchError(f"{path} is not a calibration table (expected \"format\": \"{FORMAT}\")")
-        for key in ("tensors", "default_method"):
-            if key not in data:
-                raise WorkbenchError(f"calibration table {path} has no {key!r} field")
-        check_table(data, str(path))  # graph.calib's rules: one reader, one set of checks
-        return cls(data, str(path))
+        return cls(read_table(path), str(path))  # graph.calib's reader: one format, one set of checks
 
     def save(self, path: str | os.PathLike) -> None:
         write_json(path, self.data)
@@ -73,12 +60,7 @@ class CalibrationTable:
 
     def amax(self, tensor: str, method: str | None = None) -> float:
         e = self._entry(tensor)
-        method = method or e.get("method") or self.default_method
-        if method not in e["amax"]:
-            raise WorkbenchError(f"method {method!r} was not calibrated for tensor {tensor!r} "
-                                 f"(available: {', '.join(e['amax'])})")
-        a = check_amax(e["amax"][method], f"amax of tensor {tensor!r} ({method})", self.source)  # as graph.calib
-        return max(a, AMAX_FLOOR)
+        return entry_amax(e, method or e.get("method") or self.default_method, tensor, self.source)
 
     def scale(self, tensor: str, method: str | None = None) -> float:
         return self.amax(tensor, method) / QMAX
@@ -133,41 +115,3 @@ def build_table(model_path: str | os.PathLike, stats: dict, amaxes: dict[str, di
         "weights": weights or {},
     }
     return CalibrationTable(data)
-
-
-def write_trt_cache(path: str | os.PathLike, scales: dict[str, float], header: str = TRT_HEADER) -> None:
-    lines = [header]
-    for name, s in scales.items():
-        if "\n" in name or not name.strip():
-            raise WorkbenchError(f"tensor name {name!r} cannot be written to a TensorRT cache")
-        if not (math.isfinite(s) and s > 0):
-            raise WorkbenchError(f"tensor {name!r} has scale {s}, which a TensorRT cache cannot hold")
-        lines.append(f"{name}: {struct.pack('>f', s).hex()}")
-    with atomic_path(path) as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
-
-
-def read_trt_cache(path: str | os.PathLike) -> tuple[str, dict[str, float]]:
-    """(header, {tensor: amax}) with amax = scale * 127 from a TensorRT calibration cache."""
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        raise WorkbenchError(f"TensorRT calibration cache not found: {path}") from None
-    except UnicodeDecodeError:
-        raise WorkbenchError(f"{path} is not a text TensorRT calibration cache") from None
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    if not lines or not lines[0].startswith("TRT-"):
-        raise WorkbenchError(f"{path} is not a TensorRT calibration cache (first line should be like "
-                             f"{TRT_HEADER!r})")
-    out = {}
-    for no, ln in enumerate(lines[1:], start=2):
-        name, sep, hexv = ln.rpartition(":")
-        hexv = hexv.strip()
-        if not sep or not name or len(hexv) != 8:
-            raise WorkbenchError(f"{path} line {no}: expected 'tensor_name: <8 hex digits>', got {ln!r}")
-        try:
-            scale = struct.unpack(">f", bytes.fromhex(hexv))[0]
-        except ValueError:
-            raise WorkbenchError(f"{path} line {no}: {hexv!r} is not 8 hex digits") from None
-        out[name.strip()] = scale * QMAX
-    return lines[0], out

@@ -12,9 +12,8 @@ import numpy as np
 import onnx
 
 from graph.analysis import Analysis, GraphIndex, load_model
+from graph.calib import AMAX_FLOOR, channel_amax
 from core.errors import WorkbenchError
-
-from .methods import AMAX_FLOOR
 
 
 def per_channel_amax(w: np.ndarray, axis: int, method: str = "max", num_bits: int = 8) -> np.ndarray:
@@ -23,9 +22,11 @@ def per_channel_amax(w: np.ndarray, axis: int, method: str = "max", num_bits: in
         w = w.reshape(1)
         axis = 0
     axis = axis % w.ndim
-    flat = np.moveaxis(np.abs(w), axis, 0).reshape(w.shape[axis], -1)
-    if not np.isfinite(flat).all():
+    if not np.isfinite(w).all():
         raise ValueError("non-finite weight")
+    if method == "max":
+        return channel_amax(w, axis)  # the same range placement takes when a table has none
+    flat = np.moveaxis(np.abs(w), axis, 0).reshape(w.shape[axis], -1)
     amax = flat.max(axis=1)
     if method == "mse":
         qmax = float((1 << (num_bits - 1)) - 1)
@@ -38,7 +39,7 @@ def per_channel_amax(w: np.ndarray, axis: int, method: str = "max", num_bits: in
             err = ((np.clip(np.round(flat[c][None] * s), -qmax, qmax) / s - flat[c][None]) ** 2).sum(axis=1)
             best[c] = cands[int(np.argmin(err))]
         amax = best
-    elif method != "max":
+    else:
         raise WorkbenchError(f"unknown weight calibration method {method!r}: choose max or mse")
     return np.maximum(amax, AMAX_FLOOR)
 

@@ -40,9 +40,13 @@ def load_task(cfg: dict, base_dir=None) -> Task:
         from .onnx_task import OnnxTask
 
         task = OnnxTask.from_config(t, base_dir)
+    elif t["kind"] == "sentence_embedding":
+        from .sentence_embedding import SentenceEmbeddingTask
+
+        task = SentenceEmbeddingTask(t.get("options") or {})
     else:
-        raise WorkbenchError(f"config task.kind = {t['kind']!r}: this pipeline knows 'onnx' (and 'wenet_asr', "
-                             f"the bundled model's own pipeline), or give task.entry")
+        raise WorkbenchError(f"config task.kind = {t['kind']!r}: this pipeline knows 'onnx', 'sentence_embedding' "
+                             f"(and 'wenet_asr', the bundled model's own pipeline), or give task.entry")
     check_task_shape(task)
     task.check()
     task.metric(cfg["criterion"]["metric"])  # the criterion's metric must be one of the task's

