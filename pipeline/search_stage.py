@@ -7,18 +7,27 @@ from typing import Callable
 
 from search.algorithm import SearchProblem, flat_plan_hash, plan_counts, search
 from search.evalcache import EvalCache
+from search.selection import objective_runs
 
 from .selection import passing_candidates
 
 
 def search_from(start: dict, *, nodes: list[str], sensitivity: dict[str, float], groups: dict[str, list[str]],
                 models_of: Callable, accuracy: Callable, latency: Callable, passes: Callable, cfg: dict,
-                cache_path: Path, progress: bool = True, fanout: dict | None = None) -> dict:
+                cache_path: Path, progress: bool = True, fanout: dict | None = None,
+                side_by_side: Callable | None = None) -> dict:
     """The precision search from the all-INT8 baseline `start` (a baseline record with calibrator, accuracy and
-    latency). `models_of(flat)` places a flat plan's models; `accuracy(flat)` and `latency(flat)` measure it."""
+    latency). `models_of(flat)` places a flat plan's models; `accuracy(flat)` and `latency(flat)` measure it;
+    `side_by_side({label: models})` times models interleaved (the search's protocol), for latency probes."""
     method = start["calibrator"]
+
+    def paired(plans: dict) -> dict:
+        lat = side_by_side({h: models_of(p) for h, p in plans.items()})
+        return {h: objective_runs(lat[h]["cases"]).tolist() for h in plans}
+
     problem = SearchProblem(nodes=nodes, fallback=cfg["quantize"]["fallback"], accuracy=accuracy, passes=passes,
                             latency=latency, sensitivity=sensitivity, groups=groups,
+                            paired=paired if side_by_side is not None else None,
                             max_full_evals=cfg["budget"]["max_full_evals"],
                             **(fanout or {}))  # accuracy_many, prepare_many, parallel: pipeline.fanout
     begin = flat_plan_hash({n: "int8" for n in nodes})

@@ -335,7 +335,8 @@ class TaskExperiment:
                            models_of=models_of, accuracy=lambda flat: self.accuracy(models_of(flat)),
                            latency=lambda flat: self.latency(models_of(flat), search=True), passes=passes,
                            cfg=self.cfg, cache_path=self.dir / f"search_cache.{method}.jsonl",
-                           progress=self.progress, fanout=self._search_fanout(method))
+                           progress=self.progress, fanout=self._search_fanout(method),
+                           side_by_side=lambda options: self.side_by_side(options, search=True))
 
     def _search_fanout(self, method: str) -> dict:
         from pipeline.fanout import task_accuracy, task_prepare
@@ -363,13 +364,15 @@ class TaskExperiment:
                     "accuracy": rec["accuracy"], "passed": True, "latency": lat[label], "reference_latency": lat["FP32"]}
         return selected, timing
 
-    def side_by_side(self, options: dict[str, dict[str, Path]]) -> dict[str, dict]:
+    def side_by_side(self, options: dict[str, dict[str, Path]], search: bool = False) -> dict[str, dict]:
+        """Each option ({label: models}) timed interleaved run by run (`search`: the search's protocol)."""
         lat = self.cfg["latency"]
-        out = {label: {"objective_ms": 0.0, "cases": [], "warmup": lat["warmup"], "iters": lat["iters"],
+        warmup, iters = (lat["search_warmup"], lat["search_iters"]) if search else (lat["warmup"], lat["iters"])
+        out = {label: {"objective_ms": 0.0, "cases": [], "warmup": warmup, "iters": iters,
                        "interleaved": True} for label in options}
         for g in self.names:
             runners = {label: self.ws.runner(g, models[g]) for label, models in options.items()}
-            for label, rows in engines.bench_interleaved(runners, self.cases[g], lat["warmup"], lat["iters"]).items():
+            for label, rows in engines.bench_interleaved(runners, self.cases[g], warmup, iters).items():
                 for r in rows:
                     out[label]["cases"].append({"model": g, **{k: r[k] for k in ("bs", "sl", "median_ms", "p90_ms",
                                                                                   "latencies_ms", "throughput")}})

@@ -477,7 +477,8 @@ class Experiment:
                            groups=probe_groups({k: ws.analysis[k] for k in KINDS}, node_key), models_of=models_of,
                            accuracy=accuracy_of, latency=lambda flat: self.latency(ws, models_of(flat), search=True),
                            passes=passes, cfg=self.cfg, cache_path=self.dir / f"search_cache.{method}.jsonl",
-                           progress=self.progress, fanout=self._search_fanout(ws, method, crit))
+                           progress=self.progress, fanout=self._search_fanout(ws, method, crit),
+                           side_by_side=lambda options: self.side_by_side(ws, options, search=True))
 
     def _search_fanout(self, ws: Workspace, method: str, crit: dict) -> dict:
         from pipeline.fanout import wenet_accuracy, wenet_prepare
@@ -491,17 +492,19 @@ class Experiment:
     def _keys(ws: Workspace, kind: str) -> list[str]:
         return [node_key(kind, n) for n in ws.int8_nodes(kind)]
 
-    def side_by_side(self, ws: Workspace, options: dict[str, dict[str, Path]]) -> dict[str, dict]:
+    def side_by_side(self, ws: Workspace, options: dict[str, dict[str, Path]], search: bool = False) -> dict[str, dict]:
         """Latency of each option ({label: models}) with all options interleaved run by run on each case
-        (engines.bench_interleaved): their ratios measured side by side, not minutes apart."""
+        (engines.bench_interleaved): their ratios measured side by side, not minutes apart. `search`: the
+        search's shorter protocol (latency probes)."""
         lat = self.cfg["latency"]
-        out = {label: {"objective_ms": 0.0, "cases": [], "warmup": lat["warmup"], "iters": lat["iters"],
+        warmup, iters = (lat["search_warmup"], lat["search_iters"]) if search else (lat["warmup"], lat["iters"])
+        out = {label: {"objective_ms": 0.0, "cases": [], "warmup": warmup, "iters": iters,
                        "interleaved": True} for label in options}
         todo = [(kind, case) for kind in lat["models"] for case in self.cases[kind]]
         for kind, case in tqdm(todo, desc="side-by-side timing", disable=not self.progress):
             runners = {label: ws.runner(models[kind]) for label, models in options.items()}
             one = {case: self.cases[kind][case]}
-            for label, rows in engines.bench_interleaved(runners, one, lat["warmup"], lat["iters"]).items():
+            for label, rows in engines.bench_interleaved(runners, one, warmup, iters).items():
                 r = rows[0]
                 out[label]["cases"].append({"model": kind, **{k: r[k] for k in ("bs", "sl", "median_ms", "p90_ms",
                                                                                 "latencies_ms",

@@ -10,7 +10,8 @@ sensitivity signal; this module decides which plans to evaluate, with few full e
 3. refinement: re-quantize the least sensitive of the reverted nodes in halving chunks while the plan still
    passes (a step back whenever a chunk fails);
 4. latency: every passing plan is timed; latency-only probes revert groups of INT8 nodes whose quantization may
-   only add Q/DQ overhead, and a probe that is faster is validated with a full evaluation before it may win.
+   only add Q/DQ overhead, and a probe that is faster (with `paired`: side by side with the plan it reverts
+   from, beyond the noise) is validated with a full evaluation before it may win.
 
 Every evaluation is cached by plan hash (EvalCache), so an interrupted search resumes without redoing work.
 
@@ -27,9 +28,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 from tqdm import tqdm
 
 from .evalcache import EvalCache
+from .selection import ratio_stats
 
 Plan = dict[str, str]  # node key -> "int8" | "fp16" | "fp32"
 
@@ -71,6 +74,10 @@ class SearchProblem:
     accuracy_many: Callable[[list[Plan], Callable[[int, dict], None]], None] | None = None
     prepare_many: Callable[[list[Plan]], None] | None = None  # place and build plans about to be timed
     parallel: int = 1  # workers; 1: no speculation (the serial search)
+    # paired timing: {label: plan} -> {label: per-run objective (ms)}, the plans timed interleaved run by run.
+    # Given, a latency probe counts as faster only when its paired ratio to the plan it reverts from (median
+    # + 1 SE) is below 1; without it, its sequential timing decides (noisy on a shared machine: issue 15).
+    paired: Callable[[dict[str, Plan]], dict[str, list[float]]] | None = None
 
 
 @dataclass
@@ -242,7 +249,7 @@ class _Search:
             return
         base_plan = self.plans[best["plan_hash"]]
         base_ms = best["latency"]["objective_ms"]
-        faster = []
+        faster, probes = [], []
         self.prepare([{**base_plan, **{n: self.p.fallback for n in members if base_plan.get(n) == "int8"}}
                       for members in self.p.groups.values() if any(base_plan.get(n) == "int8" for n in members)])
         for name, members in sorted(self.p.groups.items()):
@@ -254,8 +261,11 @@ class _Search:
             self.trace.append({"label": f"probe: {name} -> {self.p.fallback}", "stage": "latency-probe",
                                "plan_hash": flat_plan_hash(probe), **plan_counts(probe), "accuracy": None,
                                "passed": None, "latency": lat, "cached": False})
-            if lat["objective_ms"] < base_ms:
+            if self.p.paired is None and lat["objective_ms"] < base_ms:
                 faster.append((lat["objective_ms"], name, int8_members))
+            probes.append((name, int8_members, probe, self.trace[-1]))
+        if self.p.paired is not None and probes:
+            faster = self.paired_faster(best["plan_hash"], probes)
         if faster:  # merge every group that helped, validate once
             merged = dict(base_plan)
             for _, _, members in faster:
@@ -264,6 +274,21 @@ class _Search:
                 rec = self.evaluate(merged, "latency-validate", "revert " + ", ".join(n for _, n, _ in faster))
                 if rec["passed"]:
                     self.time_record(rec)
+
+    def paired_faster(self, base: str, probes: list) -> list:
+        """The probes faster than the base plan beyond the noise, on one interleaved timing of all of them
+        (cached, so that a resumed search decides on the same measurement)."""
+        hashes = [base] + [flat_plan_hash(p) for _, _, p, _ in probes]
+        key = "pair:" + hashlib.sha256(json.dumps(hashes).encode()).hexdigest()[:16]
+        runs = self.cache.get_or_compute(key, lambda: self.p.paired({h: self.plans[h] for h in hashes}))
+        ref = np.asarray(runs[base], float)
+        faster = []
+        for (name, members, probe, rec), h in zip(probes, hashes[1:]):
+            st = ratio_stats(np.asarray(runs[h], float) / ref)
+            rec["paired_vs_base"] = st
+            if st["median"] + st["se"] < 1.0:
+                faster.append((st["median"], name, members))
+        return faster
 
     def prepare(self, plans: list[Plan]) -> None:
         """Place and build the untimed ones of `plans` on the workers; the driver times them afterwards, alone."""

@@ -74,3 +74,34 @@ def test_budget_is_respected(tmp_path, budget):
     res = search(prob, EvalCache(tmp_path / "c.jsonl"), progress=False)
     assert res.n_full_evals <= budget + 1  # the k = N check is the only evaluation beyond a tiny budget
     assert res.best is None or res.best["passed"]
+
+
+def test_probes_decided_on_paired_timing_when_given(tmp_path):
+    """With paired timing, a probe is validated only when side by side it is faster beyond the noise: here the
+    sequential timing of a slower probe is (as on a loaded machine) far lower than the base plan's; only
+    reverting n15 is truly faster, so only that group is validated; the paired measurement is cached."""
+    import numpy as np
+
+    calls, paired_calls = [], []
+    problem = make_problem(calls)
+    true_ms = problem.latency
+    # sequentially, the "other" probe (n01, n02 reverted from a plan that keeps n19 in INT8) looks twice as fast
+    falsely_fast = lambda plan: plan["n01"] != "int8" and plan["n02"] != "int8" and plan["n19"] == "int8"  # noqa: E731
+    problem.latency = lambda plan: {"objective_ms": true_ms(plan)["objective_ms"] * (0.5 if falsely_fast(plan) else 1)}
+    rng = np.random.default_rng(0)
+
+    def paired(plans):
+        paired_calls.append(sorted(plans))
+        drift = rng.uniform(0.7, 1.3, 20)  # shared by all plans of one run: cancels in the ratios
+        return {h: (true_ms(p)["objective_ms"] * drift * rng.normal(1, 0.002, 20)).tolist() for h, p in plans.items()}
+
+    problem.paired = paired
+    res = search(problem, EvalCache(tmp_path / "cache.jsonl"), progress=False)
+    probes = {r["label"]: r for r in res.trace if r["stage"] == "latency-probe"}
+    assert probes["probe: slow-op -> fp32"]["paired_vs_base"]["median"] < 1
+    assert probes["probe: other -> fp32"]["paired_vs_base"]["median"] > 1
+    assert [r["label"] for r in res.trace if r["stage"] == "latency-validate"] == ["revert slow-op"]
+    again = search(problem, EvalCache(tmp_path / "cache.jsonl"), progress=False)  # a resume: same measurement
+    assert len(paired_calls) == 1 and [r["label"] for r in again.trace] == [r["label"] for r in res.trace]
+    validated = res.plans[next(r for r in res.trace if r["stage"] == "latency-validate")["plan_hash"]]
+    assert {n for n, p in validated.items() if p != "int8"} == {"n03", "n07", "n15"}
