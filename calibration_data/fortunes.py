@@ -42,8 +42,7 @@ def _sentences(entry: str) -> list[str]:
     return _SENTENCE_END.split(" ".join(lines))
 
 
-def load_sentences(directory: str | os.PathLike | None = None) -> list[str]:
-    """Normalised, deduplicated sentences (MIN_CHARS..MAX_CHARS characters, >= MIN_WORDS words), in corpus order."""
+def _fortune_files(directory: str | os.PathLike | None) -> list[Path]:
     directory = Path(directory) if directory is not None else fortunes_dir()
     files = _corpus_files(directory) if directory.is_dir() else []
     if not files:
@@ -51,6 +50,12 @@ def load_sentences(directory: str | os.PathLike | None = None) -> list[str]:
             f"no fortunes corpus found in {directory}: install it with `apt-get install fortunes fortunes-min` "
             "(or point WB_FORTUNES_DIR at a directory of fortune files)"
         )
+    return files
+
+
+def load_sentences(directory: str | os.PathLike | None = None) -> list[str]:
+    """Normalised, deduplicated sentences (MIN_CHARS..MAX_CHARS characters, >= MIN_WORDS words), in corpus order."""
+    files = _fortune_files(directory)
     seen: dict[str, None] = {}  # an ordered set: first occurrence wins, so the order is deterministic
     for path in files:
         for entry in _entries(path):
@@ -70,13 +75,7 @@ _SPACES = re.compile(r"\s+")
 def load_texts(directory: str | os.PathLike | None = None, max_chars: int = TEXT_MAX_CHARS) -> list[str]:
     """Sentences as written (case, digits and punctuation kept; white space collapsed), for text models:
     deduplicated, MIN_CHARS..max_chars characters and >= MIN_WORDS words, in corpus order."""
-    directory = Path(directory) if directory is not None else fortunes_dir()
-    files = _corpus_files(directory) if directory.is_dir() else []
-    if not files:
-        raise WorkbenchError(
-            f"no fortunes corpus found in {directory}: install it with `apt-get install fortunes fortunes-min` "
-            "(or point WB_FORTUNES_DIR at a directory of fortune files)"
-        )
+    files = _fortune_files(directory)
     seen: dict[str, None] = {}
     for path in files:
         for entry in _entries(path):
