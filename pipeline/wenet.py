@@ -16,9 +16,11 @@ from tqdm import tqdm
 import engines
 from calibration_data.corpus import ensure_corpus, load_split
 from core.host import describe, host_info
-from calibration_data.text import DEFAULT_VOCAB, load_units
+from calibration_data.text import DEFAULT_VOCAB, load_units, normalize
 from engines.cases import bench_cases
 from evaluation.asr import decoder_calibration_feeds, evaluate
+from evaluation.bootstrap import paired_delta_ci
+from evaluation.metrics import edit_distance
 from evaluation.hackathon import make_cases, run_check
 from graph.analysis import analyze, prepare_model
 from graph.calib import load_table
@@ -245,10 +247,17 @@ class Experiment:
                 ws.tables.setdefault(key, {})[kind] = p
 
     # --- stage 3: evaluation primitives -----------------------------------------------------------------------
-    def accuracy(self, ws: Workspace, models: dict[str, Path]) -> dict:
+    def accuracy(self, ws: Workspace, models: dict[str, Path], items: bool = False) -> dict:
+        """The METRICS; `items`: also the per-utterance rescoring edits and reference lengths under "items"
+        (what a paired bootstrap interval of the CER change resamples: evaluation.bootstrap)."""
         res = evaluate(ws.runner(models["encoder"]), ws.runner(models["decoder"]), self.eval_feats,
                        self.eval_texts, self.vocab, progress=False)
-        return {k: res[k] for k in METRICS}
+        out = {k: res[k] for k in METRICS}
+        if items:
+            refs = [normalize(t) for t in self.eval_texts]
+            out["items"] = {"edits": [edit_distance(r, normalize(u["rescored"])) for r, u in zip(refs, res["utterances"])],
+                            "ref_len": [len(r) for r in refs]}
+        return out
 
     def latency(self, ws: Workspace, models: dict[str, Path], search: bool = False) -> dict:
         """Median latency per grid case and their sum (the objective); `search` uses the search's fewer runs."""
@@ -276,11 +285,16 @@ class Experiment:
     def full_record(self, ws: Workspace, label: str, models: dict[str, Path], **extra) -> dict:
         key = self._baseline_key(ws, models, extra.get("calibrator"))
         part = self.cache.entries.get(key + ":accuracy")  # the workers' part of it (_prefetch_baselines)
-        rec = self.cache.get_or_compute(key, lambda: {
-            "accuracy": part["accuracy"] if part else self.accuracy(ws, models), "latency": self.latency(ws, models),
-            "hackathon": part["hackathon"] if part else
-            {k: v for k, v in self.hackathon(ws, models).items() if k != "rows"}})
-        return {"label": label, **extra, **rec}
+        def compute():
+            if part:
+                acc, hk = dict(part["accuracy"]), part["hackathon"]
+                items = part.get("items")
+            else:
+                acc = self.accuracy(ws, models, items=True)
+                items, hk = acc.pop("items"), {k: v for k, v in self.hackathon(ws, models).items() if k != "rows"}
+            return {"accuracy": acc, "latency": self.latency(ws, models), "hackathon": hk, "items": items}
+
+        return {"label": label, **extra, **self.cache.get_or_compute(key, compute)}
 
     # --- fan-out (pipeline.fanout): the same work on an executor's workers ------------------------------------
     @property
@@ -413,6 +427,7 @@ class Experiment:
             if "accuracy" in b:
                 b["passed"] = passes(b["accuracy"]) if crit["kind"] != "hackathon" else \
                     b["hackathon"]["passed"] == b["hackathon"]["total"]
+        self._intervals(baselines)
         int8 = [b for b in baselines if b.get("precision") == "int8"]
         best_of = lambda bs: min(bs, key=lambda b: (b["accuracy"][crit["metric"]], b["latency"]["objective_ms"]))  # noqa: E731
         # One search from the most accurate PTQ calibrator, and one from QAT scales when the run has them.
@@ -447,6 +462,17 @@ class Experiment:
         write_json(self.dir / "models.json", {label: {k: Path(p).resolve().relative_to(self.dir.resolve()).as_posix()
                                                       for k, p in models.items()} for label, models in deliverables.items()})
         return run
+
+    @staticmethod
+    def _intervals(baselines: list[dict]) -> None:
+        """Each baseline's rescoring-CER change against FP32 with its paired bootstrap 95 % interval over the
+        test utterances ("ci"; evaluation.bootstrap, seeded), for the report. The criterion still compares point
+        estimates. The per-utterance counts stay in the cache, out of run.json."""
+        ref = (baselines[0].pop("items", None) or {}) if baselines else {}
+        for b in baselines[1:]:
+            items = b.pop("items", None)
+            if items and ref and len(items["edits"]) == len(ref["edits"]):
+                b["ci"] = {"metric": "cer_rescore", **paired_delta_ci(items["edits"], ref["edits"], ref["ref_len"])}
 
     def _device(self, host: dict) -> str:
         """One line naming what measured the run's numbers (the int8 ISA decides ONNX Runtime's int8 accuracy)."""
@@ -533,6 +559,8 @@ class Experiment:
                     "fallback_nodes": sorted(k for k, v in flat.items() if v != "int8"),
                     "accuracy": rec["accuracy"], "passed": True, "latency": lat[label], "reference_latency": lat["FP32"],
                     "hackathon": {k: v for k, v in self.hackathon(ws, models).items() if k != "rows"}}
+        if "ci" in rec:  # a baseline's interval (a search candidate has none: its counts are not kept)
+            selected["ci"] = rec["ci"]
         return selected, timing
 
     def _passes(self, crit: dict):

@@ -184,6 +184,7 @@ def result_rows(run: dict) -> list[dict]:
             "metrics": {m: metric_of(e, m) for m in metric_names(run)},
             "metric": metric_of(e, metric),
             "passed": _passes(e, metric, thr, bool(run["criterion"].get("higher_is_better"))),
+            "ci": e.get("ci") if isinstance(e.get("ci"), dict) else None,
             "hackathon": (f"{hk['passed']}/{hk['total']}" if "passed" in hk and "total" in hk else None),
             "objective_ms": objective_of(e),
             "speedup": _speedup(r_obj, objective_of(e)),
@@ -231,6 +232,19 @@ def fmt_ms(v: float | None) -> str:
     if v is None:
         return "—"
     return f"{v:.3f}" if v < 1 else f"{v:.2f}" if v < 100 else f"{v:.1f}"
+
+
+def fmt_interval(ci: dict | None) -> str:
+    """A change with its interval, in points for rates (cer/wer), e.g. "+0.05 [-0.10, +0.22] pt"."""
+    if not ci:
+        return "—"
+    if str(ci.get("metric", "")).startswith(("cer", "wer")):
+        return f"{100 * ci['delta']:+.2f} [{100 * ci['low']:+.2f}, {100 * ci['high']:+.2f}] pt"
+    return f"{ci['delta']:+.4g} [{ci['low']:+.4g}, {ci['high']:+.4g}]"
+
+
+def _probe_ratio(st) -> str:
+    return f"{st['median']:.3f} ± {st['se']:.3f}" if isinstance(st, dict) and "median" in st else "—"
 
 
 def fmt_x(v: float | None) -> str:
@@ -644,14 +658,21 @@ def _build_doc(run: dict, pngs: dict[str, bytes]) -> _Doc:
 
     d.h(2, "Results")
     mnames = metric_names(run)
+    with_ci = any(r["ci"] for r in rows)
     headers = ["label"] + [metric_label(m) + (" (criterion)" if m == metric else "") for m in mnames] + \
+              (["change vs FP32 [95 % interval]"] if with_ci else []) + \
               ["passes", "hackathon check", "objective (ms)", "speedup vs FP32"]
     table = [[r["label"]] + [fmt_metric(m, r["metrics"][m]) for m in mnames] +
+             ([fmt_interval(r["ci"])] if with_ci else []) +
              [fmt_pass(r["passed"]), r["hackathon"] or "—", fmt_ms(r["objective_ms"]), fmt_x(r["speedup"])]
              for r in rows]
     d.table(headers, table, {i for i, r in enumerate(rows) if r["kind"] == "selected"})
     if fp32_baseline(run) is None:
         d.p("No FP32 baseline in this run: speedups cannot be computed.")
+    if with_ci:
+        d.p("Change vs FP32: the metric's change with its paired bootstrap 95 % interval over the test items "
+            "(resampled together for both models, 2000 times, seeded; evaluation/bootstrap.py). The criterion "
+            "compares point estimates; an interval that crosses the threshold means the test split cannot tell.")
     d.p("Speedup = FP32 latency / this latency (objective, and per case below); above 1 is faster than FP32. "
         "The hackathon check compares outputs with the FP32 reference over the bs×sl grid (cases passed/total).")
 
@@ -756,14 +777,16 @@ def _build_doc(run: dict, pngs: dict[str, bytes]) -> _Doc:
                       str(t.get("n_fallback", "—")), fmt_metric(metric, metric_of(t, metric)),
                       fmt_pass(t.get("passed") if isinstance(t.get("passed"), bool) else None),
                       fmt_ms(objective_of(t)), fmt_x(_speedup(ref_obj, objective_of(t))),
-                      "yes" if t.get("cached") else "no"])
+                      _probe_ratio(t.get("paired_vs_base")), "yes" if t.get("cached") else "no"])
     sel_hash = (sel or {}).get("plan_hash")
     d.table(["#", "label", "stage", "#int8", "#fallback", metric_label(metric), "passed", "objective (ms)",
-             "speedup", "cached"], trows,
+             "speedup", "paired ratio to the probed plan (median ± SE)", "cached"], trows,
             {i for i, t in enumerate(trace) if sel_hash and t.get("plan_hash") == sel_hash})
     d.p(f"{len(trace)} candidates; {run.get('n_full_evals', '?')} full accuracy evaluations, "
         f"{run.get('n_cache_hits', 0)} answered from the evaluation cache. "
-        "“—” means not measured at that stage (latency probes have no accuracy, accuracy-only steps no latency).")
+        "“—” means not measured at that stage (latency probes have no accuracy, accuracy-only steps no latency). "
+        "A latency probe is validated only when its paired ratio to the plan it reverts from, timed interleaved, "
+        "is below 1 by more than its standard error.")
 
     rtx = run.get("rtx_builds")  # wb rtx-check's rtx_builds.json, when it ran on this run
     if rtx:

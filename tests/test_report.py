@@ -329,3 +329,20 @@ def test_report_lists_rtx_plan_sizes(tmp_path):
     assert "## TensorRT-RTX plans (SM89, built on CPU, not run)" in md
     assert table_row(md, "INT8 all (max)")[-1].split(" | ")[3:6] == ["22.3", "0.47", "21"]
     assert "FAILED" in table_row(md, "FP16")[-1] and "except 1 it refused" in md
+
+
+def test_baseline_intervals_shown_when_recorded(tmp_path):
+    """A baseline's paired bootstrap interval (run.json "ci") gets its own column, in CER points; a latency
+    probe's paired ratio shows in the search trace."""
+    run = make_run("20261201-1400-ci0001")
+    run["baselines"][-1]["ci"] = {"metric": "cer_rescore", "delta": 0.0005, "low": -0.001, "high": 0.0022,
+                                  "level": 0.95, "n_items": 500, "n_boot": 2000, "seed": 0}
+    probe = next(t for t in run["trace"] if t["stage"] == "latency-probe")
+    probe["paired_vs_base"] = {"median": 0.95, "q25": 0.94, "q75": 0.96, "se": 0.01, "runs": 10}
+    d = save(run, tmp_path / "r")
+    write_report(d)
+    md = (d / "report.md").read_text()
+    assert "| 0.950 ± 0.010 |" in md  # the probe's paired ratio in the search trace
+    assert "change vs FP32 [95 % interval]" in md and "paired bootstrap 95 % interval" in md
+    assert "+0.05 [-0.10, +0.22] pt" in table_row(md, run["baselines"][-1]["label"])[0]
+    assert "| — |" in table_row(md, "FP32")[0]
