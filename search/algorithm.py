@@ -257,11 +257,13 @@ class _Search:
             if not int8_members:
                 continue
             probe = {**base_plan, **{n: self.p.fallback for n in int8_members}}
-            lat = self.time_plan(probe)
+            self.plans[flat_plan_hash(probe)] = probe
+            # with paired timing the probes are timed once, together (paired_faster fills their latency)
+            lat = self.time_plan(probe) if self.p.paired is None else None
             self.trace.append({"label": f"probe: {name} -> {self.p.fallback}", "stage": "latency-probe",
                                "plan_hash": flat_plan_hash(probe), **plan_counts(probe), "accuracy": None,
                                "passed": None, "latency": lat, "cached": False})
-            if self.p.paired is None and lat["objective_ms"] < base_ms:
+            if lat is not None and lat["objective_ms"] < base_ms:
                 faster.append((lat["objective_ms"], name, int8_members))
             probes.append((name, int8_members, probe, self.trace[-1]))
         if self.p.paired is not None and probes:
@@ -286,6 +288,7 @@ class _Search:
         for (name, members, probe, rec), h in zip(probes, hashes[1:]):
             st = ratio_stats(np.asarray(runs[h], float) / ref)
             rec["paired_vs_base"] = st
+            rec["latency"] = {"objective_ms": float(np.median(runs[h])), "interleaved": True}
             if st["median"] + st["se"] < 1.0:
                 faster.append((st["median"], name, members))
         return faster
