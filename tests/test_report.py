@@ -259,6 +259,7 @@ def test_qat_comparison_and_side_by_side(tmp_path):
     write_report(run_dir)
     md = (run_dir / "report.md").read_text()
     assert "2.50×" in table_row(md, "selected mix")[0]  # 150 / 60: side by side, not 120 / 60
+    assert index_run(run_dir, tmp_path / "idx")["speedup"] == pytest.approx(2.5)  # the run index agrees
     assert "search from qat" in md and "47.00" in table_row(md, "search from qat")[0]
     section = md.split("### PTQ vs QAT")[1].split("##")[0]
     assert "| best PTQ all-INT8 (percentile) | 9.11 % | +1.22 pt | NO | — | — |" in section  # failing: not timed
