@@ -311,6 +311,7 @@ class TaskExperiment:
                                        f"{', int8 mode ' + cfg['quantize']['ort_mode'] if cfg['quantize']['recipe'] == 'onnxruntime' else ''}"
                                        f"); TensorRT not measured",
                "task": {"name": self.task.name, "graphs": self.names, "links": self.task.links,
+                        "shapes": {g: self.ws.shapes(g) for g in self.names},
                         "metrics": {m.name: {"higher_is_better": m.higher_is_better} for m in self.task.metrics}},
                "status": "passed" if selected else search_rec["status"], "criterion": crit, "config": cfg,
                "baselines": baselines, "selected": selected, "side_by_side": timing,
@@ -322,6 +323,17 @@ class TaskExperiment:
                "wall_s": round(time.time() - t0, 1),
                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
         write_json(self.dir / "run.json", run)
+        # The ONNX models behind each baseline and the selection (run-relative), for tools that rebuild them
+        # with another builder (`wb rtx-check`); the same file the WeNet pipeline writes.
+        deliverables = {label: models for label, (models, _) in models_of_label.items()}
+        if selected:
+            deliverables["selected"] = {g: self.dir / "final" / f"{g}.onnx" for g in self.names}
+        def where(p: Path) -> str:  # run-relative; a user's FP32 graph outside the run stays absolute
+            p, root = Path(p).resolve(), self.dir.resolve()
+            return p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p)
+
+        write_json(self.dir / "models.json", {label: {g: where(p) for g, p in models.items()}
+                                              for label, models in deliverables.items()})
         return run
 
     def search_from(self, start: dict, passes) -> dict:
