@@ -24,11 +24,11 @@ sys.path.insert(0, str(ROOT))
 
 import engines  # noqa: E402
 from core.host import describe, host_info  # noqa: E402
-from engines.cases import bench_cases  # noqa: E402
-from evaluation.hackathon import make_cases  # noqa: E402
 from graph.placement import ORT_MODES, ort_mode_for  # noqa: E402
 from pipeline.config import load_config, resolve_backend_and_recipe  # noqa: E402
-from pipeline.wenet import KINDS, Experiment, Workspace  # noqa: E402
+from pipeline.calibration import calibrate_stage  # noqa: E402
+from pipeline.experiment import Experiment  # noqa: E402
+from tasks.wenet_asr import KINDS, WenetAsrTask  # noqa: E402
 from core.fsutil import atomic_path, write_json  # noqa: E402
 
 
@@ -50,16 +50,10 @@ def main() -> None:
     cfg["latency"]["warmup"], cfg["latency"]["iters"] = args.warmup, args.iters
     cfg = resolve_backend_and_recipe(cfg)
     t0 = time.time()
-    exp = Experiment(cfg, args.work, None)
-    fp32 = exp.export_fp32()
-    ws = Workspace(exp.dir, cfg, fp32)
-    exp.calibrate_all(ws)
-    pool = [exp.calib.features(i) for i in range(min(64, len(exp.calib)))]
-    lat = cfg["latency"]
-    exp.cases = {k: bench_cases(engines.base.onnx_io(fp32[k]), k, lat["batch_sizes"], lat["seq_lens"],
-                                feats_pool=pool) for k in KINDS}
-    exp.hack_cases = make_cases(ws.runner(fp32["encoder"]), pool, batch_sizes=lat["batch_sizes"],
-                                seq_lens=lat["seq_lens"])
+    exp = Experiment(cfg, WenetAsrTask(cfg, args.work), args.work)
+    ws, fp32 = exp.ws, exp.ws.fp32
+    exp.methods = calibrate_stage(exp)
+    exp.cases = {g: dict(exp.task.latency_cases(g)) for g in exp.names}
     variants, rows = {"FP32": fp32}, {}
     for mode in ORT_MODES:
         ws.cfg = copy.deepcopy(cfg)
@@ -67,10 +61,10 @@ def main() -> None:
         variants[mode] = {k: ws.model(k, {n: "int8" for n in ws.int8_nodes(k)}, exp.methods[0]) for k in KINDS}
     for label, models in variants.items():
         print(f"accuracy: {label}", flush=True)
-        rows[label] = {"accuracy": exp.accuracy(ws, models), "models": {k: str(p) for k, p in models.items()},
+        rows[label] = {"accuracy": ws.accuracy(models), "models": {k: str(p) for k, p in models.items()},
                        "integer_kernels": _kernels(ws, models)}
     print("side-by-side timing", flush=True)
-    timing = exp.side_by_side(ws, variants)
+    timing = exp.side_by_side(variants)
     ref = timing["FP32"]["objective_ms"]
     for label in variants:
         rows[label]["objective_ms"] = timing[label]["objective_ms"]
@@ -79,7 +73,7 @@ def main() -> None:
     host = host_info()
     result = {"format": "wb-ort-int8-modes/1", "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "host": host, "method": exp.methods[0], "eval_split": cfg["data"]["eval_split"],
-              "eval_utts": len(exp.eval_texts), "warmup": args.warmup, "iters": args.iters,
+              "eval_utts": len(exp.task.eval_texts), "warmup": args.warmup, "iters": args.iters,
               "auto_choice": ort_mode_for(host["cpu"]), "rows": rows, "wall_s": round(time.time() - t0, 1),
               "command": "  ".join(["python experiments/bench_ort_int8_modes.py", *sys.argv[1:]])}
     write_json(args.out.with_suffix(".json"), result)
@@ -88,11 +82,10 @@ def main() -> None:
     print(_markdown(result))
 
 
-def _kernels(ws: Workspace, models: dict[str, Path]) -> dict:
+def _kernels(ws, models: dict[str, Path]) -> dict:
     """Integer kernels the CPU EP fused in each model ({kind: count}), from its engine artifact's report."""
-    ws.runner(models["encoder"]), ws.runner(models["decoder"])  # builds the artifacts
-    return {kind: engines.int8_kernel_report(ws.dir / "engines" / path.parent.name / path.stem)["integer_kernel_total"]
-            for kind, path in models.items()}
+    return {kind: engines.int8_kernel_report(ws.build(kind, path, ws.engine_dir(kind, path)))
+            ["integer_kernel_total"] for kind, path in models.items()}
 
 
 def _markdown(r: dict) -> str:

@@ -26,24 +26,18 @@ import engines  # noqa: E402
 from core.host import describe, host_info  # noqa: E402
 
 
-def prepare(cfg: dict, run_dir: Path, corpus: Path | None):
-    import pipeline.wenet as wenet
-    from engines.cases import bench_cases
-    from evaluation.hackathon import make_cases
+def experiment(cfg: dict, run_dir: Path, corpus: Path | None):
+    """The pipeline's Experiment on the bundled task, calibrated (cached in run_dir) and with its latency cases."""
+    import tasks.wenet_asr as wenet_asr
+    from pipeline.calibration import calibrate_stage
+    from pipeline.experiment import Experiment
 
     if corpus is not None:  # a carried, pre-made corpus: no synthesizers needed (the device has none)
-        wenet.ensure_corpus = lambda *a, **k: corpus
-    exp = wenet.Experiment(cfg, run_dir, None, progress=False)
-    fp32 = exp.export_fp32()
-    ws = wenet.Workspace(exp.dir, cfg, fp32)
-    exp.calibrate_all(ws)
-    lat = cfg["latency"]
-    exp.pool = pool = [exp.calib.features(i) for i in range(min(64, len(exp.calib)))]
-    exp.cases = {k: bench_cases(engines.base.onnx_io(fp32[k]), k, lat["batch_sizes"], lat["seq_lens"],
-                                feats_pool=pool) for k in wenet.KINDS}
-    exp.hack_cases = make_cases(ws.runner(fp32["encoder"]), pool, batch_sizes=lat["batch_sizes"],
-                                seq_lens=lat["seq_lens"])
-    return exp, ws
+        wenet_asr.ensure_corpus = lambda *a, **k: corpus
+    exp = Experiment(cfg, wenet_asr.WenetAsrTask(cfg, run_dir, progress=False), run_dir, progress=False)
+    exp.methods = calibrate_stage(exp)
+    exp.cases = {g: dict(exp.task.latency_cases(g)) for g in exp.names}
+    return exp
 
 
 def main() -> None:
@@ -64,6 +58,7 @@ def main() -> None:
     import ray
 
     from pipeline.config import load_config, resolve_backend_and_recipe
+    from pipeline.sensitivity import sensitivity_stage
 
     base_cfg = load_config()
     base_cfg["backend"]["name"] = "onnxruntime"
@@ -76,15 +71,16 @@ def main() -> None:
     shutil.rmtree(args.work, ignore_errors=True)
     base = args.work / "base"
     t0 = time.perf_counter()
-    exp, ws = prepare(base_cfg, base, args.corpus)
+    exp = experiment(base_cfg, base, args.corpus)
+    ws = exp.ws
     method = exp.methods[0]
     all8 = {k: ws.model(k, {n: "int8" for n in ws.int8_nodes(k)}, method) for k in ws.fp32}
-    start = exp.full_record(ws, f"INT8 all ({method})", all8, precision="int8", calibrator=method)
+    start = exp.full_record(f"INT8 all ({method})", all8, precision="int8", calibrator=method)
     prep_s = time.perf_counter() - t0
-    fp32_rec = exp.full_record(ws, "FP32", dict(ws.fp32), precision="fp32", calibrator=None)
-    from pipeline.config import criterion_threshold
+    fp32_rec = exp.full_record("FP32", dict(ws.fp32), precision="fp32", calibrator=None)
+    from pipeline.baselines import criterion_of
 
-    crit = criterion_threshold(base_cfg, fp32_rec["accuracy"][base_cfg["criterion"]["metric"]])
+    crit = criterion_of(base_cfg, exp.task, fp32_rec["accuracy"][base_cfg["criterion"]["metric"]])
 
     t0 = time.perf_counter()
     ray.init(num_cpus=engines.base.physical_cores(), include_dashboard=False, log_to_driver=False,
@@ -102,21 +98,15 @@ def main() -> None:
                               "max_parallel": 0 if n == "serial" else n}
         run_dir = args.work / f"run-{n}"
         shutil.copytree(base, run_dir, ignore=shutil.ignore_patterns(".lock"))
-        import pipeline.wenet as wenet
-
-        e = wenet.Experiment(cfg, run_dir, None, progress=False)
-        e.pool, e.cases, e.hack_cases = exp.pool, exp.cases, exp.hack_cases
-        w = wenet.Workspace(e.dir, cfg, {k: run_dir / "models" / "fp32" / f"{k}.onnx" for k in wenet.KINDS})
-        w.tables = {m: {k: run_dir / "calibration" / p.name for k, p in t.items()} for m, t in ws.tables.items()}
-        e.methods = exp.methods
+        e = experiment(cfg, run_dir, args.corpus)
         _ = e.fanout  # the executor (joins the running cluster) before the clock starts
         t0 = time.perf_counter()
-        sens = e.sensitivity(w, method)
+        sens = sensitivity_stage(e, method)
         sens_s = time.perf_counter() - t0
         row = {"workers": n, "sensitivity_s": round(sens_s, 2), "n_probes": len(sens)}
         if str(n) in args.search_workers.split(","):
             t0 = time.perf_counter()
-            rec = e.search_from(w, start, e._passes(crit), crit)
+            rec = e.search(start, crit)
             row |= {"search_s": round(time.perf_counter() - t0, 2), "search_evals": rec["n_full_evals"],
                     "search_computed": rec["n_computed_evals"], "status": rec["status"],
                     "best": (rec.get("best") or {}).get("plan_hash"),

@@ -1,1 +1,1 @@
-"""The experiment on a Task: stages from calibration to deliverables (pipeline.task_experiment)."""
+"""The experiment on a Task: stages from calibration to deliverables (pipeline.experiment)."""

@@ -28,7 +28,7 @@ from graph.validate import validate
 from core.errors import WorkbenchError
 from core.fsutil import atomic_path, read_json, write_json
 
-from pipeline.wenet import KINDS, PIPELINE_TIME_RANGES
+from tasks.wenet_asr import KINDS, PIPELINE_TIME_RANGES
 
 MODELS_FILE, RESULT_JSON, RESULT_MD = "models.json", "rtx_builds.json", "rtx_builds.md"
 

@@ -8,8 +8,14 @@ A task is small on purpose (NNCF's accuracy-control backend and Polygraphy's dat
   * `calibration_feeds(graph, runners)`: the feed dicts of one graph (runners: the FP32 runners of the graphs
     before it, for chained tasks);
   * `latency_cases(graph)`: {case label: feeds} timed for the latency objective;
-  * `ranking_feeds(graph)` (optional): a few feeds on which single-layer sensitivity is measured;
-  * `shape_feeds(graph)` (optional): feeds whose shapes the engine must admit, when a graph gives no shapes.
+  * `ranking_feeds(graph, runners, int8)` (optional): a few feeds on which single-layer sensitivity is measured
+    (given the FP32 and the all-INT8 runners, so a task can pick the items where they disagree most);
+  * `shape_feeds(graph)` (optional): feeds whose shapes the engine must admit, when a graph gives no shapes;
+  * `evaluate_items` and `delta_interval` (optional): per-item results and the paired bootstrap interval of the
+    metric's change against FP32 that they give;
+  * `reference_check(runners, reference)` (optional): an output check against the FP32 runners, recorded under
+    `check_name` (the criterion kind "hackathon" asks every case of it to pass);
+  * `extra_methods()` (optional): calibrators that come with their own FP32 weights and tables (QAT).
 Every check of the task's own data happens in `check()`, which the pipeline calls before any expensive work.
 """
 from __future__ import annotations
@@ -44,6 +50,8 @@ class GraphSpec:
     path: Path                     # the FP32 ONNX file
     shapes: dict | None = None     # engine shape ranges {input: {"min","opt","max"}}; None: engines' defaults
     main_output: str | None = None  # the output single-layer sensitivity compares (None: the first)
+    engine_kind: str = "generic"   # engines' kind: "encoder"/"decoder" check WeNet's interface and name the files
+    padding: Any = None            # quant.collect.Padding of its calibration feeds (None: padding counted)
     info: dict = field(default_factory=dict)
 
 
@@ -52,6 +60,8 @@ class Task(ABC):
 
     name: str = "task"
     links: str = ""
+    check_name: str = ""  # the record key of reference_check's summary, when the task has one
+    model: str = ""       # what run.json and the run index call the model (empty: the task's name)
     graphs: list[GraphSpec]
     metrics: list[Metric]
 
@@ -92,7 +102,29 @@ class Task(ABC):
         ranking feeds and the latency cases)."""
         return list(self.ranking_feeds(graph, {})) + list(self.latency_cases(graph).values())
 
-    def ranking_feeds(self, graph: str, runners: Mapping[str, Any]) -> list[Feeds]:
+    def evaluate_items(self, runners: Mapping[str, Any]) -> tuple[dict[str, float], Any]:
+        """The metrics and per-item results that `delta_interval` resamples (default: no items)."""
+        return self.evaluate(runners), None
+
+    def delta_interval(self, items: Any, reference: Any) -> dict | None:
+        """The paired bootstrap interval of the metric's change against FP32 from two `evaluate_items` results
+        (evaluation.bootstrap; default: none)."""
+        return None
+
+    def reference_check(self, runners: Mapping[str, Any], reference: Mapping[str, Any]) -> dict | None:
+        """{"passed", "total", ...} of an output check against the FP32 runners `reference` (default: none)."""
+        return None
+
+    def extra_methods(self) -> dict[str, dict[str, dict[str, Path]]]:
+        """{method: {"sources": {graph: FP32 ONNX}, "tables": {graph: calibration table}}} of calibrators whose
+        ranges come with their own weights (default: none)."""
+        return {}
+
+    def fingerprint(self) -> dict:
+        """What, besides the models, a cached result depends on (e.g. the evaluation data; default: nothing)."""
+        return {}
+
+    def ranking_feeds(self, graph: str, runners: Mapping[str, Any], int8: Mapping[str, Any] | None = None) -> list[Feeds]:
         """Feeds for the single-layer sensitivity ranking (default: the first few calibration feeds)."""
         out = []
         for f in self.calibration_feeds(graph, runners):

@@ -27,8 +27,10 @@ def load_callable(spec: str, what: str) -> Callable:
     return fn
 
 
-def load_task(cfg: dict, base_dir=None) -> Task:
-    """The task of an experiment config's [task] table: built in (`kind`) or a user entry point (`entry`)."""
+def load_task(cfg: dict, base_dir=None, run_dir=None, cache_dir=None, progress: bool = True) -> Task:
+    """The task of an experiment config's [task] table: built in (`kind`) or a user entry point (`entry`).
+    `wenet_asr` exports its graphs into `run_dir` and reads the speech corpus (generated into `cache_dir` when
+    missing), so it is made inside the run."""
     t = cfg["task"]
     if t.get("entry"):
         fn = load_callable(t["entry"], "task entry point")
@@ -44,9 +46,15 @@ def load_task(cfg: dict, base_dir=None) -> Task:
         from .sentence_embedding import SentenceEmbeddingTask
 
         task = SentenceEmbeddingTask(t.get("options") or {})
+    elif t["kind"] == "wenet_asr":
+        from .wenet_asr import WenetAsrTask
+
+        if run_dir is None:
+            raise WorkbenchError("the wenet_asr task is made inside a run: give load_task a run_dir")
+        task = WenetAsrTask(cfg, run_dir, cache_dir, progress)
     else:
-        raise WorkbenchError(f"config task.kind = {t['kind']!r}: this pipeline knows 'onnx', 'sentence_embedding' "
-                             f"(and 'wenet_asr', the bundled model's own pipeline), or give task.entry")
+        raise WorkbenchError(f"config task.kind = {t['kind']!r}: this pipeline knows 'wenet_asr', 'onnx' and "
+                             f"'sentence_embedding', or give task.entry")
     check_task_shape(task)
     task.check()
     task.metric(cfg["criterion"]["metric"])  # the criterion's metric must be one of the task's

@@ -133,5 +133,6 @@ class OnnxTask(Task):
     def shape_feeds(self, graph: str) -> list[Feeds]:
         return [*self.feeds(graph, "calib"), *self.feeds(graph, "eval"), *self.feeds(graph, "latency")]
 
-    def ranking_feeds(self, graph: str, runners: Mapping[str, Any] | None = None) -> list[Feeds]:
+    def ranking_feeds(self, graph: str, runners: Mapping[str, Any] | None = None,
+                      int8: Mapping[str, Any] | None = None) -> list[Feeds]:
         return self.feeds(graph, "eval")[:4]

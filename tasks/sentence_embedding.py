@@ -174,7 +174,8 @@ class SentenceEmbeddingTask(Task):
     def calibration_feeds(self, graph: str, runners: Mapping[str, Any] | None = None) -> list[Feeds]:
         return self.feeds()["calib"]
 
-    def ranking_feeds(self, graph: str, runners: Mapping[str, Any] | None = None) -> list[Feeds]:
+    def ranking_feeds(self, graph: str, runners: Mapping[str, Any] | None = None,
+                      int8: Mapping[str, Any] | None = None) -> list[Feeds]:
         calib = self.feeds()["calib"]
         n = min(self.opts["ranking_batches"], len(calib))
         return [calib[i] for i in np.linspace(0, len(calib) - 1, n).round().astype(int)]  # short to long

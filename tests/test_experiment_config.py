@@ -1,6 +1,7 @@
 import pytest
 
-from pipeline.config import CONFIG_DIR, criterion_threshold, load_config
+from pipeline.baselines import criterion_of
+from pipeline.config import CONFIG_DIR, load_config
 from core.errors import WorkbenchError
 
 
@@ -11,10 +12,21 @@ def test_quick_layers_over_default():
 
 
 def test_criterion_threshold_absolute_and_relative():
+    from tasks.base import Metric
+
+    class Cer:  # the part of a task that criterion_of reads
+        name, check_name = "cer", ""
+
+        def metric(self, name):
+            return Metric(name, higher_is_better=False)
+
     cfg = load_config()
-    assert criterion_threshold(cfg, 0.05)["threshold"] == pytest.approx(0.053)
+    assert criterion_of(cfg, Cer(), 0.05)["threshold"] == pytest.approx(0.053)
     cfg["criterion"].update(kind="relative", delta=0.1)
-    assert criterion_threshold(cfg, 0.05)["threshold"] == pytest.approx(0.055)
+    assert criterion_of(cfg, Cer(), 0.05)["threshold"] == pytest.approx(0.055)
+    cfg["criterion"].update(kind="hackathon")
+    with pytest.raises(WorkbenchError, match="reference output check"):
+        criterion_of(cfg, Cer(), 0.05)
 
 
 @pytest.mark.parametrize("text,match", [

@@ -4,6 +4,8 @@ import copy
 
 import numpy as np
 import onnxruntime as ort
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -258,9 +260,11 @@ def test_state_dict_roundtrip_and_remove(fp32):
 
 
 def test_workspace_qat_source_must_fit_the_plans(fp32, tmp_path):
-    from pipeline.wenet import Workspace
+    from pipeline.workspace import Workspace
+    from tasks.base import GraphSpec
 
-    ws = Workspace(tmp_path, {}, {"encoder": fp32["enc"], "decoder": fp32["dec"]})
+    graphs = SimpleNamespace(graphs=[GraphSpec("encoder", fp32["enc"]), GraphSpec("decoder", fp32["dec"])])
+    ws = Workspace(tmp_path, {}, graphs)
     with pytest.raises(WorkbenchError, match="not the architecture"):
         ws.add_source("qat", {"encoder": fp32["dec"], "decoder": fp32["dec"]})
     assert ws.source("qat") == ws.fp32

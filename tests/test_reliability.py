@@ -323,7 +323,7 @@ def test_baseline_key_follows_content_and_config_not_paths(tmp_path):
     import shutil
 
     from pipeline.config import load_config
-    from pipeline.wenet import baseline_key
+    from pipeline.baselines import baseline_key
 
     cfg = load_config()
     run = tmp_path / "R" / "models" / "fp32"
@@ -355,13 +355,13 @@ def test_baseline_key_follows_content_and_config_not_paths(tmp_path):
 # -- 6. Ctrl-C: one line with how to resume, exit 130 --------------------------------------------------------------
 
 def test_interrupted_search_says_how_to_resume(tmp_path, capsys, monkeypatch):
-    import pipeline.wenet
+    import tasks
     from workbench.cli import main
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline.wenet, "run_experiment", interrupted)
+    monkeypatch.setattr(tasks, "load_task", interrupted)  # the bundled task is made inside the run's lock
     run_dir = tmp_path / "run"
     assert main(["search", "--quick", "--run-dir", str(run_dir), "--runs-root", str(tmp_path / "runs")]) == 130
     assert capsys.readouterr().err.strip().splitlines() == [f"interrupted; resume with wb search --run-dir {run_dir}"]

@@ -29,24 +29,20 @@ def run(args) -> None:
     configs = ([CONFIG_DIR / "quick.toml"] if args.quick else []) + list(args.config)  # the user's configs win
     cfg = load_config(*configs)
     root = args.runs_root or default_runs_root()
-    task = None
-    if not is_wenet(cfg):  # a task: loaded and checked (graphs, feeds, entry points) before any work
-        from tasks import load_task
+    from pipeline.experiment import run_experiment
+    from tasks import load_task
 
+    task = None
+    if not is_wenet(cfg):  # a user's task: loaded and checked (graphs, feeds, entry points) before any work
         task = load_task(cfg, base_dir=args.config[-1].parent if args.config else Path.cwd())
     run_dir = args.run_dir or root / (dt.datetime.now().strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else ""))
     if run_dir.exists() and (run_dir / "run.json").is_file() and not args.run_dir:
         raise WorkbenchError(f"{run_dir} already holds a finished run")
     args.active_run_dir = run_dir  # for main()'s "interrupted; resume with ..." hint
     with RunDirLock(run_dir):  # held to the end (report, index, --out): a second wb search here fails at once
-        if task is None:
-            from pipeline.wenet import run_experiment
-
-            run = run_experiment(cfg, run_dir, args.cache)
-        else:
-            from pipeline.task_experiment import run_task_experiment
-
-            run = run_task_experiment(cfg, task, run_dir)
+        if task is None:  # the bundled model's task exports its graphs into the run and reads the corpus
+            task = load_task(cfg, run_dir=run_dir, cache_dir=args.cache)
+        run = run_experiment(cfg, task, run_dir)
         paths = write_report(run_dir)
         index_run(run_dir, root)
         if args.out:

@@ -1,0 +1,164 @@
+"""`wenet_asr`: the bundled WeNet-style conformer (or a user's weights) on the synthetic speech corpus, as a Task.
+
+Graphs: `encoder` -> CTC prefix beam -> `decoder` (attention rescoring). Metrics: CER of attention rescoring
+(the criterion's default), of greedy CTC and of the CTC prefix beam, and WER of rescoring, all lower-is-better
+fractions. Its extras over the Task interface: per-utterance counts for the paired bootstrap interval of the CER
+change, the hackathon's output check against FP32 (criterion kind "hackathon"), a ranking subset (the
+calibration utterances where FP32 and all-INT8 encoders disagree most) and QAT ranges with their fine-tuned
+weights as calibrator "qat" (`[qat] dir`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from calibration_data.corpus import ensure_corpus, load_split
+from calibration_data.text import DEFAULT_VOCAB, load_units, normalize
+from core.errors import WorkbenchError
+from engines.base import default_shapes, onnx_io
+from engines.cases import bench_cases
+from evaluation.asr import decoder_calibration_feeds, evaluate
+from evaluation.bootstrap import paired_delta_ci
+from evaluation.hackathon import make_cases, run_check
+from evaluation.metrics import edit_distance
+from quant.collect import Padding, encoder_feed
+from tasks.base import GraphSpec, Metric, Task
+from tasks.fidelity import noise_to_signal
+
+KINDS = ("encoder", "decoder")
+# Engine shape ranges (min, opt, max) of the time axis: wide enough for every test utterance and for the
+# hackathon decoder case sl=256, whose encoder input has 4*256+3 frames.
+PIPELINE_TIME_RANGES = {"encoder": (7, 256, 2048), "decoder": (1, 64, 512)}
+METRICS = ("cer_rescore", "cer_greedy", "cer_prefix", "wer_rescore")
+POOL = 64  # calibration utterances with real features for latency cases, the hackathon check and the ranking
+
+
+class WenetAsrTask(Task):
+    name = "wenet_asr"
+    links = "encoder -> CTC prefix beam -> decoder (attention rescoring)"
+    check_name = "hackathon"
+
+    def __init__(self, cfg: dict, run_dir: str | Path, cache_dir: str | Path | None = None, progress: bool = True):
+        self.cfg, self.dir, self.progress = cfg, Path(run_dir), progress
+        self.metrics = [Metric(m, higher_is_better=False, unit="%") for m in METRICS]
+        self.vocab = load_units(cfg["model"]["vocab"]) if cfg["model"]["vocab"] else DEFAULT_VOCAB  # before any work
+        self.model = "wenet-small" if not cfg["model"]["weights"] else Path(cfg["model"]["weights"]).stem
+        d = cfg["data"]
+        # only what the run reads (calib_utts, and POOL for the latency, hackathon and ranking pool; eval_utts);
+        # a larger split already on disk serves (its first utterances are these), so quick and full runs share one
+        sizes: dict[str, int] = {}
+        for split, n in ((d["calib_split"], max(POOL, d["calib_utts"])), (d["eval_split"], d["eval_utts"])):
+            sizes[split] = max(n, sizes.get(split, 0))  # one split may serve both
+        corpus = ensure_corpus(Path(cache_dir) if cache_dir else None, sizes, progress=progress, at_least=True)
+        calib = load_split(corpus, d["calib_split"])
+        self.calib_feats = [calib.features(i) for i in range(min(d["calib_utts"], len(calib)))]
+        self.pool = [calib.features(i) for i in range(min(POOL, len(calib)))]
+        ev = load_split(corpus, d["eval_split"])
+        n = min(d["eval_utts"], len(ev))
+        self.eval_feats = [ev.features(i) for i in range(n)]
+        self.eval_texts = list(ev.texts[:n])
+        fp32 = self._export(self.dir / "models" / "fp32", cfg["model"]["weights"] or None)
+        self.graphs = [GraphSpec(k, fp32[k], shapes=default_shapes(fp32[k], k, time_range=PIPELINE_TIME_RANGES[k]),
+                                 main_output=f"{k}_out", engine_kind=k,
+                                 padding=Padding.wenet_encoder() if k == "encoder" else None) for k in KINDS]
+        lat = cfg["latency"]
+        self._cases = {k: bench_cases(onnx_io(fp32[k]), k, lat["batch_sizes"], lat["seq_lens"], feats_pool=self.pool)
+                       for k in KINDS if k in lat["models"]}
+        self._hack_cases = None  # made from the FP32 encoder's outputs on first use (reference_check)
+        self._ranked: dict[int, list[np.ndarray]] = {}
+
+    def _export(self, out: Path, weights: str | Path | None) -> dict[str, Path]:
+        from models.export import export_onnx
+        from models.weights import default_model, load_weights
+
+        if not all((out / f"{k}.onnx").is_file() for k in KINDS):
+            export_onnx(load_weights(weights) if weights else default_model("small")[0], out,
+                        opset=self.cfg["model"]["opset"])
+        return {k: out / f"{k}.onnx" for k in KINDS}
+
+    # --- the Task interface --------------------------------------------------------------------------------
+    def fingerprint(self) -> dict:
+        return {"vocab": list(self.vocab.tokens),
+                "eval_texts": hashlib.sha256(json.dumps(self.eval_texts).encode()).hexdigest()}
+
+    def calibration_feeds(self, graph: str, runners: Mapping[str, Any]) -> list[dict]:
+        """Encoder batches of the calibration utterances; decoder inputs as the pipeline produces them (FP32
+        encoder outputs + CTC prefix-beam hypotheses)."""
+        bs = self.cfg["calibration"]["batch_size"]
+        if graph == "encoder":
+            return [encoder_feed(self.calib_feats[s:s + bs]) for s in range(0, len(self.calib_feats), bs)]
+        return decoder_calibration_feeds(runners["encoder"], list(onnx_io(self.graph("decoder").path)["inputs"]),
+                                         self.calib_feats, bs)
+
+    def evaluate(self, runners: Mapping[str, Any]) -> dict[str, float]:
+        return self.evaluate_items(runners)[0]
+
+    def evaluate_items(self, runners: Mapping[str, Any]) -> tuple[dict[str, float], dict]:
+        """The METRICS and the per-utterance rescoring edits and reference lengths (what a paired bootstrap
+        interval of the CER change resamples: evaluation.bootstrap)."""
+        res = evaluate(runners["encoder"], runners["decoder"], self.eval_feats, self.eval_texts, self.vocab,
+                       progress=False)
+        refs = [normalize(t) for t in self.eval_texts]
+        items = {"edits": [edit_distance(r, normalize(u["rescored"])) for r, u in zip(refs, res["utterances"])],
+                 "ref_len": [len(r) for r in refs]}
+        return {k: res[k] for k in METRICS}, items
+
+    def delta_interval(self, items: dict, reference: dict) -> dict | None:
+        if len(items["edits"]) != len(reference["edits"]):
+            return None
+        return {"metric": "cer_rescore", **paired_delta_ci(items["edits"], reference["edits"], reference["ref_len"])}
+
+    def reference_check(self, runners: Mapping[str, Any], reference: Mapping[str, Any]) -> dict:
+        """The hackathon's output check against FP32 over the bs x sl grid: {"passed", "total", "rows"}."""
+        if self._hack_cases is None:
+            lat = self.cfg["latency"]
+            self._hack_cases = make_cases(reference["encoder"], self.pool, batch_sizes=lat["batch_sizes"],
+                                          seq_lens=lat["seq_lens"])
+        rows = run_check(reference["encoder"], reference["decoder"], runners["encoder"], runners["decoder"],
+                         self._hack_cases)
+        return {"passed": sum(r["passed"] for r in rows), "total": len(rows), "rows": rows}
+
+    def latency_cases(self, graph: str) -> dict:
+        """{(bs, sl): feeds} of the latency grid, for the graphs `[latency] models` names."""
+        return self._cases.get(graph, {})
+
+    def ranking_feeds(self, graph: str, runners: Mapping[str, Any], int8: Mapping[str, Any] | None = None) -> list[dict]:
+        """One batch of the `ranking_utts` pool utterances where the FP32 and all-INT8 encoders disagree most."""
+        if int8 is None:
+            raise WorkbenchError("the wenet_asr ranking needs the all-INT8 runners")
+        key = id(int8["encoder"])
+        if key not in self._ranked:
+            err = []
+            for f in self.pool:
+                feeds = {"speech": f[None], "speech_lengths": np.array([len(f)], np.int32)}
+                a, b = runners["encoder"].run(feeds)["encoder_out"], int8["encoder"].run(feeds)["encoder_out"]
+                err.append(noise_to_signal(b, a))
+            self._ranked = {key: [self.pool[i] for i in np.argsort(err)[::-1][: self.cfg["data"]["ranking_utts"]]]}
+        rank = self._ranked[key]
+        if graph == "encoder":
+            return [encoder_feed(rank)]
+        return decoder_calibration_feeds(runners["encoder"], list(onnx_io(self.graph("decoder").path)["inputs"]),
+                                         rank, len(rank))[:1]
+
+    def extra_methods(self) -> dict[str, dict[str, dict[str, Path]]]:
+        """Calibrator "qat" when the config names it: the fine-tuned weights of qat.dir exported as FP32 (placement
+        puts the QAT ranges on them) and its tables copied into the run's calibration/ directory."""
+        if "qat" not in self.cfg["calibration"]["methods"]:
+            return {}
+        from quant.qat_run import WEIGHTS, check_qat_dir, table_path
+
+        qdir = check_qat_dir(self.cfg["qat"]["dir"])
+        sources = self._export(self.dir / "models" / "qat_fp32", qdir / WEIGHTS)
+        tables = {}
+        for kind in KINDS:
+            p = self.dir / "calibration" / f"{kind}.qat.json"
+            if not p.is_file():
+                p.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(table_path(qdir, kind), p)
+            tables[kind] = p
+        return {"qat": {"sources": sources, "tables": tables}}
