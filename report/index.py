@@ -16,8 +16,8 @@ from pipeline.config import default_runs_root
 
 from core.errors import WorkbenchError
 from core.fsutil import atomic_path
-from report.document import (fp32_baseline, load_run, metric_label, objective_of, metric_of, result_rows, run_json_path,
-                     SELECTED_LABEL)
+from pipeline.runfile import load_run, run_json_path
+from report.model import SELECTED_LABEL, fp32_baseline, metric_label, metric_of, objective_of, result_rows
 
 INDEX_NAME = "index.sqlite"
 

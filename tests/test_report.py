@@ -6,6 +6,7 @@ import re
 import pytest
 
 from core.errors import WorkbenchError
+from pipeline.runfile import RUN_FORMAT, load_run, save_run
 from report.document import write_report
 from report.index import compare_runs, index_run, list_runs, reindex
 
@@ -234,6 +235,30 @@ def test_corrupt_or_missing_run_json_is_a_clear_error(tmp_path, capsys):
     assert [r["id"] for r in list_runs(root)] == ["20261124-0512-ab12cd"]
     assert main(["runs", "report", str(bad), "--root", str(root)]) == 2
     assert "corrupt run file" in capsys.readouterr().err
+
+
+
+def test_runfile_save_load_roundtrip_and_validation(tmp_path):
+    """pipeline.runfile: save_run validates and writes run.json, load_run reads back the same run; a wrong format
+    or a missing required key is a WorkbenchError naming the file, on both sides."""
+    run = make_run()
+    path = save_run(tmp_path / "r", run)
+    assert path == tmp_path / "r" / "run.json" and not list(path.parent.glob(".*.tmp"))
+    assert load_run(tmp_path / "r") == run == load_run(path)
+    for name, change in (("format", lambda r: r.update(format="wb-run/0")), ("no-id", lambda r: r.pop("id")),
+                         ("no-criterion", lambda r: r.pop("criterion"))):
+        bad = copy.deepcopy(run)
+        change(bad)
+        save(bad, tmp_path / name)
+        with pytest.raises(WorkbenchError, match=re.escape(str(tmp_path / name / "run.json"))):
+            load_run(tmp_path / name)
+        with pytest.raises(WorkbenchError, match="not writing invalid run file"):
+            save_run(tmp_path / f"{name}-new", bad)
+        assert not (tmp_path / f"{name}-new" / "run.json").exists()
+    with pytest.raises(WorkbenchError, match=f"format is 'wb-run/0', expected '{RUN_FORMAT}'"):
+        load_run(tmp_path / "format")
+    with pytest.raises(WorkbenchError, match="'id' is missing"):
+        load_run(tmp_path / "no-id")
 
 
 def test_qat_comparison_and_side_by_side(tmp_path):

@@ -17,7 +17,7 @@ def _f(v, spec: str = ".4g", suffix: str = "") -> str:
 
 
 def cmd_list(args) -> None:
-    from report.document import fmt_metric
+    from report.format import fmt_metric
     from report.index import _root, list_runs
 
     runs = list_runs(args.root)
@@ -33,7 +33,7 @@ def cmd_list(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from report.document import fmt_metric, fmt_ms, fmt_pass, fmt_x
+    from report.format import fmt_metric, fmt_ms, fmt_pass, fmt_x
     from report.index import compare_runs
 
     c = compare_runs(args.root, args.a, args.b)

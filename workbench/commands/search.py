@@ -73,7 +73,8 @@ def publish(run_dir: Path, out: Path) -> None:
 
 def summary(run: dict, paths: dict) -> str:
     """The one-screen summary printed at the end of a run."""
-    from report.document import fmt_metric, result_rows
+    from report.format import fmt_metric
+    from report.model import result_rows
 
     crit = run["criterion"]
     metric = crit["metric"]
