@@ -109,14 +109,17 @@ def baselines_stage(exp) -> tuple[list[dict], dict, dict]:
     def fp16_models():  # FP16 on the run's FP32 weights; the first calibrator's table is unused by FP16 nodes
         return {g: ws.model(g, all_of(g, "fp16"), exp.methods[0], default="fp16", source="fp32") for g in names}
 
-    int8 = {m: {g: ws.model(g, all_of(g, "int8"), m) for g in names} for m in exp.methods}
+    # all-INT8 per calibrator, and per calibrator of each extra recipe ({"recipe"} in its record)
+    recipes = [None] + list(exp.cfg["quantize"]["extra_recipes"])
+    int8 = {(m, r): {g: ws.model(g, all_of(g, "int8"), m, recipe=r) for g in names} for r in recipes
+            for m in exp.methods}
     if exp.fanout.distributed:  # accuracies on the workers first; the records below time them here, alone
         specs = [(fp32, None)]
         try:
             specs.append((fp16_models(), None))
         except WorkbenchError:
             pass  # recorded below as the serial run records it
-        exp.prefetch_baselines(specs + [(models, m) for m, models in int8.items()])
+        exp.prefetch_baselines(specs + [(models, m) for (m, _), models in int8.items()])
     steps = tqdm(total=2 + len(int8), desc="baselines", disable=not exp.progress)
     baselines = [exp.full_record("FP32", fp32, precision="fp32", calibrator=None)]
     steps.update(1)
@@ -129,9 +132,9 @@ def baselines_stage(exp) -> tuple[list[dict], dict, dict]:
     except WorkbenchError as exc:  # an FP16 graph the backend cannot build or run is a result, not a crash
         baselines.append({"label": "FP16", "precision": "fp16", "calibrator": None, "error": str(exc)[:300]})
     steps.update(1)
-    for m, models in int8.items():
-        label = f"INT8 all ({m})"
-        baselines.append(exp.full_record(label, models, precision="int8", calibrator=m))
+    for (m, r), models in int8.items():
+        label = f"INT8 all ({m})" if r is None else f"INT8 all ({m}, {r} recipe)"
+        baselines.append(exp.full_record(label, models, precision="int8", calibrator=m, **({"recipe": r} if r else {})))
         models_of_label[label] = (models, flat_of("int8"))
         steps.update(1)
     steps.close()

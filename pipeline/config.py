@@ -176,6 +176,9 @@ def load_config(*paths: str | Path) -> dict:
         from quant.qat_run import check_qat_dir
 
         check_qat_dir(cfg["qat"]["dir"])
+    bad = set(cfg["quantize"]["extra_recipes"]) - {"onnxruntime", "tensorrt"}
+    if bad:
+        raise WorkbenchError(f"config quantize.extra_recipes: unknown {sorted(bad)}; choose from onnxruntime, tensorrt")
     _check_distributed(cfg["distributed"])
     if cfg["budget"]["max_full_evals"] < 2:
         raise WorkbenchError("config budget.max_full_evals must be at least 2 (all-INT8 and the fallback plan)")
@@ -250,4 +253,6 @@ def resolve_backend_and_recipe(cfg: dict) -> dict:
     if cfg["quantize"]["recipe"] == "auto":
         cfg["quantize"]["recipe"] = "tensorrt" if cfg["backend"]["name"] == "tensorrt" else "onnxruntime"
     cfg["quantize"]["ort_mode"] = resolve_ort_mode(cfg["quantize"]["ort_mode"])  # this CPU's, recorded in run.json
+    q = cfg["quantize"]
+    q["extra_recipes"] = [r for i, r in enumerate(q["extra_recipes"]) if r != q["recipe"] and r not in q["extra_recipes"][:i]]
     return cfg

@@ -18,12 +18,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 import engines
-from core.fsutil import RunDirLock, write_json
+from core.fsutil import RunDirLock
 from core.host import describe, host_info
 from pipeline.baselines import baseline_key, baselines_stage, passes_of
 from pipeline.calibration import calibrate_stage
 from pipeline.config import check_resume, resolve_backend_and_recipe
 from pipeline.deliverables import finalize, write_models_index
+from pipeline.runfile import RUN_FORMAT, save_run
 from pipeline.search_stage import probe_groups, search_from
 from pipeline.selection import select
 from pipeline.sensitivity import sensitivity_stage
@@ -141,23 +142,25 @@ class Experiment:
     # --- search and selection -----------------------------------------------------------------------------------
     def search(self, start: dict, crit: dict) -> dict:
         """The precision search from the all-INT8 baseline `start` (its calibrator's ranges and FP32 weights)."""
-        method, check = start["calibrator"], crit["kind"] == "hackathon"
+        method, check, recipe = start["calibrator"], crit["kind"] == "hackathon", start.get("recipe")
+        tag = f"{method}.{recipe}" if recipe else method  # the search's files and cache keys
 
         def models_of(flat):
-            return {g: self.ws.model(g, split_plan(flat, g), method) for g in self.names}
+            return {g: self.ws.model(g, split_plan(flat, g), method, recipe=recipe) for g in self.names}
 
         fan = {}
         if self.fanout.distributed:
             from pipeline.fanout import task_accuracy, task_prepare
 
-            fan = self.fanout.search(task_accuracy, task_prepare, self.context("accuracy"), method, {"check": check})
+            fan = self.fanout.search(task_accuracy, task_prepare, self.context("accuracy"), method,
+                                     {"check": check, "recipe": recipe})
         return search_from(start, nodes=[self.key(g, n) for g in self.names for n in self.ws.int8_nodes(g)],
-                           sensitivity=sensitivity_stage(self, method),
+                           sensitivity=sensitivity_stage(self, method, recipe),
                            groups=probe_groups(self.ws.analysis, self.key), models_of=models_of,
                            accuracy=lambda flat: self.ws.accuracy(models_of(flat), check=check),
                            latency=lambda flat: self.latency(models_of(flat), search=True), passes=passes_of(crit),
-                           cfg=self.cfg, cache_path=self.dir / f"search_cache.{method}.jsonl",
-                           progress=self.progress, fanout=fan,
+                           cfg=self.cfg, cache_path=self.dir / f"search_cache.{tag}.jsonl",
+                           progress=self.progress, fanout=fan, recipe=recipe,
                            side_by_side=lambda options: self.side_by_side(options, search=True))
 
     def select(self, crit: dict, searches: list[dict], baselines: list[dict], models_of_label: dict):
@@ -183,6 +186,8 @@ class Experiment:
                     "reference_latency": latency["FP32"]}
         if self.task.check_name:
             selected[self.task.check_name] = self.ws.reference_check(models)
+        if rec.get("recipe"):  # placed by an extra recipe, not the run's own
+            selected["recipe"] = rec["recipe"]
         if "ci" in rec:  # a baseline's interval (a search candidate has none: its items are not kept)
             selected["ci"] = rec["ci"]
         return selected, timing
@@ -216,7 +221,7 @@ class Experiment:
         selected, timing = self.select(crit, searches, baselines, models_of_label)
         first = searches[0]
         host = host_info()
-        run = {"format": "wb-run/1", "id": self.dir.name, "created": dt.datetime.now(dt.timezone.utc).isoformat(),
+        run = {"format": RUN_FORMAT, "id": self.dir.name, "created": dt.datetime.now(dt.timezone.utc).isoformat(),
                "model": task.model or task.name, "backend": cfg["backend"]["name"], "recipe": cfg["quantize"]["recipe"],
                "host": host, "device": self.device(host),
                "task": {"name": task.name, "graphs": self.names, "links": task.links,
@@ -233,7 +238,7 @@ class Experiment:
                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
         if len(searches) > 1:
             run["traces"] = {x["calibrator"]: x["trace"] for x in searches}
-        write_json(self.dir / "run.json", run)
+        save_run(self.dir, run)
         deliverables = {label: models for label, (models, _) in models_of_label.items()}
         if selected:
             deliverables["selected"] = {g: self.dir / "final" / f"{g}.onnx" for g in self.names}

@@ -51,7 +51,8 @@ def task_probe(ctx: dict, item: tuple[str, str, str]) -> float:
     g, node, method = item
     ws = _ws(ctx)
     out, ref = ctx["refs"][g]
-    return mean_noise_to_signal(ws.runner(g, ws.model(g, {node: "int8"}, method)), out, ctx["feeds"][g], ref)
+    model = ws.model(g, {node: "int8"}, method, recipe=ctx.get("recipe"))
+    return mean_noise_to_signal(ws.runner(g, model), out, ctx["feeds"][g], ref)
 
 
 def task_accuracy(ctx: dict, item: dict) -> dict:
@@ -64,7 +65,7 @@ def task_accuracy(ctx: dict, item: dict) -> dict:
     ctx = _memo(ctx)
     ws = _ws(ctx)
     models = {g: Path(p) for g, p in item["models"].items()} if "models" in item else \
-        {g: ws.model(g, split_plan(item["flat"], g), item["method"]) for g in ws.names}
+        {g: ws.model(g, split_plan(item["flat"], g), item["method"], recipe=item.get("recipe")) for g in ws.names}
     if item.get("part"):
         try:
             return ws.accuracy_part(models)
@@ -77,7 +78,7 @@ def task_prepare(ctx: dict, item: dict) -> None:
     """Place a flat plan's models and build their engines (no timing: the driver times them alone)."""
     ws = _ws(_memo(ctx))
     for g in ws.names:
-        ws.runner(g, ws.model(g, split_plan(item["flat"], g), item["method"]))
+        ws.runner(g, ws.model(g, split_plan(item["flat"], g), item["method"], recipe=item.get("recipe")))
 
 
 # --- the driver's side ----------------------------------------------------------------------------------------------
@@ -113,7 +114,8 @@ class Fanout:
                      desc="search candidates")
 
         def prepare_many(plans):
-            self.map(prep_fn, ctx, [{"flat": p, "method": method} for p in plans], desc="latency probes (build)")
+            self.map(prep_fn, ctx, [{"flat": p, "method": method, **(extra or {})} for p in plans],
+                     desc="latency probes (build)")
 
         return {"accuracy_many": accuracy_many, "prepare_many": prepare_many, "parallel": self.parallel}
 

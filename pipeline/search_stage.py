@@ -15,11 +15,13 @@ from .selection import passing_candidates
 def search_from(start: dict, *, nodes: list[str], sensitivity: dict[str, float], groups: dict[str, list[str]],
                 models_of: Callable, accuracy: Callable, latency: Callable, passes: Callable, cfg: dict,
                 cache_path: Path, progress: bool = True, fanout: dict | None = None,
-                side_by_side: Callable | None = None) -> dict:
+                side_by_side: Callable | None = None, recipe: str | None = None) -> dict:
     """The precision search from the all-INT8 baseline `start` (a baseline record with calibrator, accuracy and
     latency). `models_of(flat)` places a flat plan's models; `accuracy(flat)` and `latency(flat)` measure it;
-    `side_by_side({label: models})` times models interleaved (the search's protocol), for latency probes."""
+    `side_by_side({label: models})` times models interleaved (the search's protocol), for latency probes.
+    `recipe`: a placement recipe other than the run's own, named in the labels and records."""
     method = start["calibrator"]
+    extra = {"recipe": recipe} if recipe else {}
 
     def paired(plans: dict) -> dict:
         lat = side_by_side({h: models_of(p) for h, p in plans.items()})
@@ -35,7 +37,8 @@ def search_from(start: dict, *, nodes: list[str], sensitivity: dict[str, float],
     cache.get_or_compute(f"acc:{begin}", lambda: start["accuracy"])  # the baseline is the search's start
     cache.get_or_compute(f"lat:{begin}", lambda: start["latency"])
     result = search(problem, cache, progress=progress)
-    out = {"label": f"search from {method}", "calibrator": method, "status": result.status,
+    out = {"label": f"search from {method}" + (f" ({recipe} recipe)" if recipe else ""), "calibrator": method,
+           **extra, "status": result.status,
            "n_full_evals": result.n_full_evals, "n_computed_evals": result.n_computed,
            "n_cache_hits": result.n_cache_hits, "trace": result.trace, "sensitivity": sensitivity, "best": None}
     if result.best is not None:
@@ -43,9 +46,9 @@ def search_from(start: dict, *, nodes: list[str], sensitivity: dict[str, float],
         # its latency is the search's shorter protocol; the selection stage re-times side by side
         out["best"] = {"label": out["label"], "calibrator": method, "plan_hash": flat_plan_hash(flat),
                        **plan_counts(flat), "accuracy": result.best["accuracy"], "latency": result.best["latency"],
-                       "passed": True}
+                       "passed": True, **extra}
         out["models"], out["flat"] = models_of(flat), flat
-    out["candidates"] = passing_candidates(result, out["label"], models_of, method)  # any may win
+    out["candidates"] = passing_candidates(result, out["label"], models_of, method, extra)  # any may win
     return out
 
 

@@ -13,6 +13,13 @@ from search.selection import choose, objective_runs, shortlist
 Option = tuple
 
 
+def option_key(o: Option) -> str:
+    """Options of one key are one graph: the same plan placed by the same recipe (a record of another recipe
+    than the run's own says so in its "recipe")."""
+    recipe = o[3].get("recipe")
+    return flat_plan_hash(o[2]) + (f":{recipe}" if recipe else "")
+
+
 def select(options: list[Option], accuracy_key: Callable[[dict], float], cache, side_by_side: Callable,
            fp32_models: dict, tolerance: float, most: int) -> tuple[Option, dict, dict] | None:
     """(chosen option, its side-by-side latency, the timing record for run.json) or None without options.
@@ -24,7 +31,7 @@ def select(options: list[Option], accuracy_key: Callable[[dict], float], cache, 
         return None
     groups: dict[str, list] = {}
     for o in options:
-        groups.setdefault(flat_plan_hash(o[2]), []).append(o)
+        groups.setdefault(option_key(o), []).append(o)
     reps = {h: min(g, key=lambda o: accuracy_key(o[3])) for h, g in groups.items()}
     cands = [{"label": o[0], "hash": h, "n_fallback": plan_counts(o[2])["n_fallback"], "acc": accuracy_key(o[3]),
               "seq_ms": (o[3].get("latency") or {}).get("objective_ms", float("inf"))} for h, o in reps.items()]
@@ -50,11 +57,11 @@ def select(options: list[Option], accuracy_key: Callable[[dict], float], cache, 
                         "accuracy": by_label[c["label"]][3]["accuracy"]} for c in short],
               "fp32_objective_ms": ref["objective_ms"]}
     chosen = by_label[best["label"]]
-    timing["same_plan_as_selected"] = [m[0] for m in groups[flat_plan_hash(chosen[2])] if m[0] != chosen[0]]
+    timing["same_plan_as_selected"] = [m[0] for m in groups[option_key(chosen)] if m[0] != chosen[0]]
     return chosen, lat, timing
 
 
-def passing_candidates(result, label: str, models_of: Callable, method: str) -> list[Option]:
+def passing_candidates(result, label: str, models_of: Callable, method: str, extra: dict | None = None) -> list[Option]:
     """Every passing plan a search evaluated, once each, as options (the search's best under the search's label)."""
     out, seen = [], set()
     for rec in result.trace:
@@ -65,5 +72,5 @@ def passing_candidates(result, label: str, models_of: Callable, method: str) -> 
         flat = result.plans[h]
         name = label if result.best and h == result.best["plan_hash"] else f"{label}: {rec['label']}"
         out.append((name, models_of(flat), flat, {"label": name, "accuracy": rec["accuracy"],
-                                                  "latency": rec["latency"]}, method))
+                                                  "latency": rec["latency"], **(extra or {})}, method))
     return out

@@ -15,15 +15,17 @@ def mean_noise_to_signal(runner, output: str, feeds: list[dict], refs: list[np.n
     return float(np.mean([noise_to_signal(runner.run(f)[output], a) for f, a in zip(feeds, refs)]))
 
 
-def sensitivity_stage(exp, method: str) -> dict[str, float]:
-    """{node key: score} for every quantizable node of every graph, in graph order."""
-    cached = exp.cache.entries.get(f"sensitivity:{method}")
+def sensitivity_stage(exp, method: str, recipe: str | None = None) -> dict[str, float]:
+    """{node key: score} for every quantizable node of every graph, in graph order (`recipe`: another
+    placement recipe than the run's)."""
+    key = f"sensitivity:{method}" + (f":{recipe}" if recipe else "")
+    cached = exp.cache.entries.get(key)
     if cached is not None:
         return cached
     ws, task = exp.ws, exp.task
     src = ws.source(method)  # single-node INT8 against the FP32 model of the same weights
     fp32 = ws.runners(src)
-    int8 = ws.runners({g: ws.model(g, {n: "int8" for n in ws.int8_nodes(g)}, method) for g in ws.names})
+    int8 = ws.runners({g: ws.model(g, {n: "int8" for n in ws.int8_nodes(g)}, method, recipe=recipe) for g in ws.names})
     feeds = {g: task.ranking_feeds(g, fp32, int8) for g in ws.names}
     refs = {}
     for g in ws.names:
@@ -34,10 +36,10 @@ def sensitivity_stage(exp, method: str) -> dict[str, float]:
     if exp.fanout.distributed:
         from pipeline.fanout import task_probe
 
-        ctx = exp.context(f"sensitivity:{method}", feeds=feeds, refs=refs)
-        scores = exp.fanout.probes(task_probe, ctx, todo, method, exp.cache, f"sensitivity:{method}:", exp.key)
+        ctx = exp.context(key, feeds=feeds, refs=refs, recipe=recipe)
+        scores = exp.fanout.probes(task_probe, ctx, todo, method, exp.cache, f"{key}:", exp.key)
     for g, node in tqdm(todo if not scores else [], desc="sensitivity", disable=not exp.progress):
         out, ref = refs[g]
-        scores[exp.key(g, node)] = mean_noise_to_signal(ws.runner(g, ws.model(g, {node: "int8"}, method)), out,
-                                                        feeds[g], ref)
-    return exp.cache.get_or_compute(f"sensitivity:{method}", lambda: scores)
+        scores[exp.key(g, node)] = mean_noise_to_signal(ws.runner(g, ws.model(g, {node: "int8"}, method, recipe=recipe)),
+                                                        out, feeds[g], ref)
+    return exp.cache.get_or_compute(key, lambda: scores)

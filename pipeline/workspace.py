@@ -58,15 +58,15 @@ class Workspace:
         return [n for n, p in self.base_plan(graph, "int8")["nodes"].items() if p == "int8"]
 
     def model(self, graph: str, nodes: dict[str, str], method: str, default: str = "fp32",
-              source: str | None = None) -> Path:
+              source: str | None = None, recipe: str | None = None) -> Path:
         """The ONNX model of `graph` with `nodes` ({id: precision}) over a `default` plan, placed with the
         ranges of `method` on the FP32 models of method `source` (default: `method`'s own, see add_source;
-        "fp32": the run's FP32 models)."""
+        "fp32": the run's FP32 models) by `recipe` (default: the run's)."""
         base = self.source(source or method)[graph]
         if all(p == "fp32" for p in nodes.values()) and default == "fp32":
             return base
         plan = edit_plan(self.base_plan(graph, default), set_nodes=nodes)
-        recipe = self.cfg["quantize"]["recipe"]
+        recipe = recipe or self.cfg["quantize"]["recipe"]
         if any(p == "fp16" for p in plan["nodes"].values()):
             recipe = "tensorrt"  # the ONNX Runtime recipe has no FP16; the TensorRT one writes FP16-typed graphs
         ort_mode = self.cfg["quantize"]["ort_mode"] if recipe == "onnxruntime" else None  # part of the graph

@@ -124,6 +124,30 @@ def test_search_quick_on_a_generic_onnx_model(project, capsys):
     assert [r["model"] for r in list_runs(runs)] == ["onnx"]
 
 
+def test_extra_recipe_baselines_are_their_own_graphs(project):
+    """quantize.extra_recipes: all-INT8 baselines of a second recipe join the run, under their own labels and
+    files, and the selection never takes them for the run recipe's graph of the same plan."""
+    d = project
+    cfg = write_config(d, "recipes.toml", extra="") .read_text() + '[quantize]\nrecipe = "onnxruntime"\n' \
+        'extra_recipes = ["tensorrt", "onnxruntime"]\n'
+    (d / "recipes.toml").write_text(cfg)
+    runs = d / "runs"
+    assert main(["search", "--quick", "--config", str(d / "recipes.toml"), "--runs-root", str(runs), "--run-dir",
+                 str(runs / "r-recipes")]) == 0
+    run = json.loads((runs / "r-recipes" / "run.json").read_text())
+    assert run["config"]["quantize"]["extra_recipes"] == ["tensorrt"]  # the run's own recipe is not repeated
+    by_label = {b["label"]: b for b in run["baselines"]}
+    trt = by_label["INT8 all (max, tensorrt recipe)"]
+    assert trt["recipe"] == "tensorrt" and "recipe" not in by_label["INT8 all (max)"]
+    models = json.loads((runs / "r-recipes" / "models.json").read_text())
+    assert models["INT8 all (max, tensorrt recipe)"] != models["INT8 all (max)"]
+    rows = {r["label"]: r for r in run["side_by_side"]["rows"]}
+    for label, row in rows.items():  # same plan, other recipe: another graph, never merged into one option
+        assert all(("tensorrt recipe" in m) == ("tensorrt recipe" in label) for m in row["same_plan"]), (label, row)
+    if "tensorrt recipe" in run["selected"]["source"]:
+        assert run["selected"]["recipe"] == "tensorrt"
+
+
 USER_MODULE = '''
 import numpy as np
 from tasks.base import Metric

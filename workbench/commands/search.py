@@ -23,8 +23,8 @@ def register(sub) -> None:
 
 def run(args) -> None:
     from pipeline.config import CONFIG_DIR, is_wenet, load_config
-    from report.document import write_report
-    from report.index import default_runs_root, index_run
+    from report.publish import finish_run
+    from report.index import default_runs_root
 
     configs = ([CONFIG_DIR / "quick.toml"] if args.quick else []) + list(args.config)  # the user's configs win
     cfg = load_config(*configs)
@@ -43,32 +43,8 @@ def run(args) -> None:
         if task is None:  # the bundled model's task exports its graphs into the run and reads the corpus
             task = load_task(cfg, run_dir=run_dir, cache_dir=args.cache)
         run = run_experiment(cfg, task, run_dir)
-        paths = write_report(run_dir)
-        index_run(run_dir, root)
-        if args.out:
-            publish(run_dir, args.out)
+        paths = finish_run(run_dir, root, args.out)
     print(summary(run, paths))
-
-
-def publish(run_dir: Path, out: Path) -> None:
-    """Copy the run's deliverables to `out`: encoder/decoder models, plans, engines (encoder.plan and
-    decoder.plan at the top when TensorRT built them), run.json and the report."""
-    import shutil
-
-    out.mkdir(parents=True, exist_ok=True)
-    final = run_dir / "final"
-    for item in sorted(final.iterdir()) if final.is_dir() else []:
-        dest = out / item.name
-        if item.is_dir():
-            shutil.rmtree(dest, ignore_errors=True)
-            shutil.copytree(item, dest)
-            for plan in item.glob("*.plan"):
-                shutil.copyfile(plan, out / f"{item.name.removesuffix('_engine')}.plan")
-        else:
-            shutil.copyfile(item, dest)
-    for f in [run_dir / "run.json", run_dir / "report.md", run_dir / "report.html", *run_dir.glob("*.png")]:
-        if f.is_file():
-            shutil.copyfile(f, out / f.name)
 
 
 def summary(run: dict, paths: dict) -> str:
