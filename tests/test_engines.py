@@ -433,7 +433,8 @@ def test_every_runner_checks_feeds_once_in_the_base(kind, artifacts, tiny_onnx, 
     assert isinstance(runner, EngineRunner)
     feeds = _enc_feeds()
     bad = {
-        "dtype": ({**feeds, "speech": feeds["speech"].astype(np.float64)}, r"input speech .* must be float32, got float64"),
+        "dtype": ({**feeds, "speech": feeds["speech"].astype(np.float64)},
+                  r"input speech .* must be float32, got float64"),
         "rank": ({**feeds, "speech": feeds["speech"][0]}, r"input speech .* must have rank 3, got shape \(100, 80\)"),
         "not an array": ({**feeds, "speech_lengths": [100, 100]}, r"input speech_lengths .* must be int32, got list"),
         "unknown name": ({**feeds, "speech_len": feeds["speech_lengths"]}, r"unexpected inputs \['speech_len'\]"),
@@ -529,7 +530,8 @@ def fake_backend():
 def test_registry_lists_the_built_in_backends():
     assert engines.backends()[:3] == ("onnxruntime", "tensorrt", "tensorrt-rtx") == engines.BACKENDS
     assert engines.get_backend("onnxruntime") is ort_backend
-    assert engines.get_backend("tensorrt") is trt_backend.TENSORRT and engines.get_backend("tensorrt-rtx") is trt_backend.RTX
+    assert engines.get_backend("tensorrt") is trt_backend.TENSORRT
+    assert engines.get_backend("tensorrt-rtx") is trt_backend.RTX
 
 
 def test_fake_backend_builds_and_loads_through_the_registry(fake_backend, tiny_onnx, tmp_path):
