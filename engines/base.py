@@ -3,8 +3,10 @@
 An engine artifact is a directory holding `engine.json` (backend, kind, source ONNX sha256, shape ranges,
 build options, versions, the files it holds and their sha256) and the backend's files. It is written
 atomically (`atomic_dir`), reused when the build key (source hash + backend + shapes + options) is unchanged
-and rebuilt otherwise. Runners follow `evaluation.runners.Runner` (`input_names`, `output_names`,
-`run(feeds)`), and reject shapes outside the built ranges as a TensorRT engine does.
+and rebuilt otherwise. Backends are looked up by name in `engines.registry` (`register_backend`, `backends`).
+Runners are `engines.runner.EngineRunner`s, following `evaluation.runners.Runner` (`input_names`, `output_names`,
+`run(feeds)`): feeds are checked once, in the base, and shapes outside the built ranges are rejected as a
+TensorRT engine does.
 """
 from __future__ import annotations
 
@@ -22,13 +24,14 @@ import numpy as np
 
 from core.host import host_info, library_versions
 from evaluation.interface import BEAM, FEATURE_DIM, MAX_HYP_PAD
-from evaluation.runners import OrtRunner, guess_kind
+from evaluation.runners import guess_kind
 from core.errors import WorkbenchError
 from core.fsutil import atomic_dir, read_json, sha256_file, write_json
+from engines.registry import AUTO, backends, get_backend
+from engines.runner import Shapes
 
 FORMAT = "workbench-engine"
 FORMAT_VERSION = 1
-BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx")
 META_FILE = "engine.json"
 WARMUP, ITERS = 10, 30  # the hackathon's timing: 10 warm-up and 30 timed runs per case
 
@@ -36,7 +39,6 @@ WARMUP, ITERS = 10, 30  # the hackathon's timing: 10 warm-up and 30 timed runs p
 BATCH_RANGE = (1, 16, 16)
 TIME_RANGE = {"encoder": (16, 256, 1024), "decoder": (16, 64, 256)}
 
-Shapes = dict[str, dict[str, list[int]]]  # input name -> {"min": dims, "opt": dims, "max": dims}
 
 
 # ---------------------------------------------------------------- model signature and shape ranges
@@ -133,24 +135,6 @@ def check_shapes(shapes: Mapping, io: dict, where: str) -> Shapes:
     return out
 
 
-def check_in_range(shapes: Shapes, feeds: Mapping[str, np.ndarray], where: str) -> None:
-    """WorkbenchError naming the input when a feed's shape is outside the engine's built range."""
-    for name, value in feeds.items():
-        rng = shapes.get(name)
-        if rng is None:
-            continue
-        shape = list(np.shape(value))
-        if len(shape) != len(rng["min"]) or any(not lo <= s <= hi for s, lo, hi in zip(shape, rng["min"], rng["max"])):
-            raise WorkbenchError(
-                f"input {name} of {where} has shape {shape}, outside the engine's built range "
-                f"{rng['min']}..{rng['max']}: rebuild with wider shape ranges")
-
-
-def check_feeds(runner: Any, feeds: Mapping[str, np.ndarray]) -> None:
-    """The evaluator's own feed checks (names, dtypes, ranks) for any runner with `input_names`, `_specs`, `path`."""
-    OrtRunner.check_feeds(runner, feeds)
-
-
 def physical_cores() -> int:
     """Physical cores this process may use (hyper-threads not counted), at least 1."""
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -219,9 +203,9 @@ class EngineArtifact:
         if meta.get("format_version") != FORMAT_VERSION:
             raise WorkbenchError(f"{path} has engine format version {meta.get('format_version')}, this workbench "
                                  f"reads {FORMAT_VERSION}: rebuild it")
-        if meta.get("backend") not in BACKENDS:
+        if meta.get("backend") not in backends():
             raise WorkbenchError(f"{path} was built for backend {meta.get('backend')!r}, which this workbench does not "
-                                 f"know (known: {', '.join(BACKENDS)})")
+                                 f"know (registered backends: {', '.join(backends())})")
         for key in ("kind", "shapes", "files", "io", "options", "build_key"):
             if key not in meta:
                 raise WorkbenchError(f"{path / META_FILE} lacks {key!r}: not a complete engine description")
@@ -238,30 +222,17 @@ class EngineArtifact:
         return cls(path, meta)
 
 
-def _backend_module(backend: str):
-    if backend == "onnxruntime":
-        from engines import ort_backend as mod
-    elif backend in ("tensorrt", "tensorrt-rtx"):  # one implementation, two APIs (engines.trt_backend.Flavour)
-        from engines.trt_backend import FLAVOURS
-
-        mod = FLAVOURS[backend]
-    else:
-        raise WorkbenchError(f"unknown backend {backend!r}: expected auto, {' or '.join(BACKENDS)}")
-    return mod
-
-
 def resolve_backend(backend: str) -> str:
-    """"auto" -> "tensorrt" when TensorRT and a GPU are usable, else "onnxruntime"."""
-    if backend == "auto":
-        from engines.trt_backend import TENSORRT
-
-        return "tensorrt" if TENSORRT.available()[0] else "onnxruntime"
-    _backend_module(backend)
+    """"auto" -> "tensorrt" when TensorRT and a GPU are usable, else "onnxruntime"; any other name must be
+    registered (`engines.registry`), else one WorkbenchError listing the registered backends."""
+    if backend == AUTO:
+        return "tensorrt" if "tensorrt" in backends() and get_backend("tensorrt").available()[0] else "onnxruntime"
+    get_backend(backend)
     return backend
 
 
 def _versions(backend: str) -> dict:
-    return library_versions() | _backend_module(backend).versions()
+    return library_versions() | get_backend(backend).versions()
 
 
 def build(onnx_path: str | os.PathLike, shapes: Mapping | None, out_dir: str | os.PathLike, backend: str = "auto",
@@ -278,7 +249,7 @@ def build(onnx_path: str | os.PathLike, shapes: Mapping | None, out_dir: str | o
     if not onnx_path.is_file():
         raise WorkbenchError(f"ONNX model {onnx_path} does not exist")
     backend = resolve_backend(backend)
-    mod = _backend_module(backend)
+    mod = get_backend(backend)
     mod.check_usable()
     io = onnx_io(onnx_path)
     kind = kind or guess_kind(list(io["inputs"]))
@@ -317,7 +288,7 @@ def load(artifact: EngineArtifact | str | os.PathLike, **options):
     `options` override load-time options (onnxruntime: threads, providers)."""
     if not isinstance(artifact, EngineArtifact):
         artifact = EngineArtifact.open(artifact)
-    return _backend_module(artifact.backend).load(artifact, **options)
+    return get_backend(artifact.backend).load(artifact, **options)
 
 
 # ---------------------------------------------------------------- timing

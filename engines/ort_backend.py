@@ -3,6 +3,10 @@
 Artifact files: `<kind>.onnx` (a byte copy of the source model, loaded at run time), `<kind>.optimized.onnx`
 (ONNX Runtime's graph after ORT_ENABLE_ALL optimisation, saved through `optimized_model_filepath`, so a person
 can see which kernels run, QDQ fusions into integer kernels included) and `kernels.json` (`int8_kernel_report`).
+
+Runners: `OnnxFileRunner` (`open_onnx`) runs an ONNX file as it is, without building an artifact (the FP32
+reference of evaluations, calibration feeds, CLI checks); `OrtEngineRunner` (`load`) runs a built artifact and
+adds its built shape ranges. Both are `engines.runner.EngineRunner`s: feeds checked once, in the base.
 """
 from __future__ import annotations
 
@@ -11,13 +15,14 @@ import shutil
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
-from engines.base import EngineArtifact, check_in_range, physical_cores
-from evaluation.interface import INTERFACES
-from evaluation.runners import OrtRunner, interface_mismatch
+from engines.base import EngineArtifact, physical_cores
+from engines.runner import EngineRunner, check_interface, interface_specs
+from evaluation.interface import INTERFACES, TensorSpec
+from evaluation.runners import GENERIC, guess_kind
 from core.errors import WorkbenchError
 from core.fsutil import write_json
 
@@ -88,11 +93,7 @@ def build_files(onnx_path: Path, tmp: Path, kind: str, shapes: dict, options: di
 
     io = onnx_io(onnx_path)
     if kind in INTERFACES:  # a WeNet encoder/decoder must have WeNet's interface; a "generic" model has its own
-        inputs, outputs = INTERFACES[kind]
-        problems = "; ".join(p for p in (interface_mismatch(kind, "inputs", inputs, list(io["inputs"])),
-                                         interface_mismatch(kind, "outputs", outputs, list(io["outputs"]))) if p)
-        if problems:
-            raise WorkbenchError(f"{onnx_path} does not have WeNet's {kind} interface: {problems}")
+        check_interface(kind, str(onnx_path), list(io["inputs"]), list(io["outputs"]))
     engine, optimized = f"{kind}.onnx", f"{kind}.optimized.onnx"
     shutil.copyfile(onnx_path, tmp / engine)
     try:
@@ -108,32 +109,58 @@ def build_files(onnx_path: Path, tmp: Path, kind: str, shapes: dict, options: di
     return {"engine": engine, "optimized": optimized, "kernels": "kernels.json"}, {"int8_kernels": summary}
 
 
-class OrtEngineRunner:
-    """A runner over an ONNX Runtime engine artifact: the evaluator's interface checks plus built shape ranges."""
+ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+              "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
 
-    def __init__(self, artifact: EngineArtifact, threads: int | None = None, providers=None):
-        path = artifact.verified_file("engine")
-        opts = artifact.meta["options"]
-        self.threads = threads or opts.get("threads") or physical_cores()
-        self.providers = list(providers or opts.get("providers") or ["CPUExecutionProvider"])
-        self.artifact = artifact
-        self._ort = OrtRunner(path, threads=self.threads, providers=self.providers, kind=artifact.kind)
-        self.kind = artifact.kind
-        self.path = self._ort.path
-        self.input_names, self.output_names = self._ort.input_names, self._ort.output_names
-        self.session = self._ort.session
 
-    def check(self, feeds: dict[str, np.ndarray]) -> None:
-        self._ort.check_feeds(feeds)
-        check_in_range(self.artifact.shapes, feeds, f"engine {self.artifact.path}")
+def graph_interface(session) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """The interface of any model, read from its ONNX Runtime session (unknown element types are not checked)."""
+    def specs(args):
+        return tuple(TensorSpec(a.name, ORT_DTYPES.get(a.type), len(a.shape or ())) for a in args)
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self.check(feeds)
-        return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+    return specs(session.get_inputs()), specs(session.get_outputs())
 
-    def time_runs(self, feeds: dict[str, np.ndarray], warmup: int, iters: int) -> tuple[list[float], str]:
-        """Seconds per `session.run`, the feeds checked once before (not inside the timed loop)."""
-        self.check(feeds)
+
+class OnnxFileRunner(EngineRunner):
+    """An ONNX Runtime session over an ONNX file (no artifact built), checked against the encoder or decoder
+    interface, or, for a "generic" model, against its own inputs."""
+
+    def __init__(self, path: str | Path, threads: int | None = None,
+                 providers: Sequence[str] = ("CPUExecutionProvider",), kind: str | None = None,
+                 shapes=None, shapes_where: str | None = None):
+        """`kind` is "encoder", "decoder" or "generic"; None tells them apart by the model's input names.
+        `threads`: intra-op threads (None: ONNX Runtime's default). `shapes`: built ranges (OrtEngineRunner)."""
+        import onnxruntime as ort  # deferred: importing it is slow and the TensorRT path never needs it
+
+        path = Path(path)
+        if not path.is_file():
+            raise WorkbenchError(f"ONNX model {path} does not exist")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=list(providers))
+        except Exception as e:  # ORT's load errors derive from Exception only, one class per cause
+            raise WorkbenchError(f"{path} is not a readable ONNX model: {e}") from e
+        input_names = [i.name for i in self.session.get_inputs()]
+        output_names = [o.name for o in self.session.get_outputs()]
+        kind = kind or guess_kind(input_names)
+        if kind == GENERIC:
+            inputs, outputs = graph_interface(self.session)
+        elif kind in INTERFACES:
+            check_interface(kind, str(path), input_names, output_names)
+            inputs, outputs = interface_specs(kind, input_names), interface_specs(kind, output_names, outputs=True)
+        else:
+            raise WorkbenchError(f"unknown model kind {kind!r}: expected 'encoder', 'decoder' or '{GENERIC}'")
+        super().__init__(path, kind, inputs, outputs, shapes=shapes, shapes_where=shapes_where)
+
+    def _run(self, feeds: Mapping[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        return dict(zip(outputs, self.session.run(outputs, feeds)))
+
+    def _time_runs(self, feeds: Mapping[str, np.ndarray], warmup: int, iters: int) -> tuple[list[float], str]:
+        """Seconds per `session.run` (the feeds were checked once, by `time_runs`)."""
         for _ in range(warmup):
             self.session.run(self.output_names, feeds)
         out = []
@@ -142,6 +169,25 @@ class OrtEngineRunner:
             self.session.run(self.output_names, feeds)
             out.append(time.perf_counter() - t0)
         return out, "perf_counter"
+
+
+def open_onnx(path: str | os.PathLike, threads: int | None = None,
+              providers: Sequence[str] = ("CPUExecutionProvider",), kind: str | None = None) -> OnnxFileRunner:
+    """A runner over the ONNX file `path` as it is (e.g. an FP32 model), without building an engine artifact."""
+    return OnnxFileRunner(path, threads=threads, providers=providers, kind=kind)
+
+
+class OrtEngineRunner(OnnxFileRunner):
+    """A runner over an ONNX Runtime engine artifact: the evaluator's interface checks plus built shape ranges."""
+
+    def __init__(self, artifact: EngineArtifact, threads: int | None = None, providers=None):
+        path = artifact.verified_file("engine")
+        opts = artifact.meta["options"]
+        self.threads = threads or opts.get("threads") or physical_cores()
+        self.providers = list(providers or opts.get("providers") or ["CPUExecutionProvider"])
+        self.artifact = artifact
+        super().__init__(path, threads=self.threads, providers=self.providers, kind=artifact.kind,
+                         shapes=artifact.shapes, shapes_where=f"engine {artifact.path}")
 
 
 def load(artifact: EngineArtifact, threads: int | None = None, providers=None) -> OrtEngineRunner:

@@ -32,9 +32,9 @@ from typing import Mapping
 
 import numpy as np
 
-from engines.base import EngineArtifact, check_feeds, check_in_range
+from engines.base import EngineArtifact
+from engines.runner import EngineRunner, check_interface, interface_specs
 from evaluation.interface import INTERFACES, TensorSpec
-from evaluation.runners import interface_mismatch
 from core.errors import WorkbenchError
 from core.fsutil import atomic_path
 
@@ -208,13 +208,8 @@ class Flavour:
         trt = self.api()
         builder, network, logger = self.parse(onnx_path)
         if kind in INTERFACES:  # a "generic" model has its own interface
-            ins, outs = INTERFACES[kind]
-            names = [network.get_input(i).name for i in range(network.num_inputs)]
-            outputs = [network.get_output(i).name for i in range(network.num_outputs)]
-            problems = "; ".join(p for p in (interface_mismatch(kind, "inputs", ins, names),
-                                             interface_mismatch(kind, "outputs", outs, outputs)) if p)
-            if problems:
-                raise WorkbenchError(f"{onnx_path} does not have WeNet's {kind} interface: {problems}")
+            check_interface(kind, str(onnx_path), [network.get_input(i).name for i in range(network.num_inputs)],
+                            [network.get_output(i).name for i in range(network.num_outputs)])
         config = builder.create_builder_config()
         config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
         config.builder_optimization_level = options.get("opt_level", 3)
@@ -309,14 +304,15 @@ def _targets(value) -> list[int]:
 
 
 
-class TrtEngineRunner:
-    """Runs a deserialized plan on one CUDA stream; same protocol as evaluation.runners.OrtRunner."""
+class TrtEngineRunner(EngineRunner):
+    """Runs a deserialized plan on one CUDA stream; an `engines.runner.EngineRunner` (feeds checked there)."""
 
     def __init__(self, artifact: EngineArtifact, flavour: Flavour):
         trt = flavour.api()
         self.trt, self.cudart, self.flavour = trt, _cudart(), flavour
-        self.artifact, self.kind = artifact, artifact.kind
-        self.path = artifact.verified_file("engine")
+        self.artifact = artifact
+        path = artifact.verified_file("engine")
+        self.path = path  # for the messages below, before EngineRunner.__init__
         self._runtime = trt.Runtime(flavour.logger())
         self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
@@ -334,18 +330,23 @@ class TrtEngineRunner:
         else:
             self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.output_names = [n for n in names if n not in self.input_names]
-        if self.kind in INTERFACES:
-            ins, outs = INTERFACES[self.kind]
-            problems = "; ".join(p for p in (interface_mismatch(self.kind, "inputs", ins, self.input_names),
-                                             interface_mismatch(self.kind, "outputs", outs, self.output_names)) if p)
-            if problems:
-                raise WorkbenchError(f"{self.path} does not have WeNet's {self.kind} interface: {problems}")
-        else:  # generic: the engine's own inputs (dtypes checked below against the engine's tensor types)
-            ins = tuple(TensorSpec(n, None, len(self.engine.get_tensor_shape(n))) for n in self.input_names)
-        self._specs = {s.name: s for s in ins}
+        input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        output_names = [n for n in names if n not in input_names]
         self._dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
+        kind = artifact.kind
+        if kind in INTERFACES:
+            check_interface(kind, str(path), input_names, output_names)
+            ins, outs = interface_specs(kind, input_names), interface_specs(kind, output_names, outputs=True)
+        else:  # generic: the engine's own tensors, feeds checked against the ONNX model's dtypes (engine.json
+            # "io", what ONNX Runtime checks too); `_bind` then casts to the engine's tensor types
+            model = artifact.meta["io"]["inputs"]
+
+            def spec(n, dtype):
+                return TensorSpec(n, dtype, len(self.engine.get_tensor_shape(n)))
+
+            ins = [spec(n, np.dtype(model[n]["dtype"]) if n in model else None) for n in input_names]
+            outs = [spec(n, self._dtypes[n]) for n in output_names]
+        super().__init__(path, kind, ins, outs, shapes=artifact.shapes, shapes_where=f"engine {artifact.path}")
         self._stream = _ck(self.cudart.cudaStreamCreate(), "cudaStreamCreate")
         self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, capacity in bytes)
 
@@ -358,10 +359,9 @@ class TrtEngineRunner:
             self._buffers[name] = (ptr, nbytes)
         return ptr
 
-    def _prepare(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Validate, set shapes and addresses, copy inputs in; returns empty host arrays for the outputs."""
-        check_feeds(self, feeds)
-        check_in_range(self.artifact.shapes, feeds, f"engine {self.artifact.path}")
+    def _bind(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Set shapes and addresses, copy inputs in (feeds already checked by `run`/`time_runs`); returns
+        empty host arrays for the outputs."""
         h2d = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
         for name in self.input_names:
             host = np.ascontiguousarray(feeds[name], dtype=self._dtypes[name])
@@ -384,19 +384,21 @@ class TrtEngineRunner:
         if not self.context.execute_async_v3(int(self._stream)):
             raise WorkbenchError(f"{self.flavour.label} execution of {self.path} failed (its log above says why)")
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outputs = self._prepare(feeds)
+    def _run(self, feeds: Mapping[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        host_outputs = self._bind(feeds)
         self._execute()
         d2h = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        for name, host in outputs.items():
+        for name in outputs:  # the engine computes every output; only those asked for are copied back
+            host = host_outputs[name]
             _ck(self.cudart.cudaMemcpyAsync(host.ctypes.data, self._buffers[name][0], host.nbytes, d2h, self._stream),
                 "cudaMemcpyAsync")
         _ck(self.cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
-        return outputs
+        return {name: host_outputs[name] for name in outputs}
 
-    def time_runs(self, feeds: Mapping[str, np.ndarray], warmup: int, iters: int) -> tuple[list[float], str]:
-        """Seconds per execute_async_v3, measured with CUDA events on the runner's stream."""
-        self._prepare(feeds)
+    def _time_runs(self, feeds: Mapping[str, np.ndarray], warmup: int, iters: int) -> tuple[list[float], str]:
+        """Seconds per execute_async_v3, measured with CUDA events on the runner's stream (feeds checked once,
+        by `time_runs`)."""
+        self._bind(feeds)
         for _ in range(warmup):
             self._execute()
         events = [(_ck(self.cudart.cudaEventCreate(), "cudaEventCreate"),

@@ -29,10 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from calibration_data.corpus import default_cache_dir, load_split  # noqa: E402
-from engines import bench_interleaved, build, int8_kernel_report, load  # noqa: E402
+from engines import bench_interleaved, build, int8_kernel_report, load, open_onnx  # noqa: E402
 from evaluation.asr import decoder_feeds, only_inputs_of, prefix_beam_batch  # noqa: E402
 from evaluation.hackathon import BATCH_SIZES, SEQ_LENS, make_cases, run_check  # noqa: E402
-from evaluation.runners import OrtRunner  # noqa: E402
 from core.fsutil import atomic_path, write_json  # noqa: E402
 
 FP32 = "fp32"
@@ -65,7 +64,7 @@ def export_fp32(work: Path) -> dict[str, Path]:
 def calibration_feeds(encoder: Path, n: int) -> dict[str, list[dict]]:
     """n calib utterances, one per batch: encoder feeds, and decoder feeds from the FP32 encoder's beams."""
     split = load_split(default_cache_dir(), "calib")
-    enc = OrtRunner(encoder, kind="encoder")
+    enc = open_onnx(encoder, kind="encoder")
     enc_feeds, dec_feeds = [], []
     for i in range(min(n, len(split))):
         f = split.features(i)
@@ -83,7 +82,7 @@ def quantize_baseline(fp32: dict[str, Path], work: Path, n_calib: int) -> dict[s
     calib = calibration_feeds(fp32["encoder"], n_calib)
     out = {}
     for kind in KINDS:
-        names = {i.name for i in OrtRunner(fp32[kind], kind=kind).session.get_inputs()}
+        names = set(open_onnx(fp32[kind], kind=kind).input_names)
 
         class Reader:
             def __init__(self, feeds):
@@ -202,7 +201,7 @@ def main(argv=None) -> int:
     pool = [test.features(i) for i in range(min(len(test), 64))]
     ref = {k: runners[(FP32, k)] for k in KINDS}
     # Decoder case sl needs 4*sl+3 encoder frames (1027 for 256), past the encoder engine's range: a plain session.
-    cases = make_cases(OrtRunner(fp32["encoder"], kind="encoder", threads=args.threads), pool, args.batch_sizes,
+    cases = make_cases(open_onnx(fp32["encoder"], kind="encoder", threads=args.threads), pool, args.batch_sizes,
                        args.seq_lens)
 
     check = {}

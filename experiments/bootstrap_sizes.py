@@ -28,14 +28,14 @@ from core.host import describe, host_info  # noqa: E402
 from evaluation.asr import evaluate  # noqa: E402
 from evaluation.bootstrap import items_needed, paired_delta_ci  # noqa: E402
 from evaluation.metrics import edit_distance  # noqa: E402
-from evaluation.runners import OrtRunner  # noqa: E402
+from engines import open_onnx  # noqa: E402
 
 CRITERION = 0.003  # 0.3 CER points, the shipped default delta
 HALF_WIDTHS = (0.001, 0.0015, 0.002)
 
 
 def per_utterance(models: dict[str, Path], feats, texts, threads: int) -> tuple[list[int], list[int]]:
-    enc, dec = (OrtRunner(models[k], threads=threads, kind=k) for k in ("encoder", "decoder"))
+    enc, dec = (open_onnx(models[k], threads=threads, kind=k) for k in ("encoder", "decoder"))
     hyps = evaluate(enc, dec, feats, texts, DEFAULT_VOCAB, progress=True)["utterances"]
     refs = [normalize(t) for t in texts]
     return [edit_distance(r, normalize(h["rescored"])) for r, h in zip(refs, hyps)], [len(r) for r in refs]

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from calibration_data.corpus import default_cache_dir, ensure_corpus, load_split  # noqa: E402
 from calibration_data.text import DEFAULT_VOCAB  # noqa: E402
 from evaluation.asr import evaluate  # noqa: E402
-from evaluation.runners import OrtRunner  # noqa: E402
+from engines import open_onnx  # noqa: E402
 from graph.placement import quantize  # noqa: E402
 from models.export import export_onnx  # noqa: E402
 from models.weights import DEFAULT_WEIGHTS, load_weights  # noqa: E402
@@ -71,8 +71,8 @@ def main() -> None:
         models = models_of(label, weights, tables, args.work)
         for precision in ("fp32", "int8"):
             t0 = time.time()
-            enc = OrtRunner(models[precision]["encoder"], threads=args.threads, kind="encoder")
-            dec = OrtRunner(models[precision]["decoder"], threads=args.threads, kind="decoder")
+            enc = open_onnx(models[precision]["encoder"], threads=args.threads, kind="encoder")
+            dec = open_onnx(models[precision]["decoder"], threads=args.threads, kind="decoder")
             res = evaluate(enc, dec, feats, texts, DEFAULT_VOCAB, progress=False)
             rows.append({"weights": label, "precision": precision, "cer_rescore": res["cer_rescore"],
                          "cer_greedy": res["cer_greedy"], "wer_rescore": res["wer_rescore"],

@@ -127,6 +127,10 @@ def _check_tensors(model: onnx.ModelProto, tensors: list[str]) -> None:
 
 
 def _session(model: onnx.ModelProto, outputs: list[str], vinfo: dict, threads: int | None):
+    # A raw ONNX Runtime session on purpose, the one kept outside engines/ in this layer: calibration observes
+    # intermediate tensors (exposed as graph outputs of an in-memory copy, arena off, chunked passes), which is
+    # not an engine's job (an engine runs a model's own interface), and quant is below engines in the layer
+    # order (tests/test_layers.py), so it cannot use engines.open_onnx. Feeds are checked by `_check_feed`.
     import onnxruntime as ort
 
     m = onnx.ModelProto()

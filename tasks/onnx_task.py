@@ -109,11 +109,11 @@ class OnnxTask(Task):
 
     def _reference_outputs(self) -> dict[str, list[dict]]:
         """FP32 outputs on the eval feeds, computed once with ONNX Runtime."""
-        from evaluation.runners import OrtRunner
+        from engines import open_onnx
 
         for g in self.graphs:
             if g.name not in self._reference:
-                runner = OrtRunner(g.path, kind="generic")
+                runner = open_onnx(g.path, kind="generic")
                 self._reference[g.name] = [runner.run(f) for f in self.feeds(g.name, "eval")]
         return self._reference
 

@@ -212,9 +212,9 @@ class SentenceEmbeddingTask(Task):
     def reference(self) -> dict[str, np.ndarray]:
         """FP32 embeddings of the evaluation and corpus splits, computed once with ONNX Runtime."""
         if self._reference is None:
-            from evaluation.runners import OrtRunner
+            from engines import open_onnx
 
-            runner = OrtRunner(self.graphs[0].path, kind="generic")
+            runner = open_onnx(self.graphs[0].path, kind="generic")
             self._reference = {s: self.embed(runner, s) for s in ("eval", "corpus")}
         return self._reference
 

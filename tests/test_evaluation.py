@@ -16,7 +16,7 @@ from evaluation.ctc import ctc_greedy, ctc_prefix_beam_search
 from evaluation.hackathon import check, format_table, make_cases, run_check
 from evaluation.interface import ENCODER_OUTPUTS, MISSING_HYP_SCORE, encoder_out_length
 from evaluation.metrics import cer, edit_distance, wer
-from evaluation.runners import OrtRunner
+from engines import open_onnx
 from core.errors import WorkbenchError
 
 V = len(VOCAB)
@@ -290,7 +290,7 @@ def _tiny_encoder(path, speech_name="speech"):
 
 
 def test_ort_runner(tmp_path):
-    runner = OrtRunner(_tiny_encoder(tmp_path / "enc.onnx"), threads=1)
+    runner = open_onnx(_tiny_encoder(tmp_path / "enc.onnx"), threads=1)
     assert runner.kind == "encoder" and runner.input_names == ["speech", "speech_lengths"]
     speech = np.random.default_rng(0).normal(size=(2, 9, 80)).astype(np.float32)
     out = runner.run({"speech": speech, "speech_lengths": np.array([9, 7], np.int32)})
@@ -305,13 +305,13 @@ def test_ort_runner(tmp_path):
         runner.run({"speech": speech})
 
     with pytest.raises(WorkbenchError, match="missing encoder inputs speech; unexpected encoder inputs feats"):
-        OrtRunner(_tiny_encoder(tmp_path / "other.onnx", speech_name="feats"), kind="encoder")
+        open_onnx(_tiny_encoder(tmp_path / "other.onnx", speech_name="feats"), kind="encoder")
     with pytest.raises(WorkbenchError, match="missing decoder inputs"):
-        OrtRunner(tmp_path / "enc.onnx", kind="decoder")
+        open_onnx(tmp_path / "enc.onnx", kind="decoder")
 
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(b"this is not a protobuf")
     with pytest.raises(WorkbenchError, match="corrupt.onnx"):
-        OrtRunner(corrupt)
+        open_onnx(corrupt)
     with pytest.raises(WorkbenchError, match="does not exist"):
-        OrtRunner(tmp_path / "absent.onnx")
+        open_onnx(tmp_path / "absent.onnx")

@@ -50,9 +50,9 @@ def test_missing_extra_is_one_clear_error(monkeypatch):
 
 # --- export --------------------------------------------------------------------------------------------------
 def _encode_onnx(path, texts, max_len=256):
-    from evaluation.runners import OrtRunner
+    from engines import open_onnx
 
-    return OrtRunner(path, kind="generic").run(minilm.Tokenizer(max_len)(texts))["sentence_embedding"]
+    return open_onnx(path, kind="generic").run(minilm.Tokenizer(max_len)(texts))["sentence_embedding"]
 
 
 def _cos(a, b):

@@ -4,7 +4,7 @@ import pytest
 from calibration_data.corpus import ensure_corpus, load_split
 from calibration_data.text import DEFAULT_VOCAB
 from evaluation.asr import evaluate
-from evaluation.runners import OrtRunner
+from engines import open_onnx
 from models.export import export_onnx
 from models.weights import DEFAULT_WEIGHTS, default_model
 
@@ -23,7 +23,7 @@ def held_out(tmp_path_factory):
 def _cer(model, out_dir, held_out):
     enc, dec = export_onnx(model, out_dir)
     feats, texts = held_out
-    res = evaluate(OrtRunner(enc, kind="encoder"), OrtRunner(dec, kind="decoder"), feats, texts, DEFAULT_VOCAB,
+    res = evaluate(open_onnx(enc, kind="encoder"), open_onnx(dec, kind="decoder"), feats, texts, DEFAULT_VOCAB,
                    progress=False)
     return res["cer_rescore"]
 

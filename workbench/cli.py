@@ -69,13 +69,13 @@ def cmd_evaluate(args) -> None:
     _check_json_target(args)
     from calibration_data.corpus import load_split
     from evaluation.asr import evaluate
-    from evaluation.runners import OrtRunner
+    from engines import open_onnx
 
     split = load_split(args.cache, args.split)
     n = min(len(split), args.limit) if args.limit else len(split)
     feats = [split.features(i) for i in range(n)]
-    enc = OrtRunner(args.encoder, kind="encoder", threads=args.threads)
-    dec = OrtRunner(args.decoder, kind="decoder", threads=args.threads)
+    enc = open_onnx(args.encoder, kind="encoder", threads=args.threads)
+    dec = open_onnx(args.decoder, kind="decoder", threads=args.threads)
     t0 = time.time()
     res = evaluate(enc, dec, feats, split.texts[:n], _vocab(args), batch_size=args.batch_size)
     summary = {k: v for k, v in res.items() if k != "utterances"} | {"split": args.split, "wall_s": round(time.time() - t0, 1)}
@@ -89,12 +89,12 @@ def cmd_check(args) -> None:
     _check_json_target(args)
     from calibration_data.corpus import load_split
     from evaluation.hackathon import format_table, make_cases, run_check
-    from evaluation.runners import OrtRunner
+    from engines import open_onnx
 
     if bool(args.ref_encoder) != bool(args.ref_decoder):
         raise WorkbenchError("give both --ref-encoder and --ref-decoder (or neither: the PyTorch model is the reference)")
     if args.ref_encoder and args.ref_decoder:
-        ref_e, ref_d = OrtRunner(args.ref_encoder, kind="encoder"), OrtRunner(args.ref_decoder, kind="decoder")
+        ref_e, ref_d = open_onnx(args.ref_encoder, kind="encoder"), open_onnx(args.ref_decoder, kind="decoder")
     else:  # the PyTorch model itself is the FP32 reference
         from models.runner import TorchRunner
 
@@ -102,7 +102,7 @@ def cmd_check(args) -> None:
         ref_e, ref_d = TorchRunner(model, "encoder"), TorchRunner(model, "decoder")
     split = load_split(args.cache, args.split)
     pool = [split.features(i) for i in range(min(len(split), 64))]
-    cand_e, cand_d = OrtRunner(args.encoder, kind="encoder"), OrtRunner(args.decoder, kind="decoder")
+    cand_e, cand_d = open_onnx(args.encoder, kind="encoder"), open_onnx(args.decoder, kind="decoder")
     for name, runner in (("reference", ref_d), ("candidate", cand_d)):
         if "decoder_out" not in runner.output_names:
             raise WorkbenchError(f"the {name} decoder has no output decoder_out, which the hackathon check compares: "

@@ -65,9 +65,9 @@ def _feeds(args, inputs: dict):
         raise WorkbenchError(f"{args.model} is a WeNet decoder: its inputs come from the encoder, so give the FP32 "
                              f"encoder with --encoder E (or your own feeds with --data DIR)")
     from evaluation.asr import decoder_calibration_feeds
-    from evaluation.runners import OrtRunner
+    from engines import open_onnx
 
-    encoder = OrtRunner(args.encoder, kind="encoder", threads=args.threads)
+    encoder = open_onnx(args.encoder, kind="encoder", threads=args.threads)
     n = min(len(split), args.limit) if args.limit else len(split)
     feats = [split.features(i) for i in range(n)]
     return decoder_calibration_feeds(encoder, list(inputs), feats, args.batch_size, progress=True), \
