@@ -594,8 +594,6 @@ RAW_SESSIONS_ALLOWED = {
     # below engines in the layer order; they observe intermediate tensors (exposed as extra graph outputs),
     # which is calibration's job, not an engine's
     "quant/collect.py", "graph/calib.py",
-    # to become engines.open_onnx(path, threads=...) in the pipeline rewrite (issue 14), owned elsewhere
-    "pipeline/fanout.py", "pipeline/wenet.py",
 }
 
 
@@ -605,7 +603,7 @@ def test_no_raw_onnxruntime_session_outside_engines():
              for p in (ROOT / package).rglob("*.py") if "InferenceSession" in p.read_text()}
     found -= {"experiments/bench_calibration.py"}  # its "fp32" child times a plain session beside other tools
     assert found <= RAW_SESSIONS_ALLOWED, sorted(found - RAW_SESSIONS_ALLOWED)
-    assert not any(f.split("/")[0] in ("evaluation", "tasks", "workbench") for f in found)
+    assert not any(f.split("/")[0] in ("evaluation", "tasks", "search", "pipeline", "workbench") for f in found)
     users = [str(p.relative_to(ROOT)) for package in packages + ["tests"]
              for p in (ROOT / package).rglob("*.py")
              if p != Path(__file__).resolve() and re.search(r"\bOrtRunner\b", p.read_text())]
