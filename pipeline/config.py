@@ -176,6 +176,16 @@ def load_config(*paths: str | Path) -> dict:
         from quant.qat_run import check_qat_dir
 
         check_qat_dir(cfg["qat"]["dir"])
+    m = cfg["model"]
+    if bool(m["encoder"]) != bool(m["decoder"]):
+        raise WorkbenchError("config model.encoder and model.decoder name a WeNet export's two graphs: give both")
+    if m["encoder"]:
+        if m["weights"] or "qat" in cfg["calibration"]["methods"]:
+            raise WorkbenchError("config model.encoder/decoder (an ONNX export) cannot go with model.weights or QAT "
+                                 "(both need the workbench's own PyTorch model)")
+        for key in ("encoder", "decoder"):
+            if not Path(m[key]).is_file():
+                raise WorkbenchError(f"config model.{key} = {m[key]!r}: no such ONNX file")
     bad = set(cfg["quantize"]["extra_recipes"]) - {"onnxruntime", "tensorrt"}
     if bad:
         raise WorkbenchError(f"config quantize.extra_recipes: unknown {sorted(bad)}; choose from onnxruntime, tensorrt")

@@ -100,3 +100,58 @@ def test_decoder_surgery_command(pairs, tmp_path, capsys):
     assert dims["hyps_pad_sos_eos"][1:] == [10, 64]
     wb("decoder-surgery", "--model", p["default"].encoder, "--out", tmp_path / "e.onnx", ok=False)
     assert "hyps_pad_sos_eos" in capsys.readouterr().err and not (tmp_path / "e.onnx").exists()
+
+
+def test_search_on_a_wenet_export_with_its_own_vocabulary(tmp_path, capsys):
+    """`wb search` on a WeNet export of the user's ([model] encoder/decoder/vocab): the wenet_asr task on its
+    graphs as they are (no export of ours), with a units.txt of English characters in WeNet's layout, and the
+    default export's best_index-only decoder (no decoder_out: no hackathon check)."""
+    from calibration_data.text import DEFAULT_VOCAB
+
+    vocab = DEFAULT_VOCAB.tokens
+    pair = make_wenet_like_pair(tmp_path / "export", reverse_weight=0.0, vocab_size=len(vocab))
+    pair.units.write_text("".join(f"{u} {i}\n" for i, u in enumerate(vocab)), encoding="utf-8")
+    cfg = tmp_path / "wenet.toml"
+    cfg.write_text(f'''
+[model]
+encoder = "{pair.encoder}"
+decoder = "{pair.decoder}"
+vocab = "{pair.units}"
+
+[data]
+calib_utts = 8
+eval_utts = 6
+ranking_utts = 2
+
+[calibration]
+methods = ["max"]
+
+[backend]
+name = "onnxruntime"
+threads = 1
+
+[criterion]
+metric = "cer_rescore"
+kind = "absolute"
+delta = 1.0
+
+[latency]
+batch_sizes = [1]
+seq_lens = [16]
+warmup = 0
+iters = 2
+search_warmup = 0
+search_iters = 2
+''')
+    runs = tmp_path / "runs"
+    wb("search", "--config", cfg, "--runs-root", runs, "--run-dir", runs / "r")
+    run = json.loads((runs / "r" / "run.json").read_text())
+    assert run["status"] == "passed" and run["model"] == "export" and run["task"]["graphs"] == ["encoder", "decoder"]
+    assert not (runs / "r" / "models" / "fp32").exists()  # the user's graphs, not an export of ours
+    models = json.loads((runs / "r" / "models.json").read_text())
+    assert models["FP32"] == {"encoder": str(pair.encoder.resolve()), "decoder": str(pair.decoder.resolve())}
+    fp32 = run["baselines"][0]
+    assert 0 <= fp32["accuracy"]["cer_rescore"] and "hackathon" not in fp32
+    assert {k.split(":")[0] for k in run["sensitivity"]} == {"encoder", "decoder"}
+    assert (runs / "r" / "final" / "encoder.onnx").is_file() and (runs / "r" / "report.md").is_file()
+    capsys.readouterr()
