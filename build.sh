@@ -25,7 +25,21 @@ done
 source tools/bootstrap.sh
 wb() { "$WB_PY" -m workbench.cli "$@"; }
 
-if [ ${#MINILM[@]} -eq 0 ]; then  # the MiniLM task reads fortunes text itself: no speech corpus
+# Only the bundled model's task (wenet_asr) reads the speech corpus; other tasks bring their own data.
+needs_corpus() {
+    "$WB_PY" - "$@" <<'PY'
+import sys
+from core.errors import WorkbenchError
+from pipeline.config import is_wenet, load_config
+try:
+    sys.exit(0 if is_wenet(load_config(*sys.argv[1:])) else 1)
+except WorkbenchError:
+    sys.exit(1)  # wb search below reports the config's error in one line
+PY
+}
+CONFIG_FILES=()
+for a in "${QAT[@]}" "${MINILM[@]}" "${CONFIG[@]}"; do [ "$a" = "--config" ] || CONFIG_FILES+=("$a"); done
+if needs_corpus "${CONFIG_FILES[@]}"; then
     echo "== data: synthetic speech corpus (calib 512, test 500 utterances; reused when present)"
     wb data --splits calib,test --sizes calib=512,test=500
 fi
