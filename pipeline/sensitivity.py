@@ -15,13 +15,9 @@ def mean_noise_to_signal(runner, output: str, feeds: list[dict], refs: list[np.n
     return float(np.mean([noise_to_signal(runner.run(f)[output], a) for f, a in zip(feeds, refs)]))
 
 
-def sensitivity_stage(exp, method: str, recipe: str | None = None) -> dict[str, float]:
-    """{node key: score} for every quantizable node of every graph, in graph order (`recipe`: another
-    placement recipe than the run's)."""
-    key = f"sensitivity:{method}" + (f":{recipe}" if recipe else "")
-    cached = exp.cache.entries.get(key)
-    if cached is not None:
-        return cached
+def ranking_inputs(exp, method: str, recipe: str | None = None) -> tuple[dict, dict]:
+    """The driver's part of the stage: the task's ranking feeds per graph (given the FP32 and all-INT8 runners)
+    and the FP32 references of each graph's main output on them: ({graph: feeds}, {graph: (output, refs)})."""
     ws, task = exp.ws, exp.task
     src = ws.source(method)  # single-node INT8 against the FP32 model of the same weights
     fp32 = ws.runners(src)
@@ -31,6 +27,18 @@ def sensitivity_stage(exp, method: str, recipe: str | None = None) -> dict[str, 
     for g in ws.names:
         out = task.graph(g).main_output or fp32[g].output_names[0]
         refs[g] = (out, [fp32[g].run(f)[out] for f in feeds[g]])
+    return feeds, refs
+
+
+def sensitivity_stage(exp, method: str, recipe: str | None = None) -> dict[str, float]:
+    """{node key: score} for every quantizable node of every graph, in graph order (`recipe`: another
+    placement recipe than the run's)."""
+    key = f"sensitivity:{method}" + (f":{recipe}" if recipe else "")
+    cached = exp.cache.entries.get(key)
+    if cached is not None:
+        return cached
+    ws = exp.ws
+    feeds, refs = ranking_inputs(exp, method, recipe)
     todo = [(g, n) for g in ws.names for n in ws.int8_nodes(g)]
     scores = {}
     if exp.fanout.distributed:
