@@ -19,7 +19,11 @@ def finalize(exp, models: dict[str, Path], flat: dict[str, str]) -> None:
     final.mkdir(exist_ok=True)
     for g in ws.names:
         shutil.copyfile(models[g], final / f"{g}.onnx")
-        save_plan(edit_plan(ws.base_plan(g, "fp32"), set_nodes=split_plan(flat, g)), final / f"{g}.plan.json")
+        placed = Path(models[g]).with_suffix(".plan.json")  # the plan the model was placed with (pipeline.workspace)
+        if placed.is_file():  # e.g. the FP16 baseline's, whose every other node is FP16 too
+            shutil.copyfile(placed, final / f"{g}.plan.json")
+        else:  # an FP32 source model: nothing placed
+            save_plan(edit_plan(ws.base_plan(g, "fp32"), set_nodes=split_plan(flat, g)), final / f"{g}.plan.json")
         ws.build(g, final / f"{g}.onnx", final / f"{g}_engine")
 
 
