@@ -1,19 +1,26 @@
 """`wb rtx-check`: build a run's deliverables with a real TensorRT builder (TensorRT-RTX, on CPU, ahead of time
 for one compute capability), so that a parser or builder error in any graph our TensorRT recipe writes fails CI.
 
-Variants, each for the encoder and the decoder (`models.json` of the run names the run's models):
-  FP32        the run's FP32 export: the size reference
+Any run: the graphs are those of `models.json` ({label: {graph: path}}, written by the WeNet pipeline and by task
+runs; a path is run-relative, or absolute for a user's FP32 graph outside the run). A WeNet run's graphs are its
+encoder and decoder; a task run's are its task's graphs (run.json `task.graphs`). Variants, each for every graph:
+  FP32        the run's FP32 graph: the size reference
   FP16        the FP16 baseline (always the TensorRT recipe: FP16-typed graph with FP32 islands)
   INT8 all    every quantizable node INT8, by the TensorRT recipe, ranges of the calibrator the search started from
   QAT export  the shipped QAT weights with quantizers inserted from its plans and ranges, exported through torch
-              (quant.qat.export_qat_onnx, what `wb qat` writes as qdq/*.onnx); only in a run with qat.dir
+              (quant.qat.export_qat_onnx, what `wb qat` writes as qdq/*.onnx); only in a WeNet run with qat.dir
   selected    the selected mix, by the TensorRT recipe
 A run placed by the ONNX Runtime recipe (the CPU default) has its INT8 and selected plans placed again here by
 the TensorRT recipe, same plans and ranges (under rtx/models/). Each graph is also checked by graph.validate.
 An INT8 plan of about half the FP32 plan's bytes is the evidence that its weights are stored as INT8.
 
-Writes, in the run directory: rtx/<variant>/<kind>_engine/ (engine artifacts, reused by content hash),
-rtx_builds.json, rtx_builds.md, and the report again (it lists the plan sizes).
+Engine shapes: the run's own, run.json `task.shapes` ({graph: {input: {min, opt, max}}}, what a task run built its
+ONNX Runtime engines with); a run without them (a WeNet run) takes the WeNet pipeline's ranges
+(tasks.wenet_asr.PIPELINE_TIME_RANGES over engines.default_shapes), as before.
+
+Writes, in the run directory: rtx/<variant>/<graph>_engine/ (engine artifacts, reused by content hash),
+rtx_builds.json, rtx_builds.md, and the report again (it lists the plan sizes). Each row's "kind" is the graph's
+name (encoder/decoder in a WeNet run).
 """
 from __future__ import annotations
 
@@ -55,13 +62,56 @@ def _slug(label: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
 
 
+def is_task_run(run: dict) -> bool:
+    """A run of the one pipeline (pipeline/experiment.py: run.json has a "task" table, WeNet's too), not a run
+    recorded before it (WeNet only, no "task")."""
+    return isinstance(run.get("task"), dict)
+
+
+def graph_names(run: dict, models: dict) -> list[str]:
+    """The run's graph names, in the run's order: WeNet's encoder and decoder, or the task's graphs (run.json
+    `task.graphs`, else the FP32 entry of models.json)."""
+    if not is_task_run(run):
+        return list(KINDS)
+    return list(run["task"].get("graphs") or models["FP32"])
+
+
+def model_path(run_dir: Path, models: dict, label: str, graph: str) -> Path:
+    """A models.json entry as a path: run-relative, or absolute (a user's FP32 graph outside the run)."""
+    try:
+        p = Path(models[label][graph])
+    except KeyError:
+        raise WorkbenchError(f"{run_dir / MODELS_FILE} has no graph {graph!r} for {label!r}") from None
+    p = p if p.is_absolute() else run_dir / p
+    if not p.is_file():
+        raise WorkbenchError(f"{label} {graph}: {p} (named in {run_dir / MODELS_FILE}) does not exist here")
+    return p
+
+
+def engine_shapes(run: dict, graph: str, onnx_path: Path) -> tuple[dict, str]:
+    """(shapes, engine kind) for building `graph`: the run's recorded task.shapes and engine kinds (default
+    "generic"), else the WeNet pipeline's ranges for its encoder/decoder."""
+    task = run.get("task") or {}
+    recorded = task.get("shapes") or {}
+    if graph in recorded:
+        return recorded[graph], (task.get("engine_kinds") or {}).get(graph, "generic")
+
+    if graph not in PIPELINE_TIME_RANGES:
+        raise WorkbenchError(f"run.json records no engine shapes (task.shapes) for graph {graph!r}, and it is not a "
+                             f"WeNet encoder/decoder: run the search again with this workbench (task runs record them)")
+    return engines.default_shapes(onnx_path, graph, time_range=PIPELINE_TIME_RANGES[graph]), graph
+
+
 def _tensorrt_recipe(run_dir: Path, run: dict, label: str, kind: str, onnx_path: Path, plan: dict,
-                     calibrator: str) -> tuple[Path, dict]:
+                     calibrator: str, fp32: Path | None = None) -> tuple[Path, dict]:
     """(model, plan): `onnx_path` itself when the run placed by the TensorRT recipe, else the same plan placed
-    again by it on the FP32 model of the calibrator's source, with that calibrator's table."""
+    again by it on the FP32 model of the calibrator's source (`fp32` in a task run), with that calibrator's
+    table."""
     if run["recipe"] == "tensorrt":
         return onnx_path, plan
-    source = run_dir / "models" / ("qat_fp32" if calibrator == "qat" else "fp32") / f"{kind}.onnx"
+    # QAT ranges go on the QAT weights (pipeline.workspace sources), any other on the run's FP32 graph
+    source = run_dir / "models" / "qat_fp32" / f"{kind}.onnx" if calibrator == "qat" else \
+        fp32 if fp32 is not None else run_dir / "models" / "fp32" / f"{kind}.onnx"
     out = run_dir / "rtx" / "models" / f"{_slug(label)}.{kind}.onnx"
     if not out.is_file():
         quantize(str(source), run_dir / "calibration" / f"{kind}.{calibrator}.json", plan=plan, recipe="tensorrt",
@@ -78,6 +128,7 @@ def _qat_export(run: dict, out_dir: Path) -> dict[str, tuple[Path, dict]]:
     from quant.qat_run import WEIGHTS, check_qat_dir, table_path
     from quant.table import CalibrationTable
 
+
     qdir = check_qat_dir(run["config"]["qat"]["dir"])
     plans = {k: load_plan(qdir / f"{k}.plan.json") for k in KINDS}
     if not all((out_dir / f"{k}.onnx").is_file() for k in KINDS):
@@ -90,27 +141,40 @@ def _qat_export(run: dict, out_dir: Path) -> dict[str, tuple[Path, dict]]:
 
 
 def variants(run_dir: Path) -> dict[str, dict[str, tuple[Path, dict | None]]]:
-    """{variant: {kind: (ONNX path, plan or None for FP32)}} of the run, TensorRT recipe throughout."""
+    """{variant: {graph: (ONNX path, plan or None for FP32)}} of the run, TensorRT recipe throughout."""
     run, models = read_json(run_dir / "run.json"), read_json(run_dir / MODELS_FILE)
-    path_of = lambda label, kind: run_dir / models[label][kind]  # noqa: E731
-    plan_beside = lambda p: load_plan(p.with_suffix(".plan.json"))  # noqa: E731 - Workspace.model writes it
-    out: dict[str, dict] = {"FP32": {k: (path_of("FP32", k), None) for k in KINDS}}
+    graphs = graph_names(run, models)
+    path_of = lambda label, g: model_path(run_dir, models, label, g)  # noqa: E731
+    plan_beside = lambda p: load_plan(p.with_suffix(".plan.json"))  # noqa: E731 - the workspaces write it
+    # a task run's FP32 graph may live outside the run (the task's export, a user's file): re-placement starts there
+    fp32 = (lambda g: path_of("FP32", g)) if is_task_run(run) else (lambda g: None)  # noqa: E731
+    out: dict[str, dict] = {"FP32": {g: (path_of("FP32", g), None) for g in graphs}}
     if "FP16" in models:
-        out["FP16"] = {k: (path_of("FP16", k), plan_beside(path_of("FP16", k))) for k in KINDS}
+        out["FP16"] = {g: (path_of("FP16", g), plan_beside(path_of("FP16", g))) for g in graphs}
     start = next((x["calibrator"] for x in run.get("searches") or [] if x.get("calibrator") != "qat"), None)
     if f"INT8 all ({start})" in models:
         label = f"INT8 all ({start})"
         out[label] = {}
-        for k in KINDS:
-            out[label][k] = _tensorrt_recipe(run_dir, run, label, k, path_of(label, k),
-                                             plan_beside(path_of(label, k)), start)
+        for g in graphs:
+            out[label][g] = _tensorrt_recipe(run_dir, run, label, g, path_of(label, g),
+                                             plan_beside(path_of(label, g)), start, fp32(g))
     if run["config"].get("qat", {}).get("dir"):
         out["QAT export"] = _qat_export(run, run_dir / "rtx" / "models" / "qat_export")
     if "selected" in models:
         calibrator = run["selected"]["calibrator"]
-        out["selected"] = {k: _tensorrt_recipe(run_dir, run, "selected", k, path_of("selected", k),
-                                               load_plan(run_dir / "final" / f"{k}.plan.json"), calibrator)
-                           for k in KINDS}
+        out["selected"] = {}
+        for g in graphs:
+            plan = load_plan(run_dir / "final" / f"{g}.plan.json")
+            if calibrator is None:  # a float baseline won (FP32, FP16): built as written, nothing to re-place;
+                # checked against its baseline's own plan (final/'s plan covers the quantizable nodes only, so for
+                # FP16 it leaves the FP16 activation MatMuls as "fp32")
+                source = run["selected"].get("source")
+                if source in models and source != "FP32":
+                    plan = plan_beside(path_of(source, g))
+                out["selected"][g] = (path_of("selected", g), plan)
+            else:
+                out["selected"][g] = _tensorrt_recipe(run_dir, run, "selected", g, path_of("selected", g), plan,
+                                                      calibrator, fp32(g))
     return out
 
 
@@ -119,17 +183,18 @@ def check_run(path: str | Path, compute_capability: int = 89, log=print) -> dict
     lists them); WorkbenchError naming
     each graph that the parser or builder refused (after trying all of them)."""
     run_dir = resolve_run_dir(path)
+    run = read_json(run_dir / "run.json")
     rows, failures = [], []
     for variant, kinds in variants(run_dir).items():
         for kind, (onnx_path, plan) in kinds.items():
-            row = {"variant": variant, "kind": kind, "onnx": str(onnx_path.relative_to(run_dir)),
+            row = {"variant": variant, "kind": kind, "onnx": _shown(onnx_path, run_dir),
                    "onnx_bytes": onnx_path.stat().st_size,
                    "validator_problems": None if plan is None else len(validate(onnx_path, plan, "tensorrt"))}
             t0 = time.perf_counter()
             try:
-                shapes = engines.default_shapes(onnx_path, kind, time_range=PIPELINE_TIME_RANGES[kind])
+                shapes, engine_kind = engine_shapes(run, kind, onnx_path)
                 art = engines.build(onnx_path, shapes, run_dir / "rtx" / _slug(variant) / f"{kind}_engine",
-                                    backend="tensorrt-rtx", kind=kind, compute_capabilities=[compute_capability])
+                                    backend="tensorrt-rtx", kind=engine_kind, compute_capabilities=[compute_capability])
                 row.update(plan_bytes=art.meta["plan_bytes"], build_s=art.meta["build_s"], reused=art.reused,
                            engine=str(art.path.relative_to(run_dir)))
             except WorkbenchError as e:
@@ -157,6 +222,15 @@ def check_run(path: str | Path, compute_capability: int = 89, log=print) -> dict
         raise WorkbenchError(f"TensorRT-RTX refused {len(failures)} of {len(rows)} graphs of {run_dir}: "
                              + " | ".join(failures))
     return result
+
+
+def _shown(p: Path, run_dir: Path) -> str:
+    """A graph's path as rtx_builds.json records it: run-relative, else absolute (a graph outside the run)."""
+    p = Path(p)
+    for a, root in ((p, run_dir), (p.resolve(), run_dir.resolve())):
+        if a.is_relative_to(root):
+            return str(a.relative_to(root))
+    return str(p)
 
 
 def rtx_table_rows(result: dict) -> list[list[str]]:

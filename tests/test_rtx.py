@@ -292,3 +292,83 @@ def test_rtx_check_needs_a_run(tmp_path):
     with pytest.raises(WorkbenchError, match="has no models.json"):
         resolve_run_dir(tmp_path)
     assert _slug("INT8 all (percentile_99.99)") == "int8_all_percentile_99_99"
+
+
+# ------------------------------------------------------------------ wb rtx-check on a task run
+
+def test_rtx_check_builds_every_graph_of_a_task_run(rtx, tmp_path, capsys):
+    """A task run (the generic `onnx` task on tests/test_task_search.py's classifier): graph names from
+    models.json, shapes from run.json task.shapes, the user's FP32 graph outside the run (an absolute path), the
+    INT8 and selected plans placed again by the tensorrt recipe (the run used onnxruntime's); all of them build."""
+    from test_task_search import Classifier, write_config, write_feeds
+    import torch
+    from workbench.cli import main
+
+    torch.manual_seed(0)
+    user = tmp_path / "user"
+    user.mkdir()
+    torch.onnx.export(Classifier().eval(), (torch.randn(2, 12, 16),), str(user / "classifier.onnx"),
+                      input_names=["features"], output_names=["logits"], opset_version=17, dynamo=False,
+                      dynamic_axes={"features": {0: "B", 1: "T"}, "logits": {0: "B"}})
+    write_feeds(user / "calib", 4, 0)
+    write_feeds(user / "eval", 3, 1)
+    cfg = write_config(user, "generic.toml")
+    run_dir = tmp_path / "runs" / "r1"
+    assert main(["search", "--quick", "--config", str(cfg), "--runs-root", str(tmp_path / "runs"),
+                 "--run-dir", str(run_dir)]) == 0
+    run = json.loads((run_dir / "run.json").read_text())
+    models = json.loads((run_dir / "models.json").read_text())
+    assert run["recipe"] == "onnxruntime" and run["selected"]
+    assert models["FP32"] == {"classifier": str((user / "classifier.onnx").resolve())}  # outside the run
+    capsys.readouterr()
+
+    assert main(["rtx-check", "--run", str(run_dir), "--compute-capability", "89"]) == 0
+    assert "TensorRT-RTX builds (SM89)" in capsys.readouterr().out
+    result = json.loads((run_dir / "rtx_builds.json").read_text())
+    start = run["searches"][0]["calibrator"]
+    assert [(r["variant"], r["kind"]) for r in result["rows"]] == [
+        ("FP32", "classifier"), ("FP16", "classifier"), (f"INT8 all ({start})", "classifier"),
+        ("selected", "classifier")]
+    assert result["failures"] == [] and result["compute_capability"] == 89
+    shapes = run["task"]["shapes"]["classifier"]
+    for r in result["rows"]:
+        assert r["plan_bytes"] > 0 and "error" not in r, r
+        assert r["validator_problems"] == (None if r["variant"] == "FP32" else 0)
+        meta = json.loads((run_dir / r["engine"] / "engine.json").read_text())
+        assert meta["shapes"] == shapes and meta["kind"] == "generic"  # the run's own shape ranges
+        assert meta["options"]["compute_capabilities"] == SM
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert rows["FP32"]["onnx"] == str((user / "classifier.onnx").resolve())
+    assert rows[f"INT8 all ({start})"]["onnx"].startswith("rtx/models/")  # re-placed by the tensorrt recipe
+    # the selection (timing decides, so FP16 or FP32 may win on this tiny model): an INT8 mix is placed again by
+    # the tensorrt recipe, a float baseline is built as the run wrote it
+    assert rows["selected"]["onnx"] == ("rtx/models/selected.classifier.onnx" if run["selected"]["calibrator"]
+                                        else "final/classifier.onnx")
+    assert "| FP32 | classifier |" in (run_dir / "rtx_builds.md").read_text()
+    assert "classifier" in (run_dir / "report.md").read_text()
+
+
+def test_rtx_check_shapes_and_graphs_of_any_run(tiny_onnx, tmp_path):
+    """Without RTX: a task run's graphs and recorded shapes; a WeNet run keeps the pipeline's ranges; a graph
+    with neither is one clear error; a models.json path that is not there is named."""
+    from pipeline.rtx_check import engine_shapes, graph_names, model_path
+    from tasks.wenet_asr import KINDS, PIPELINE_TIME_RANGES
+
+    rng = {"min": [1, 1], "opt": [4, 8], "max": [8, 16]}
+    task_run = {"task": {"graphs": ["b", "a"], "shapes": {"a": {"x": rng}}}}
+    assert graph_names(task_run, {"FP32": {"a": "x", "b": "y"}}) == ["b", "a"]
+    assert graph_names({"task": {}}, {"FP32": {"a": "x"}}) == ["a"]
+    assert graph_names({"model": "wenet-small"}, {"FP32": {"encoder": "e"}}) == list(KINDS)
+    assert engine_shapes(task_run, "a", tiny_onnx[0]) == ({"x": rng}, "generic")
+    enc, kind = engine_shapes({"model": "wenet-small"}, "encoder", tiny_onnx[0])
+    assert kind == "encoder" and enc == engines.default_shapes(tiny_onnx[0], "encoder",
+                                                               time_range=PIPELINE_TIME_RANGES["encoder"])
+    with pytest.raises(WorkbenchError, match="records no engine shapes.*'b'"):
+        engine_shapes(task_run, "b", tiny_onnx[0])
+    (tmp_path / "m.onnx").write_bytes(b"x")
+    models = {"FP32": {"a": str(tmp_path / "m.onnx"), "b": "models/b.onnx"}}
+    assert model_path(tmp_path, models, "FP32", "a") == tmp_path / "m.onnx"  # absolute: as written
+    with pytest.raises(WorkbenchError, match=r"models/b\.onnx.*does not exist here"):
+        model_path(tmp_path, models, "FP32", "b")
+    with pytest.raises(WorkbenchError, match="no graph 'c'"):
+        model_path(tmp_path, models, "FP32", "c")

@@ -1,4 +1,5 @@
-"""`wb rtx-check`: build a run's deliverables with TensorRT-RTX on CPU (CI fails on any parser/builder error)."""
+"""`wb rtx-check`: build a run's deliverables (a WeNet or a task run: pipeline/rtx_check.py) with TensorRT-RTX on CPU
+(CI fails on any parser/builder error)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,7 +31,7 @@ def _report(run_dir: Path, published: Path, write_report) -> None:
 
 
 def register(sub) -> None:
-    s = sub.add_parser("rtx-check", help="build a run's FP32/FP16/INT8/QAT/selected graphs with TensorRT-RTX (CPU)")
+    s = sub.add_parser("rtx-check", help="build any run's FP32/FP16/INT8/QAT/selected graphs (models.json) with TensorRT-RTX (CPU)")
     s.add_argument("--run", type=Path, required=True,
                    help="a run directory, or a published one (build.sh --out DIR) whose run.json names the run")
     s.add_argument("--compute-capability", type=int, default=89, help="RTX target GPU (default 89)")
