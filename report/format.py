@@ -90,7 +90,7 @@ def criterion_words(crit: dict, threshold: float | None) -> str:
 
 def _text_cols(headers: list[str]) -> set[int]:
     """Columns aligned left (the first one and the free-text ones); numbers are aligned right."""
-    return {0} | {j for j, h in enumerate(headers) if h in ("label", "stage") or h.startswith("same plan")}
+    return {0} | {j for j, h in enumerate(headers) if h in ("label", "stage", "set") or h.startswith("same plan")}
 
 
 class Doc:
