@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from core.errors import WorkbenchError
 from core.fsutil import sha256_file
-from tasks.base import Task
+from tasks.base import ALL, Task
 
 # What a baseline record depends on besides the models' content: these config sections (resolved: backend
 # "auto" is already the backend used) and, of [latency], the keys that time baselines (search_* and
@@ -23,43 +23,131 @@ BASELINE_LATENCY_KEYS = ("batch_sizes", "seq_lens", "warmup", "iters", "models")
 _SHA_MEMO: dict[tuple, str] = {}
 
 
-def criterion_of(cfg: dict, task: Task, reference: float) -> dict:
+def _threshold(kind: str, hi: bool, d: float, reference: float) -> float | None:
+    """The pass threshold of one reference value, in the metric's own direction."""
+    if kind == "absolute":
+        return reference - d if hi else reference + d
+    if kind == "relative":
+        return reference * (1 - d) if hi else reference * (1 + d)
+    if kind == "fixed":
+        return d
+    return None
+
+
+def criterion_of(cfg: dict, task: Task, reference: float | dict) -> dict:
     """The pass rule as data, in the metric's own direction: absolute (FP32 -/+ delta), relative (FP32 x (1 -/+
     delta)), fixed (the value delta itself, e.g. cosine >= 0.99) or hackathon (every case of the task's
-    reference check passes)."""
+    reference check passes).
+
+    `reference`: FP32's accuracy dict (its flat metrics and, for a task with eval_sets, "sets"), or FP32's
+    value of the metric. With sets, the rule applies to each set with its own threshold from FP32's value on
+    it ([criterion] sets = "each"), or to the weighted mean of the sets' values against the weighted mean of
+    FP32's ("weighted", [criterion] weights = {set = w}, default equal). [criterion] mode = "point" judges the
+    point estimate; "bound" the bound of its paired bootstrap 95 % interval in the metric's bad direction
+    (FP32's value + the interval's high end of the change for a lower-is-better metric, the low end else)."""
     c = cfg["criterion"]
     m = task.metric(c["metric"])
     hi, d, kind = m.higher_is_better, float(c["delta"]), c["kind"]
+    mode, how, weights = c.get("mode", "point"), c.get("sets", "each"), dict(c.get("weights") or {})
+    fp32 = reference if isinstance(reference, dict) else {m.name: reference}
+    ref = fp32[m.name]
     if kind == "absolute":
-        thr = reference - d if hi else reference + d
         text = f"{m.name} {'>=' if hi else '<='} FP32 {m.name} {'-' if hi else '+'} {d:g} (absolute)"
     elif kind == "relative":
-        thr = reference * (1 - d) if hi else reference * (1 + d)
         text = f"{m.name} {'>=' if hi else '<='} FP32 {m.name} x (1 {'-' if hi else '+'} {d:g})"
     elif kind == "fixed":
-        thr, text = d, f"{m.name} {'>=' if hi else '<='} {d:g}"
+        text = f"{m.name} {'>=' if hi else '<='} {d:g}"
     elif kind == "hackathon":
         if not task.check_name:
             raise WorkbenchError(f"criterion.kind = \"hackathon\" needs a task with a reference output check; "
                                  f"task {task.name!r} has none")
-        thr, text = None, "every case of the hackathon output check passes"
+        text = "every case of the hackathon output check passes"
     else:
         raise WorkbenchError(f"config criterion.kind = {kind!r} is not one of absolute, relative, fixed, hackathon")
+    if mode not in ("point", "bound") or how not in ("each", "weighted"):
+        raise WorkbenchError(f"config criterion.mode = {mode!r} / criterion.sets = {how!r}: choose point or bound "
+                             f"/ each or weighted")
+    if mode == "bound" and kind == "hackathon":
+        raise WorkbenchError("config criterion.mode = \"bound\" judges a metric's interval; the hackathon kind "
+                             "has none (use mode = \"point\")")
+    thr = _threshold(kind, hi, d, ref)
     if thr is not None and not np.isfinite(thr):
         raise WorkbenchError(f"criterion {text} gives the threshold {thr} (FP32 {m.name} is {reference}): use "
                              f"criterion.kind = \"fixed\" for this metric")
-    return {"metric": m.name, "kind": kind, "delta": d, "reference": reference, "threshold": thr,
-            "higher_is_better": hi, "text": text}
+    names = list(getattr(task, "eval_sets", ()) or ())
+    crit = {"metric": m.name, "kind": kind, "delta": d, "reference": ref, "threshold": thr,
+            "higher_is_better": hi, "text": text, "mode": mode, "sets": how, "set_rules": {}}
+    if names and kind != "hackathon":
+        sets = fp32.get("sets") or {}
+        crit["set_rules"] = {n: {"reference": sets[n][m.name], "threshold": _threshold(kind, hi, d, sets[n][m.name])}
+                             for n in names}
+        if how == "weighted":
+            bad = set(weights) - set(names)
+            if bad or any(not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0 for w in weights.values()):
+                raise WorkbenchError(f"config criterion.weights = {weights!r}: non-negative numbers for the task's "
+                                     f"sets {names}")
+            w = {n: float(weights.get(n, 0.0 if weights else 1.0)) for n in names}
+            if sum(w.values()) <= 0:
+                raise WorkbenchError(f"config criterion.weights = {weights!r} weigh no set of {names}")
+            wref = sum(w[n] * crit["set_rules"][n]["reference"] for n in names) / sum(w.values())
+            crit["weights"], crit["weighted"] = w, {"reference": wref, "threshold": _threshold(kind, hi, d, wref)}
+            crit["text"] += f", on the sets' weighted mean ({', '.join(f'{n} {w[n]:g}' for n in names)})"
+        else:
+            crit["text"] += f", on each set ({', '.join(names)})"
+    elif how == "weighted" and weights:
+        raise WorkbenchError(f"config criterion.weights names sets, but task {task.name!r} has one evaluation set")
+    if mode == "bound":
+        crit["text"] += "; judged on the 95 % interval's bound in the metric's bad direction"
+    return crit
+
+
+def judged_value(crit: dict, acc: dict, name: str = ALL) -> float:
+    """The value the criterion judges of set `name` (ALL: the flat metric): the point estimate, or with mode
+    "bound" FP32's value plus the bad-direction bound of the interval of the change."""
+    m, hi = crit["metric"], crit["higher_is_better"]
+    if name != ALL and name not in (acc.get("sets") or {}):
+        raise WorkbenchError(f"an accuracy record without set {name!r} (a cached result from before the task "
+                             f"had evaluation sets?): use a new run directory")
+    point = acc[m] if name == ALL else acc["sets"][name][m]
+    if crit.get("mode", "point") == "point":
+        return point
+    ci = (acc.get("intervals") or {}).get(name)
+    if not ci or ci.get("metric", m) != m:
+        raise WorkbenchError(f"criterion.mode = \"bound\" needs the paired interval of {m} on set {name!r}; this "
+                             f"record has {'one of ' + str(ci.get('metric')) if ci else 'none'} (a task with "
+                             f"evaluate_items and delta_interval for this metric)")
+    ref = crit["reference"] if name == ALL else crit["set_rules"][name]["reference"]
+    return ref + (ci["low"] if hi else ci["high"])
+
+
+def verdicts(crit: dict, acc: dict) -> dict[str, bool]:
+    """{unit: passes} of what the criterion judges: each set (or ALL for a task with one set), or "weighted"."""
+    if crit["kind"] == "hackathon":
+        return {"hackathon": acc.get("hackathon_passed") == acc.get("hackathon_total")}
+    hi = crit["higher_is_better"]
+    ok = (lambda v, t: v >= t - 1e-12) if hi else (lambda v, t: v <= t + 1e-12)  # noqa: E731
+    rules = crit.get("set_rules") or {}
+    if not rules:
+        return {ALL: ok(judged_value(crit, acc), crit["threshold"])}
+    if crit.get("sets") == "weighted":
+        w = crit["weights"]
+        v = sum(w[n] * judged_value(crit, acc, n) for n in rules) / sum(w.values())
+        return {"weighted": ok(v, crit["weighted"]["threshold"])}
+    return {n: ok(judged_value(crit, acc, n), r["threshold"]) for n, r in rules.items()}
 
 
 def passes_of(crit: dict) -> Callable[[dict], bool]:
     """accuracy dict -> whether it passes `crit` (with the hackathon kind: the check's counts in it)."""
-    if crit["kind"] == "hackathon":
-        return lambda acc: acc.get("hackathon_passed") == acc.get("hackathon_total")
-    thr = crit["threshold"]
-    if crit["higher_is_better"]:
-        return lambda acc: acc[crit["metric"]] >= thr - 1e-12
-    return lambda acc: acc[crit["metric"]] <= thr + 1e-12
+    return lambda acc: all(verdicts(crit, acc).values())
+
+
+def confirmation_criterion(crit: dict, reference: float) -> dict:
+    """The rule on the confirmation set: the run's kind, delta and mode, with FP32's value on that set."""
+    hi = crit["higher_is_better"]
+    out = {k: v for k, v in crit.items() if k not in ("set_rules", "weights", "weighted")}
+    out.update(reference=reference, threshold=_threshold(crit["kind"], hi, crit["delta"], reference), set_rules={},
+               sets="each")
+    return out
 
 
 def _content_sha(path: Path) -> str:
@@ -86,17 +174,22 @@ def baseline_key(cfg: dict, models: dict[str, Path], reference: dict[str, Path],
     return "baseline:" + hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def add_intervals(task: Task, baselines: list[dict]) -> None:
+def add_intervals(ws, baselines: list[dict]) -> None:
     """Each baseline's metric change against FP32 with its paired bootstrap 95 % interval over the evaluation
-    items ("ci"; task.delta_interval, seeded), for the report. The criterion still compares point estimates.
-    The per-item results stay in the cache, out of run.json."""
+    items, per set (accuracy "intervals", task.delta_interval, seeded) and flat ("ci", for the report); FP32's
+    items become the workspace's reference (the search's intervals). The per-item results stay in the cache,
+    out of run.json."""
     ref = baselines[0].pop("items", None) if baselines else None
+    ws.set_reference(ref)
     for b in baselines[1:]:
         items = b.pop("items", None)
-        if items is not None and ref is not None:
-            ci = task.delta_interval(items, ref)
-            if ci:
-                b["ci"] = ci
+        if items is not None and ref is not None and "accuracy" in b:
+            ivs = ws.intervals(items, ref)
+            b["accuracy"] = {k: v for k, v in b["accuracy"].items() if k != "intervals"}
+            if ivs:
+                b["accuracy"]["intervals"] = ivs
+                if ALL in ivs:
+                    b["ci"] = ivs[ALL]
 
 
 def baselines_stage(exp) -> tuple[list[dict], dict, dict]:
@@ -124,7 +217,9 @@ def baselines_stage(exp) -> tuple[list[dict], dict, dict]:
     baselines = [exp.full_record("FP32", fp32, precision="fp32", calibrator=None)]
     steps.update(1)
     models_of_label = {"FP32": (fp32, flat_of("fp32"))}
-    crit = criterion_of(exp.cfg, exp.task, baselines[0]["accuracy"][exp.cfg["criterion"]["metric"]])
+    if "accuracy" in baselines[0]:
+        check_metric_record(exp.task, baselines[0]["accuracy"])
+    crit = criterion_of(exp.cfg, exp.task, baselines[0]["accuracy"])
     try:
         fp16 = fp16_models()
         baselines.append(exp.full_record("FP16", fp16, precision="fp16", calibrator=None))
@@ -138,11 +233,22 @@ def baselines_stage(exp) -> tuple[list[dict], dict, dict]:
         models_of_label[label] = (models, flat_of("int8"))
         steps.update(1)
     steps.close()
-    passes = passes_of(crit)
+    add_intervals(exp.ws, baselines)  # before the verdicts: mode "bound" judges the intervals
     check = exp.task.check_name
     for b in baselines:
         if "accuracy" in b:
-            b["passed"] = passes(b["accuracy"]) if crit["kind"] != "hackathon" else \
-                b[check]["passed"] == b[check]["total"]
-    add_intervals(exp.task, baselines)
+            if crit["kind"] == "hackathon":
+                b["passed"] = b[check]["passed"] == b[check]["total"]
+            else:
+                b["verdicts"] = verdicts(crit, b["accuracy"]) if b is not baselines[0] or crit["mode"] == "point" \
+                    else {k: True for k in verdicts({**crit, "mode": "point"}, b["accuracy"])}
+                b["passed"] = all(b["verdicts"].values())
     return baselines, models_of_label, crit
+
+
+def check_metric_record(task: Task, acc: dict) -> None:
+    """A record cached before the task named its evaluation sets would judge the wrong thing: one clear error."""
+    missing = [n for n in getattr(task, "eval_sets", ()) if n not in (acc.get("sets") or {})]
+    if missing:
+        raise WorkbenchError(f"the FP32 record has no results for evaluation sets {missing} (cached before the task "
+                             f"had them?): use a new run directory")

@@ -28,6 +28,8 @@ _CHOICES = {
     ("quantize", "ort_mode"): {"auto", *ORT_MODES},
     ("backend", "name"): {"auto", "onnxruntime", "tensorrt"},
     ("criterion", "kind"): {"absolute", "relative", "hackathon", "fixed"},
+    ("criterion", "mode"): {"point", "bound"},
+    ("criterion", "sets"): {"each", "weighted"},
     ("task", "kind"): {"wenet_asr", "onnx", "sentence_embedding"},
     ("distributed", "engine"): {"serial", "ray"},
 }
@@ -67,6 +69,8 @@ _RANGES = {
     ("data", "calib_utts"): (1, True, None, None),
     ("data", "eval_utts"): (1, True, None, None),
     ("data", "ranking_utts"): (1, True, None, None),
+    ("data", "confirm_utts"): (0, True, None, None),
+    ("budget", "max_confirmations"): (1, True, None, None),
     ("calibration", "percentile"): (0, False, 100, False),
     ("calibration", "batch_size"): (1, True, None, None),
     ("backend", "threads"): (1, True, None, None),
@@ -190,6 +194,13 @@ def load_config(*paths: str | Path) -> dict:
     if bad:
         raise WorkbenchError(f"config quantize.extra_recipes: unknown {sorted(bad)}; choose from onnxruntime, tensorrt")
     _check_distributed(cfg["distributed"])
+    if cfg["criterion"]["mode"] == "bound" and cfg["criterion"]["kind"] == "hackathon":
+        raise WorkbenchError("config criterion.mode = \"bound\" judges a metric's interval; criterion.kind = "
+                             "\"hackathon\" has none (use mode = \"point\")")
+    if is_wenet(cfg):
+        from tasks.wenet_asr import parse_eval_sets
+
+        parse_eval_sets(cfg["data"]["eval_sets"])  # one line per mistake, before any work
     if cfg["budget"]["max_full_evals"] < 2:
         raise WorkbenchError("config budget.max_full_evals must be at least 2 (all-INT8 and the fallback plan)")
     return cfg

@@ -20,8 +20,9 @@ from tqdm import tqdm
 import engines
 from core.fsutil import RunDirLock
 from core.host import describe, host_info
-from pipeline.baselines import baseline_key, baselines_stage, passes_of
+from pipeline.baselines import baseline_key, baselines_stage, passes_of, verdicts
 from pipeline.calibration import calibrate_stage
+from pipeline.confirmation import confirm_stage
 from pipeline.config import check_resume, resolve_backend_and_recipe
 from pipeline.deliverables import finalize, write_models_index
 from pipeline.runfile import RUN_FORMAT, save_run
@@ -31,7 +32,7 @@ from pipeline.sensitivity import sensitivity_stage
 from pipeline.workspace import Workspace
 from search.algorithm import flat_plan_hash, node_key, plan_counts, split_plan
 from search.evalcache import EvalCache
-from tasks.base import Task
+from tasks.base import ALL, Task
 
 
 def _case_key(key, feeds: dict) -> tuple[int, int]:
@@ -144,6 +145,8 @@ class Experiment:
         """The precision search from the all-INT8 baseline `start` (its calibrator's ranges and FP32 weights)."""
         method, check, recipe = start["calibrator"], crit["kind"] == "hackathon", start.get("recipe")
         tag = f"{method}.{recipe}" if recipe else method  # the search's files and cache keys
+        if crit.get("mode") == "bound":  # its cached accuracy dicts carry the intervals the bound judges
+            tag += ".bound"
 
         def models_of(flat):
             return {g: self.ws.model(g, split_plan(flat, g), method, recipe=recipe) for g in self.names}
@@ -163,9 +166,11 @@ class Experiment:
                            progress=self.progress, fanout=fan, recipe=recipe,
                            side_by_side=lambda options: self.side_by_side(options, search=True))
 
-    def select(self, crit: dict, searches: list[dict], baselines: list[dict], models_of_label: dict):
+    def select(self, crit: dict, searches: list[dict], baselines: list[dict], models_of_label: dict,
+               exclude: set[str] = frozenset()):
         """The fastest passing option (pipeline.selection): the passing baselines and every passing plan the
-        searches evaluated, decided on paired side-by-side timings with FP32. Returns (selected record, timing)."""
+        searches evaluated, decided on paired side-by-side timings with FP32; `exclude`: labels ruled out (the
+        confirmation stage's rejections). Returns (selected record, timing, its models)."""
         m = self.task.metric(crit["metric"])
         # Baselines first: a search that ends on a baseline's plan with its accuracy is reported as that baseline.
         options = [(b["label"], *models_of_label[b["label"]], b, b["calibrator"]) for b in baselines
@@ -174,9 +179,10 @@ class Experiment:
             options += x.get("candidates", [])
         lat = self.cfg["latency"]
         picked = select(options, lambda rec: -rec["accuracy"][m.name] if m.higher_is_better else rec["accuracy"][m.name],
-                        self.cache, self.side_by_side, self.ws.fp32, lat["tie_tolerance"], lat["side_by_side_max"])
+                        self.cache, self.side_by_side, self.ws.fp32, lat["tie_tolerance"], lat["side_by_side_max"],
+                        exclude=exclude)
         if picked is None:
-            return None, None
+            return None, None, None
         (label, models, flat, rec, calibrator), latency, timing = picked
         finalize(self, models, flat)
         selected = {"label": "selected mix", "source": label, "plan_hash": flat_plan_hash(flat),
@@ -188,9 +194,12 @@ class Experiment:
             selected[self.task.check_name] = self.ws.reference_check(models)
         if rec.get("recipe"):  # placed by an extra recipe, not the run's own
             selected["recipe"] = rec["recipe"]
-        if "ci" in rec:  # a baseline's interval (a search candidate has none: its items are not kept)
-            selected["ci"] = rec["ci"]
-        return selected, timing
+        ivs = rec["accuracy"].get("intervals") or {}
+        if ALL in ivs:  # the flat interval (per set: accuracy "intervals"), a baseline's or the search's
+            selected["ci"] = ivs[ALL]
+        if crit["kind"] != "hackathon":  # per set (or weighted): what passed
+            selected["verdicts"] = rec.get("verdicts") or verdicts(crit, rec["accuracy"])
+        return selected, timing, models
 
     # --- the whole run ------------------------------------------------------------------------------------------
     def device(self, host: dict) -> str:
@@ -218,18 +227,24 @@ class Experiment:
         ptq = [b for b in int8 if b["calibrator"] != "qat"]
         starts = ([best_of(ptq)] if ptq else []) + [b for b in int8 if b["calibrator"] == "qat"]
         searches = [self.search(b, crit) for b in starts]
-        selected, timing = self.select(crit, searches, baselines, models_of_label)
+        selected, timing, confirmation = confirm_stage(
+            self, crit, baselines, models_of_label,
+            lambda exclude: self.select(crit, searches, baselines, models_of_label, exclude))
         first = searches[0]
+        status = first["status"] if not selected else \
+            "not_confirmed" if confirmation and not confirmation["confirmed"] else "passed"
         host = host_info()
         run = {"format": RUN_FORMAT, "id": self.dir.name, "created": dt.datetime.now(dt.timezone.utc).isoformat(),
                "model": task.model or task.name, "backend": cfg["backend"]["name"], "recipe": cfg["quantize"]["recipe"],
                "host": host, "device": self.device(host),
                "task": {"name": task.name, "graphs": self.names, "links": task.links,
                         "metrics": {x.name: {"higher_is_better": x.higher_is_better} for x in task.metrics},
+                        "eval_sets": list(task.eval_sets), "confirm_set": task.confirm_set,
                         "shapes": {g: self.ws.shapes(g) for g in self.names},
                         "engine_kinds": {g: task.graph(g).engine_kind for g in self.names}},
-               "status": "passed" if selected else first["status"], "criterion": crit, "config": cfg,
+               "status": status, "criterion": crit, "config": cfg,
                "baselines": baselines, "selected": selected, "side_by_side": timing,
+               **({"confirmation": confirmation} if confirmation else {}),
                "searches": [{k: v for k, v in x.items() if k not in ("models", "flat", "trace", "sensitivity",
                                                                      "candidates")} for x in searches],
                "sensitivity": first["sensitivity"], "trace": first["trace"],

@@ -21,12 +21,16 @@ def option_key(o: Option) -> str:
 
 
 def select(options: list[Option], accuracy_key: Callable[[dict], float], cache, side_by_side: Callable,
-           fp32_models: dict, tolerance: float, most: int) -> tuple[Option, dict, dict] | None:
+           fp32_models: dict, tolerance: float, most: int, exclude: set[str] = frozenset()
+           ) -> tuple[Option, dict, dict] | None:
     """(chosen option, its side-by-side latency, the timing record for run.json) or None without options.
+    `exclude`: labels of options ruled out (e.g. rejected by the confirmation stage); the choice is then the
+    next by the same order among the others.
 
     One option per plan (same plan = same graph: the most accurate option of each, by `accuracy_key`, lower is
     better), shortlisted by sequential timing, timed with FP32 by `side_by_side({label: models})` (cached in
     `cache` by the models timed), chosen by search.selection.choose."""
+    options = [o for o in options if o[0] not in exclude]
     if not options:
         return None
     groups: dict[str, list] = {}

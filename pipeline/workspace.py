@@ -13,8 +13,11 @@ from graph.analysis import analyze, prepare_model
 from graph.calib import load_table
 from graph.placement import quantize
 from graph.plan import create_plan, edit_plan, save_plan
+from core.fsutil import read_json, write_json
 from pipeline.runners import RunnerCache
-from tasks.base import Task, check_metrics
+from tasks.base import ALL, Task, check_metrics
+
+REFERENCE_ITEMS = "reference_items.json"  # FP32's per-item results per set, for the workers' intervals too
 
 
 class Workspace:
@@ -30,6 +33,7 @@ class Workspace:
         self._plans: dict[tuple[str, str], dict] = {}
         self._shapes: dict[str, dict] = {}
         self._runners = RunnerCache()
+        self._reference: dict | None = None
 
     def _load(self, path: Path) -> tuple:
         if path not in self._loaded:
@@ -114,9 +118,63 @@ class Workspace:
         return {g: self.runner(g, p) for g, p in models.items()}
 
     # --- evaluation through the task (the driver's and the workers' one implementation) --------------------------
+    @property
+    def search_sets(self) -> list[str]:
+        """What the accuracy path measures: the flat metrics (ALL) and each of the task's named eval_sets."""
+        return [ALL, *self.task.eval_sets]
+
+    def measure(self, models: dict[str, Path], which: list[str]) -> dict[str, tuple[dict, object]]:
+        """{set: (checked metrics, per-item results)} of `which` (task.evaluate_sets)."""
+        res = self.task.evaluate_sets(self.runners(models), which)
+        out = {}
+        for name in which:
+            if name not in res:
+                raise WorkbenchError(f"task {self.task.name!r} returned no results for evaluation set {name!r}")
+            values, items = res[name]
+            out[name] = (check_metrics(self.task, values, f"set {name!r}, models {sorted(models)}"), items)
+        return out
+
+    def set_reference(self, items: dict | None) -> None:
+        """FP32's per-item results per set ({set: items}), which intervals compare with; kept in the run
+        directory too, so that a worker's Workspace (pipeline.fanout) finds them."""
+        self._reference = items
+        if items:
+            write_json(self.dir / REFERENCE_ITEMS, items)
+
+    @property
+    def reference_items(self) -> dict | None:
+        if self._reference is None and (self.dir / REFERENCE_ITEMS).is_file():
+            self._reference = read_json(self.dir / REFERENCE_ITEMS)
+        return self._reference
+
+    def intervals(self, items: dict | None, reference: dict | None = None) -> dict:
+        """{set: paired bootstrap interval of the metric's change against FP32} (task.delta_interval, seeded)
+        of every set with per-item results on both sides."""
+        ref = reference if reference is not None else self.reference_items
+        out = {}
+        for name, it in (items or {}).items():
+            if it is not None and ref and ref.get(name) is not None:
+                ci = self.task.delta_interval(it, ref[name])
+                if ci:
+                    out[name] = ci
+        return out
+
+    def _record(self, res: dict) -> tuple[dict, dict | None]:
+        """(accuracy dict, {set: items} or None) of measure(search_sets): the flat metrics, "sets" {name:
+        {metric: value}} when the task names sets, "intervals" {set: interval} when FP32's items are known."""
+        acc = dict(res[ALL][0])
+        if self.task.eval_sets:
+            acc["sets"] = {n: res[n][0] for n in self.task.eval_sets}
+        items = {n: it for n, (_, it) in res.items() if it is not None} or None
+        ivs = self.intervals(items)
+        if ivs:
+            acc["intervals"] = ivs
+        return acc, items
+
     def accuracy(self, models: dict[str, Path], check: bool = False) -> dict:
-        """The task's metrics; `check`: with the counts of its reference check (the hackathon criterion)."""
-        acc = check_metrics(self.task, self.task.evaluate(self.runners(models)), f"models {sorted(models)}")
+        """The task's metrics (per set, with intervals: _record); `check`: with the counts of its reference
+        check (the hackathon criterion). Per-item results are not kept (the search caches this dict)."""
+        acc, _ = self._record(self.measure(models, self.search_sets))
         if check:
             c = self.reference_check(models)
             acc["hackathon_passed"], acc["hackathon_total"] = c["passed"], c["total"]
@@ -128,9 +186,10 @@ class Workspace:
         return None if c is None else {k: v for k, v in c.items() if k != "rows"}
 
     def accuracy_part(self, models: dict[str, Path]) -> dict:
-        """What a baseline record holds besides latency: metrics, per-item results, the reference check."""
-        values, items = self.task.evaluate_items(self.runners(models))
-        rec = {"accuracy": check_metrics(self.task, values, f"models {sorted(models)}"), "items": items}
+        """What a baseline record holds besides latency: metrics, per-item results ({set: items}), the
+        reference check."""
+        acc, items = self._record(self.measure(models, self.search_sets))
+        rec = {"accuracy": acc, "items": items}
         if self.task.check_name:
             rec[self.task.check_name] = self.reference_check(models)
         return rec

@@ -11,10 +11,10 @@ from pathlib import Path
 
 from core.fsutil import atomic_path, read_json
 from pipeline.runfile import load_run, run_json_path
-from report.format import (Doc, criterion_words, fmt_interval, fmt_metric, fmt_ms, fmt_pass, fmt_probe_ratio, fmt_x,
+from report.format import (Doc, criterion_words, fmt_change, fmt_interval, fmt_metric, fmt_ms, fmt_pass, fmt_probe_ratio, fmt_x,
                            host_words)
-from report.model import (case_sort_key, fp32_baseline, metric_label, metric_names, metric_of, num, objective_of,
-                          qat_comparison, result_rows, side_by_side_of, speedup, threshold_of)
+from report.model import (case_sort_key, confirmation_rows, fp32_baseline, metric_label, metric_names, metric_of, num,
+                          objective_of, qat_comparison, result_rows, set_rows, side_by_side_of, speedup, threshold_of)
 from report.plots import PLOTS, SENSITIVITY_TOP, plot_all
 
 
@@ -27,7 +27,10 @@ def _build_doc(run: dict, pngs: dict[str, bytes]) -> Doc:
     d.h(1, f"Precision search report: {run.get('model', '?')} — run {run['id']}")
     if status != "passed":
         why = ("no precision mix passed the accuracy criterion, so there is no selected mix"
-               if status == "no_passing_plan" else "the run did not finish with a passing plan")
+               if status == "no_passing_plan" else
+               "the selected mix passed the search sets but failed the confirmation split (and so did every "
+               "other option tried within the budget)" if status == "not_confirmed" else
+               "the run did not finish with a passing plan")
         d.banner(f"FAILED (status: {status}): {why}.", ok=False)
     elif not sel:
         d.banner("Status is passed, but run.json records no selected mix.", ok=False)
@@ -66,6 +69,42 @@ def _build_doc(run: dict, pngs: dict[str, bytes]) -> Doc:
             "compares point estimates; an interval that crosses the threshold means the test split cannot tell.")
     d.p("Speedup = FP32 latency / this latency (objective, and per case below); above 1 is faster than FP32. "
         "The hackathon check compares outputs with the FP32 reference over the bs×sl grid (cases passed/total).")
+
+    srows = set_rows(run)
+    if srows:
+        d.h(3, "Evaluation sets")
+        d.table(["label", "set", metric_label(metric), "FP32", "change vs FP32 [95 % interval]", "passes on the set"],
+                [[r["label"], r["set"], fmt_metric(metric, r["metric"]), fmt_metric(metric, r["reference"]),
+                  fmt_interval(r["ci"]) if r["ci"] else fmt_change(metric, r["change"]), fmt_pass(r["passed"])]
+                 for r in srows], {i for i, r in enumerate(srows) if r["selected"]})
+        rules = crit.get("set_rules") or {}
+        how = ("each set passes against its own threshold (" +
+               ", ".join(f"{n} {fmt_metric(metric, num(r.get('threshold')))}" for n, r in rules.items()) + ")"
+               if crit.get("sets") != "weighted" else
+               f"the sets' weighted mean passes against {fmt_metric(metric, num((crit.get('weighted') or {}).get('threshold')))}"
+               f" (weights {', '.join(f'{n} {w:g}' for n, w in (crit.get('weights') or {}).items())}); "
+               "“passes on the set” is then not judged per set")
+        d.p(f"The criterion applies to the evaluation sets: {how}; mode {crit.get('mode', 'point')} "
+            f"({'the point estimate' if crit.get('mode', 'point') == 'point' else 'the bound of the 95 % interval in the metric’s bad direction'}). "
+            "The flat metrics above are over all of the sets' items together.")
+
+    crows = confirmation_rows(run)
+    if crows:
+        conf = run["confirmation"]
+        d.h(3, f"Confirmation split ({conf.get('set', '?')})")
+        d.table(["label", f"{metric_label(metric)} (search sets)", f"{metric_label(metric)} (confirmation)",
+                 "change vs FP32 [95 % interval]", "passes confirmation"],
+                [[r["label"], fmt_metric(metric, r["search_metric"]), fmt_metric(metric, r["metric"]),
+                  fmt_interval(r["ci"]), fmt_pass(r["passed"])] for r in crows],
+                {i for i, r in enumerate(crows) if r["kind"] == "selected"})
+        ccrit = conf.get("criterion") or {}
+        rejected = [r["label"].removeprefix("rejected: ") for r in crows if r["kind"] == "rejected"]
+        d.p(f"Measured after the selection on data the search and the selection never read; threshold "
+            f"{fmt_metric(metric, num(ccrit.get('threshold')))} from FP32's {fmt_metric(metric, num(ccrit.get('reference')))} "
+            f"on it. " + (f"Passed the search sets but failed confirmation, so rejected: {', '.join(rejected)}. "
+                          if rejected else "") +
+            (f"Confirmed: {conf['confirmed']}." if conf.get("confirmed") else
+             f"No option was confirmed within the budget of {conf.get('max_confirmations')}."))
 
     sbs = run.get("side_by_side") or {}
     if sbs.get("rows"):

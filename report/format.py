@@ -37,6 +37,13 @@ def fmt_interval(ci: dict | None) -> str:
     return f"{ci['delta']:+.4g} [{ci['low']:+.4g}, {ci['high']:+.4g}]"
 
 
+def fmt_change(name: str, v: float | None) -> str:
+    """A change against FP32 without an interval, in points for rates."""
+    if v is None:
+        return "—"
+    return f"{100 * v:+.2f} pt" if name.startswith(("cer", "wer")) else f"{v:+.4g}"
+
+
 def fmt_probe_ratio(st: dict | None) -> str:
     """A paired latency ratio with its standard error, e.g. "0.950 ± 0.010"."""
     return f"{st['median']:.3f} ± {st['se']:.3f}" if isinstance(st, dict) and "median" in st else "—"
@@ -83,7 +90,7 @@ def criterion_words(crit: dict, threshold: float | None) -> str:
 
 def _text_cols(headers: list[str]) -> set[int]:
     """Columns aligned left (the first one and the free-text ones); numbers are aligned right."""
-    return {0} | {j for j, h in enumerate(headers) if h in ("label", "stage") or h.startswith("same plan")}
+    return {0} | {j for j, h in enumerate(headers) if h in ("label", "stage", "set") or h.startswith("same plan")}
 
 
 class Doc:

@@ -98,7 +98,7 @@ def metric_names(run: dict) -> list[str]:
     """The criterion metric first, then CER/WER/greedy CER, then any other accuracy key that occurs."""
     names = [run["criterion"]["metric"]]
     entries = list(run.get("baselines") or []) + ([run["selected"]] if run.get("selected") else [])
-    seen = {k for e in entries for k in (e.get("accuracy") or {})}
+    seen = {k for e in entries for k, v in (e.get("accuracy") or {}).items() if num(v) is not None}
     names += [m for m in METRIC_ORDER if m in seen]
     names += sorted(seen - set(METRIC_ORDER))
     return list(dict.fromkeys(names))
@@ -138,6 +138,65 @@ def result_rows(run: dict) -> list[dict]:
             "speedup": speedup(r_obj, objective_of(e)),
             "cases": {k: {"median_ms": v, "speedup": speedup(r_cases.get(k), v)} for k, v in cases.items()},
         })
+    return rows
+
+
+def _set_entries(run: dict) -> list[dict]:
+    return [b for b in run.get("baselines") or [] if isinstance(b.get("accuracy"), dict)] + \
+        ([run["selected"]] if isinstance(run.get("selected"), dict) else [])
+
+
+def set_names(run: dict) -> list[str]:
+    """The evaluation sets the run measured (task.eval_sets), else those any record has."""
+    names = list((run.get("task") or {}).get("eval_sets") or [])
+    for e in _set_entries(run):
+        names += [n for n in (e["accuracy"].get("sets") or {}) if n not in names]
+    return names
+
+
+def set_rows(run: dict) -> list[dict]:
+    """One row per (baseline or selected mix, evaluation set): the criterion metric on the set, its change
+    against FP32 on the set with the interval, and the set's verdict (None: not judged on its own)."""
+    metric = run["criterion"]["metric"]
+    fp32 = fp32_baseline(run) or {}
+    ref_sets = (fp32.get("accuracy") or {}).get("sets") or {}
+    rows = []
+    for e in _set_entries(run):
+        sets = e["accuracy"].get("sets") or {}
+        ivs = e["accuracy"].get("intervals") or {}
+        for name in set_names(run):
+            v = num((sets.get(name) or {}).get(metric))
+            ref = num((ref_sets.get(name) or {}).get(metric))
+            verdict = (e.get("verdicts") or {}).get(name)
+            rows.append({"label": str(e.get("label") or "?"), "set": name, "metric": v, "reference": ref,
+                         "change": None if v is None or ref is None else v - ref,
+                         "ci": ivs.get(name) if isinstance(ivs.get(name), dict) else None,
+                         "passed": verdict if isinstance(verdict, bool) else None,
+                         "selected": e is run.get("selected")})
+    return rows
+
+
+def confirmation_rows(run: dict) -> list[dict]:
+    """The confirmation split's rows: each baseline, then each confirmed (or rejected) selection attempt."""
+    conf = run.get("confirmation")
+    if not isinstance(conf, dict):
+        return []
+    metric = run["criterion"]["metric"]
+    rows = []
+
+    def row(label, kind, search_acc, c):
+        c = c or {}
+        return {"label": label, "kind": kind, "search_metric": num((search_acc or {}).get(metric)),
+                "metric": num((c.get("accuracy") or {}).get(metric)), "ci": c.get("ci"),
+                "passed": c.get("passed") if isinstance(c.get("passed"), bool) else None}
+
+    for b in run.get("baselines") or []:
+        if isinstance(b.get("confirmation"), dict):
+            rows.append(row(str(b.get("label")), "baseline", b.get("accuracy"), b["confirmation"]))
+    for a in conf.get("attempts") or []:
+        confirmed = a.get("label") == conf.get("confirmed")
+        rows.append(row(f"{'selected' if confirmed else 'rejected'}: {a.get('label')}",
+                        "selected" if confirmed else "rejected", a.get("accuracy"), a.get("confirmation")))
     return rows
 
 

@@ -13,6 +13,9 @@ A task is small on purpose (NNCF's accuracy-control backend and Polygraphy's dat
   * `shape_feeds(graph)` (optional): feeds whose shapes the engine must admit, when a graph gives no shapes;
   * `evaluate_items` and `delta_interval` (optional): per-item results and the paired bootstrap interval of the
     metric's change against FP32 that they give;
+  * `eval_sets`, `confirm_set` and `evaluate_sets(runners, which)` (optional): named evaluation sets (domains)
+    the criterion applies to, a confirmation set only the confirmation stage measures, and their metrics and
+    per-item results (default: no named sets, `evaluate_items` as the one set ALL);
   * `reference_check(runners, reference)` (optional): an output check against the FP32 runners, recorded under
     `check_name` (the criterion kind "hackathon" asks every case of it to pass);
   * `extra_methods()` (optional): calibrators that come with their own FP32 weights and tables (QAT).
@@ -31,6 +34,7 @@ import numpy as np
 from core.errors import WorkbenchError
 
 Feeds = dict[str, np.ndarray]
+ALL = "all"  # evaluate_sets' name of the flat (pooled) metrics over the union of the task's eval_sets
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,8 @@ class Task(ABC):
     model: str = ""       # what run.json and the run index call the model (empty: the task's name)
     graphs: list[GraphSpec]
     metrics: list[Metric]
+    eval_sets: tuple[str, ...] = ()  # named evaluation sets the criterion applies to (empty: the one set ALL)
+    confirm_set: str = ""            # a set nothing but the confirmation stage measures (empty: none)
 
     def metric(self, name: str) -> Metric:
         for m in self.metrics:
@@ -105,6 +111,15 @@ class Task(ABC):
     def evaluate_items(self, runners: Mapping[str, Any]) -> tuple[dict[str, float], Any]:
         """The metrics and per-item results that `delta_interval` resamples (default: no items)."""
         return self.evaluate(runners), None
+
+    def evaluate_sets(self, runners: Mapping[str, Any], which: Iterable[str]) -> dict[str, tuple[dict[str, float], Any]]:
+        """{name: (metrics, per-item results)} of each set in `which`: ALL (the flat metrics over the union of
+        `eval_sets`, e.g. a pooled CER), names of `eval_sets`, or `confirm_set`. Default: `evaluate_items` as
+        the one set ALL."""
+        which = list(which)
+        if which != [ALL]:
+            raise WorkbenchError(f"task {self.name!r} has no evaluation sets {which} (it evaluates one set)")
+        return {ALL: self.evaluate_items(runners)}
 
     def delta_interval(self, items: Any, reference: Any) -> dict | None:
         """The paired bootstrap interval of the metric's change against FP32 from two `evaluate_items` results
@@ -149,6 +164,10 @@ def check_task_shape(task: Task) -> None:
     mnames = [m.name for m in task.metrics]
     if not mnames or len(set(mnames)) != len(mnames):
         raise WorkbenchError(f"task {task.name!r}: metrics must be a non-empty list of unique names ({mnames})")
+    sets = list(task.eval_sets) + ([task.confirm_set] if task.confirm_set else [])
+    if len(set(sets)) != len(sets) or ALL in sets or any(not isinstance(n, str) or not n for n in sets):
+        raise WorkbenchError(f"task {task.name!r}: evaluation and confirmation set names must be unique, non-empty "
+                             f"and not {ALL!r} ({sets})")
 
 
 def check_metrics(task: Task, values: Mapping[str, float], where: str) -> dict[str, float]:

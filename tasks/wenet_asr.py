@@ -6,6 +6,10 @@ fractions. Its extras over the Task interface: per-utterance counts for the pair
 change, the hackathon's output check against FP32 (criterion kind "hackathon"), a ranking subset (the
 calibration utterances where FP32 and all-INT8 encoders disagree most) and QAT ranges with their fine-tuned
 weights as calibrator "qat" (`[qat] dir`).
+
+Evaluation sets (`[data] eval_sets`, e.g. "test-a: m4 f3 klatt3"): the first eval_utts utterances of eval_split
+partitioned by the held-out voice variant of each (its manifest's "voice"), so the flat metrics stay the pooled
+CER over all of them; the confirmation set "confirm" (`[data] confirm_utts`): the next confirm_utts utterances.
 """
 from __future__ import annotations
 
@@ -25,9 +29,9 @@ from engines.cases import bench_cases
 from evaluation.asr import decoder_calibration_feeds, evaluate
 from evaluation.bootstrap import paired_delta_ci
 from evaluation.hackathon import make_cases, run_check
-from evaluation.metrics import edit_distance
+from evaluation.metrics import cer, edit_distance, wer
 from quant.collect import Padding, encoder_feed
-from tasks.base import GraphSpec, Metric, Task
+from tasks.base import ALL, GraphSpec, Metric, Task
 from tasks.fidelity import noise_to_signal
 
 KINDS = ("encoder", "decoder")
@@ -35,7 +39,63 @@ KINDS = ("encoder", "decoder")
 # hackathon decoder case sl=256, whose encoder input has 4*256+3 frames.
 PIPELINE_TIME_RANGES = {"encoder": (7, 256, 2048), "decoder": (1, 64, 512)}
 METRICS = ("cer_rescore", "cer_greedy", "cer_prefix", "wer_rescore")
+CONFIRM = "confirm"  # the name of the confirmation set
 POOL = 64  # calibration utterances with real features for latency cases, the hackathon check and the ranking
+
+
+def parse_eval_sets(specs: list[str]) -> dict[str, tuple[str, ...]]:
+    """{set name: voice variants} of `[data] eval_sets` entries "name: variant variant ..."."""
+    out: dict[str, tuple[str, ...]] = {}
+    for spec in specs:
+        name, sep, rest = str(spec).partition(":")
+        name, variants = name.strip(), tuple(rest.split())
+        if not sep or not name or not variants or name in (ALL, CONFIRM) or name in out:
+            raise WorkbenchError(f"config data.eval_sets entry {spec!r}: write \"name: variant variant ...\" with a "
+                                 f"new name other than {ALL!r} and {CONFIRM!r}")
+        taken = set(variants) & {v for vs in out.values() for v in vs}
+        if taken or len(set(variants)) != len(variants):
+            raise WorkbenchError(f"config data.eval_sets: voice variants {sorted(taken) or list(variants)} are named "
+                                 f"twice (the sets must partition the utterances)")
+        out[name] = variants
+    return out
+
+
+def voice_variant(voice: str) -> str:
+    """The variant of a manifest voice: "espeak-ng:en-us+Annie" -> "Annie", "flite:slt" -> "slt"."""
+    return voice.rsplit("+", 1)[1] if "+" in voice else voice.split(":", 1)[-1]
+
+
+def partition_by_voice(voices: list[str], sets: dict[str, tuple[str, ...]]) -> dict[str, list[int]]:
+    """{set: utterance indices} of the utterances whose voice's variant the set names; every utterance in one."""
+    of = {v: name for name, vs in sets.items() for v in vs}
+    variants = [voice_variant(v) for v in voices]
+    left = sorted({v for v in variants if v not in of})
+    if left:
+        raise WorkbenchError(f"config data.eval_sets: utterances of voice variants {left} are in no set (the sets "
+                             f"must partition the evaluation utterances)")
+    out = {name: [i for i, v in enumerate(variants) if of[v] == name] for name in sets}
+    empty = [n for n, idx in out.items() if not idx]
+    if empty:
+        raise WorkbenchError(f"config data.eval_sets: sets {empty} have no utterance among the first "
+                             f"{len(voices)} (give more data.eval_utts or other voices)")
+    return out
+
+
+def set_results(texts: list[str], hyps: list[dict], sets: dict[str, list[int]]) -> dict[str, tuple[dict, dict]]:
+    """{ALL and each set: (METRICS, per-utterance rescoring edits and reference lengths)} of recognised
+    utterances: corpus rates over each set's utterances (ALL: all of them, the pooled rates)."""
+    def of(idx):
+        refs, hs = [texts[i] for i in idx], [hyps[i] for i in idx]
+        metrics = {"cer_greedy": cer(refs, [h["ctc_greedy"] for h in hs])["cer"],
+                   "cer_prefix": cer(refs, [h["ctc_prefix"] for h in hs])["cer"],
+                   "cer_rescore": cer(refs, [h["rescored"] for h in hs])["cer"],
+                   "wer_rescore": wer(refs, [h["rescored"] for h in hs])["wer"]}
+        norm = [normalize(r) for r in refs]
+        items = {"edits": [edit_distance(r, normalize(h["rescored"])) for r, h in zip(norm, hs)],
+                 "ref_len": [len(r) for r in norm]}
+        return metrics, items
+
+    return {ALL: of(range(len(texts))), **{name: of(idx) for name, idx in sets.items()}}
 
 
 class WenetAsrTask(Task):
@@ -52,7 +112,8 @@ class WenetAsrTask(Task):
         # only what the run reads (calib_utts, and POOL for the latency, hackathon and ranking pool; eval_utts);
         # a larger split already on disk serves (its first utterances are these), so quick and full runs share one
         sizes: dict[str, int] = {}
-        for split, n in ((d["calib_split"], max(POOL, d["calib_utts"])), (d["eval_split"], d["eval_utts"])):
+        for split, n in ((d["calib_split"], max(POOL, d["calib_utts"])),
+                         (d["eval_split"], d["eval_utts"] + d["confirm_utts"])):
             sizes[split] = max(n, sizes.get(split, 0))  # one split may serve both
         corpus = ensure_corpus(Path(cache_dir) if cache_dir else None, sizes, progress=progress, at_least=True)
         calib = load_split(corpus, d["calib_split"])
@@ -62,6 +123,14 @@ class WenetAsrTask(Task):
         n = min(d["eval_utts"], len(ev))
         self.eval_feats = [ev.features(i) for i in range(n)]
         self.eval_texts = list(ev.texts[:n])
+        self.set_voices = parse_eval_sets(d["eval_sets"])
+        self.eval_sets = tuple(self.set_voices)
+        self.set_index = partition_by_voice([ev.manifest[i]["voice"] for i in range(n)], self.set_voices) \
+            if self.set_voices else {}
+        m = min(n + d["confirm_utts"], len(ev))  # the confirmation split: the next confirm_utts utterances
+        self.confirm_set = CONFIRM if m > n else ""
+        self.confirm_feats = [ev.features(i) for i in range(n, m)]
+        self.confirm_texts = list(ev.texts[n:m])
         if cfg["model"]["encoder"]:  # a WeNet export of the user's: its graphs as they are
             fp32 = {k: Path(cfg["model"][k]) for k in KINDS}
             self.model = Path(cfg["model"]["encoder"]).resolve().parent.name
@@ -91,7 +160,9 @@ class WenetAsrTask(Task):
     # --- the Task interface --------------------------------------------------------------------------------
     def fingerprint(self) -> dict:
         return {"vocab": list(self.vocab.tokens),
-                "eval_texts": hashlib.sha256(json.dumps(self.eval_texts).encode()).hexdigest()}
+                "eval_texts": hashlib.sha256(json.dumps(self.eval_texts).encode()).hexdigest(),
+                "eval_sets": self.set_index and {k: list(v) for k, v in self.set_voices.items()},
+                "confirm_texts": hashlib.sha256(json.dumps(self.confirm_texts).encode()).hexdigest()}
 
     def calibration_feeds(self, graph: str, runners: Mapping[str, Any]) -> list[dict]:
         """Encoder batches of the calibration utterances; decoder inputs as the pipeline produces them (FP32
@@ -108,12 +179,26 @@ class WenetAsrTask(Task):
     def evaluate_items(self, runners: Mapping[str, Any]) -> tuple[dict[str, float], dict]:
         """The METRICS and the per-utterance rescoring edits and reference lengths (what a paired bootstrap
         interval of the CER change resamples: evaluation.bootstrap)."""
-        res = evaluate(runners["encoder"], runners["decoder"], self.eval_feats, self.eval_texts, self.vocab,
-                       progress=False)
-        refs = [normalize(t) for t in self.eval_texts]
-        items = {"edits": [edit_distance(r, normalize(u["rescored"])) for r, u in zip(refs, res["utterances"])],
-                 "ref_len": [len(r) for r in refs]}
-        return {k: res[k] for k in METRICS}, items
+        return self.evaluate_sets(runners, [ALL])[ALL]
+
+    def evaluate_sets(self, runners: Mapping[str, Any], which) -> dict[str, tuple[dict, dict]]:
+        """ALL (the first eval_utts utterances, pooled), the eval_sets (their partition by voice) and CONFIRM
+        (the next confirm_utts): one recognition pass over each split asked for."""
+        which = list(which)
+        bad = [w for w in which if w not in (ALL, *self.eval_sets, *([self.confirm_set] if self.confirm_set else []))]
+        if bad:
+            raise WorkbenchError(f"task wenet_asr has no evaluation sets {bad}")
+        out = {}
+        if any(w != CONFIRM for w in which):
+            hyps = evaluate(runners["encoder"], runners["decoder"], self.eval_feats, self.eval_texts, self.vocab,
+                            progress=False)["utterances"]
+            res = set_results(self.eval_texts, hyps, self.set_index)
+            out.update({w: res[w] for w in which if w != CONFIRM})
+        if CONFIRM in which:
+            hyps = evaluate(runners["encoder"], runners["decoder"], self.confirm_feats, self.confirm_texts,
+                            self.vocab, progress=False)["utterances"]
+            out[CONFIRM] = set_results(self.confirm_texts, hyps, {})[ALL]
+        return out
 
     def delta_interval(self, items: dict, reference: dict) -> dict | None:
         if len(items["edits"]) != len(reference["edits"]):

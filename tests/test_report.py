@@ -372,3 +372,50 @@ def test_baseline_intervals_shown_when_recorded(tmp_path):
     assert "change vs FP32 [95 % interval]" in md and "paired bootstrap 95 % interval" in md
     assert "+0.05 [-0.10, +0.22] pt" in table_row(md, run["baselines"][-1]["label"])[0]
     assert "| — |" in table_row(md, "FP32")[0]
+
+
+def test_evaluation_sets_and_confirmation_rows(tmp_path):
+    """Issue 18: one row per (baseline or selected mix, evaluation set) with the change against FP32 on the set
+    and its interval, and the confirmation split's table with a rejected and a confirmed attempt."""
+    run = make_run("20261202-1000-sets01")
+    run["task"] = {"eval_sets": ["test-a", "test-b"], "confirm_set": "confirm"}
+    run["criterion"].update({"sets": "each", "mode": "point", "set_rules": {
+        "test-a": {"reference": 0.07, "threshold": 0.073}, "test-b": {"reference": 0.088, "threshold": 0.091}}})
+    ci = lambda d: {"metric": METRIC, "delta": d, "low": d - 0.001, "high": d + 0.0015}  # noqa: E731
+    for b in run["baselines"]:
+        shift = b["accuracy"]["cer_rescore"] - 0.0789
+        b["accuracy"]["sets"] = {"test-a": {METRIC: 0.07 + shift}, "test-b": {METRIC: 0.088 + shift}}
+        if b["precision"] != "fp32":
+            b["accuracy"]["intervals"] = {"test-a": ci(shift), "test-b": ci(shift)}
+            b["verdicts"] = {"test-a": shift <= 0.003, "test-b": shift <= 0.003}
+        b["confirmation"] = {"set": "confirm", "accuracy": {METRIC: 0.08 + shift}, "passed": shift <= 0.003,
+                             **({"ci": ci(shift)} if b["precision"] != "fp32" else {})}
+    sel = run["selected"]
+    sel["accuracy"]["sets"] = {"test-a": {METRIC: 0.072}, "test-b": {METRIC: 0.0905}}
+    sel["accuracy"]["intervals"] = {"test-a": ci(0.002), "test-b": ci(0.0025)}
+    sel["verdicts"] = {"test-a": True, "test-b": True}
+    sel["source"] = "search from max"
+    run["confirmation"] = {"set": "confirm", "criterion": {"threshold": 0.083, "reference": 0.08},
+                           "max_confirmations": 3, "confirmed": "search from max", "attempts": [
+                               {"label": "INT8 all (percentile)", "accuracy": {METRIC: 0.0811},
+                                "confirmation": {"accuracy": {METRIC: 0.0862}, "ci": ci(0.0062), "passed": False}},
+                               {"label": "search from max", "accuracy": {METRIC: 0.0812},
+                                "confirmation": {"accuracy": {METRIC: 0.0821}, "ci": ci(0.0021), "passed": True}}]}
+    d = save(run, tmp_path / "r")
+    write_report(d)
+    md = (d / "report.md").read_text()
+    assert "### Evaluation sets" in md and "### Confirmation split (confirm)" in md
+    rows = [r.replace("**", "") for r in table_row(md, "selected mix")]  # highlighted rows are bold
+    a = next(r for r in rows if "| test-a |" in r)
+    assert "7.20 %" in a and "+0.20 [+0.10, +0.35] pt" in a and a.rstrip().endswith("| yes |")
+    assert any("| test-b |" in r and "9.05 %" in r for r in rows)
+    fp32_a = next(r for r in table_row(md, "FP32") if "| test-a |" in r)
+    assert "+0.00 pt" in fp32_a
+    assert any("| test-b |" in r and "| NO |" in r for r in table_row(md, "INT8 all (max)"))
+    rej = table_row(md, "rejected: INT8 all (percentile)")[0]
+    assert "8.62 %" in rej and "+0.62 [+0.52, +0.77] pt" in rej and "| NO |" in rej
+    assert "8.21 %" in table_row(md, "selected: search from max")[0].replace("**", "")
+    assert "failed confirmation, so rejected: INT8 all (percentile)" in md and "Confirmed: search from max." in md
+    run["status"], run["confirmation"]["confirmed"] = "not_confirmed", None
+    write_report(save(run, tmp_path / "r2"))
+    assert "failed the confirmation split" in (tmp_path / "r2" / "report.md").read_text()
