@@ -40,8 +40,8 @@ PY
 CONFIG_FILES=()
 for a in "${QAT[@]}" "${MINILM[@]}" "${CONFIG[@]}"; do [ "$a" = "--config" ] || CONFIG_FILES+=("$a"); done
 if needs_corpus "${CONFIG_FILES[@]}"; then
-    echo "== data: synthetic speech corpus (calib 512, test 500 utterances; reused when present)"
-    wb data --splits calib,test --sizes calib=512,test=500
+    echo "== data: synthetic speech corpus (calib 512, test 750 utterances: 500 evaluated, 250 confirmation; reused when present)"
+    wb data --splits calib,test --sizes calib=512,test=750
 fi
 
 echo "== search: calibration, baselines, sensitivity, precision search, final engines, report"

@@ -25,7 +25,7 @@ from .voices import PITCH, RATE_WPM, SPLITS, voice_id, voices_for_split
 
 # Bump whenever a change alters the generated data: existing splits are then regenerated.
 GENERATOR_VERSION = 1
-DEFAULT_SIZES = {"train": 20000, "calib": 512, "test": 500}
+DEFAULT_SIZES = {"train": 20000, "calib": 512, "test": 750}  # test: 500 evaluated + 250 confirmation ([data])
 SILENCE_S = (0.05, 0.3)  # leading and trailing silence, each drawn separately
 # TTS output contains digital silence, whose log-mel floor (energy_floor 0) would differ between
 # dithered train and undithered test features; a noise floor in the audio itself removes that mismatch.

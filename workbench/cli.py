@@ -30,7 +30,8 @@ def cmd_data(args) -> None:
     sizes = {**DEFAULT_SIZES, **(args.sizes or {})}
     if args.splits:
         sizes = {k: v for k, v in sizes.items() if k in args.splits.split(",")}
-    path = ensure_corpus(args.cache, sizes, seed=args.seed, workers=args.workers)
+    # a larger split of the same recipe serves (its first utterances are these): never regenerate it smaller
+    path = ensure_corpus(args.cache, sizes, seed=args.seed, workers=args.workers, at_least=True)
     print(f"corpus ready in {path}: " + ", ".join(f"{k}={v}" for k, v in sizes.items()))
 
 

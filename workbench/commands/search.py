@@ -76,5 +76,12 @@ def summary(run: dict, paths: dict) -> str:
                      f"{run['selected']['n_int8']} INT8 nodes, {run['selected']['n_fallback']} kept in "
                      f"{run['config']['quantize']['fallback'].upper()}; models, plans and engines in "
                      f"{Path(paths['html']).parent / 'final'}")
+    conf = run.get("confirmation")
+    if conf:
+        rejected = [a["label"] for a in conf["attempts"] if a["confirmation"]["passed"] is False]
+        lines.append(f"confirmation on {conf['set']}: " + (f"{conf['confirmed']} confirmed" if conf["confirmed"]
+                                                          else "nothing confirmed")
+                     + (f" (rejected: {', '.join(rejected)})" if rejected else "")
+                     + f", {len(conf['attempts'])} of at most {conf['max_confirmations']} attempts")
     lines.append(f"report: {paths['html']}")
     return "\n".join(lines)
