@@ -148,6 +148,14 @@ class WenetAsrTask(Task):
         self._hack_cases = None  # made from the FP32 encoder's outputs on first use (reference_check)
         self._ranked: dict[int, list[np.ndarray]] = {}
 
+    def __getstate__(self) -> dict:
+        """What a Ray worker receives (pipeline.fanout ships the task in its contexts): everything but the
+        calibration features (about 50 MB at 512 utterances), which only the driver's calibration reads."""
+        state = dict(self.__dict__)
+        state["calib_feats"] = None
+        state["_ranked"] = {}
+        return state
+
     def _export(self, out: Path, weights: str | Path | None) -> dict[str, Path]:
         from models.export import export_onnx
         from models.weights import default_model, load_weights
@@ -168,6 +176,8 @@ class WenetAsrTask(Task):
         """Encoder batches of the calibration utterances; decoder inputs as the pipeline produces them (FP32
         encoder outputs + CTC prefix-beam hypotheses)."""
         bs = self.cfg["calibration"]["batch_size"]
+        if self.calib_feats is None:
+            raise WorkbenchError("the wenet_asr task's calibration features stay with the driver (not on workers)")
         if graph == "encoder":
             return [encoder_feed(self.calib_feats[s:s + bs]) for s in range(0, len(self.calib_feats), bs)]
         return decoder_calibration_feeds(runners["encoder"], list(onnx_io(self.graph("decoder").path)["inputs"]),
