@@ -9,7 +9,11 @@ Data: written fortunes sentences (calibration_data.fortunes.load_texts), ordered
 into disjoint splits: calibration, evaluation (the queries) and a retrieval corpus. Every split is tokenised with
 the package's tokenizer.json, sorted by length and batched (little padding; padding is masked anyway).
 
-Metrics against FP32 on the evaluation split (higher is better):
+Evaluation sets: `fortunes` (the evaluation split) and `licenses`, held-out sentences from a second text source,
+the license texts every Debian system installs (/usr/share/common-licenses: legal prose, another domain than
+fortunes); `heldout = 0` leaves one set. The flat metrics pool the queries of both sets.
+
+Metrics against FP32 on each set's queries (higher is better):
   * cosine / cosine_p01: mean and 1st percentile over sentences of cos(candidate embedding, FP32 embedding);
   * recall_at_10 (recall_at_K): nearest-neighbour agreement. For each evaluation sentence (a query), its K nearest
     corpus sentences by cosine are found twice: with FP32 embeddings of query and corpus, and with the candidate
@@ -27,7 +31,7 @@ import numpy as np
 
 from core.errors import WorkbenchError
 
-from .base import Feeds, GraphSpec, Metric, Task
+from .base import ALL, Feeds, GraphSpec, Metric, Task
 
 OPTIONS = {
     "layers": 6,                        # the first N encoder layers (fewer: a cheap model for tests)
@@ -42,7 +46,10 @@ OPTIONS = {
     "latency_seq_lens": [16, 64, 128],
     "ranking_batches": 4,               # calibration feeds (spread over lengths) for single-layer sensitivity
     "fortunes_dir": "",                 # default: calibration_data.fortunes.fortunes_dir()
+    "heldout": 300,                     # queries of the held-out set `licenses` (0: no second set)
+    "heldout_dir": "/usr/share/common-licenses",  # its text source: plain-text files, read sentence by sentence
 }
+HELDOUT_SET, EVAL_SET = "licenses", "fortunes"
 GRAPH = "minilm"
 OUTPUT = "sentence_embedding"
 
@@ -55,7 +62,8 @@ def parse_options(options: Mapping | None) -> dict:
             raise WorkbenchError(f"config task.options: unknown key {key!r} for the sentence_embedding task "
                                  f"(known: {sorted(OPTIONS)})")
         like = OPTIONS[key]
-        if isinstance(like, int) and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        if isinstance(like, int) and (not isinstance(value, int) or isinstance(value, bool) or
+                                      value < (0 if key == "heldout" else 1)):
             raise WorkbenchError(f"config task.options.{key} must be a positive integer, got {value!r}")
         if isinstance(like, list) and (not isinstance(value, list) or not value or
                                        any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in value)):
@@ -119,6 +127,29 @@ def split_texts(texts: list[str], sizes: Mapping[str, int]) -> dict[str, list[st
     return out
 
 
+def heldout_sentences(directory: str, n: int) -> list[str]:
+    """`n` sentences of 40-200 characters from the plain-text files of `directory` (one-line clean-up of
+    whitespace), deduplicated and ordered by a hash of each: a text source other than fortunes."""
+    import re
+    from pathlib import Path
+
+    root = Path(directory)
+    files = sorted(p for p in root.iterdir() if p.is_file()) if root.is_dir() else []
+    found = set()
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue  # not a text file
+        for sentence in re.split(r"(?<=[.;:!?])\s+", re.sub(r"\s+", " ", text)):
+            if 40 <= len(sentence) <= 200 and sum(c.isalpha() for c in sentence) > 0.7 * len(sentence):
+                found.add(sentence)
+    if len(found) < n:
+        raise WorkbenchError(f"task.options.heldout_dir {directory}: {len(found)} usable sentences, {n} wanted "
+                             f"(set task.options.heldout = 0 for no held-out set)")
+    return sorted(found, key=lambda t: hashlib.sha256(t.encode()).hexdigest())[:n]
+
+
 def batches(rows: list[list[int]], size: int) -> list[Feeds]:
     """Length-sorted batches of token rows (the order is kept with the rows, so outputs line up across models)."""
     from models.minilm import Tokenizer
@@ -153,6 +184,7 @@ class SentenceEmbeddingTask(Task):
                                  main_output=OUTPUT, info={"layers": o["layers"]})]
         self.tokenizer = Tokenizer(o["max_seq_len"])
         self._feeds: dict[str, list[Feeds]] | None = None
+        self.eval_sets = (EVAL_SET, HELDOUT_SET) if o["heldout"] else ()
         self._reference: dict[str, np.ndarray] | None = None
 
     # --- data --------------------------------------------------------------------------------------------
@@ -163,6 +195,8 @@ class SentenceEmbeddingTask(Task):
             o = self.opts
             texts = load_texts(o["fortunes_dir"] or None)
             self.splits = split_texts(texts, {"calib": o["calib"], "eval": o["eval"], "corpus": o["corpus"]})
+            if o["heldout"]:
+                self.splits["heldout"] = heldout_sentences(o["heldout_dir"], o["heldout"])
             self._feeds = {name: batches(self.tokenizer.ids(s), o["batch_size"]) for name, s in self.splits.items()}
         return self._feeds
 
@@ -210,20 +244,35 @@ class SentenceEmbeddingTask(Task):
         return np.concatenate([runner.run(f)[OUTPUT] for f in self.feeds()[split]]).astype(np.float32)
 
     def reference(self) -> dict[str, np.ndarray]:
-        """FP32 embeddings of the evaluation and corpus splits, computed once with ONNX Runtime."""
+        """FP32 embeddings of the evaluation, held-out and corpus splits, computed once with ONNX Runtime."""
         if self._reference is None:
             from engines import open_onnx
 
             runner = open_onnx(self.graphs[0].path, kind="generic")
-            self._reference = {s: self.embed(runner, s) for s in ("eval", "corpus")}
+            self._reference = {s: self.embed(runner, s) for s in self.feeds() if s != "calib"}
         return self._reference
 
     def evaluate(self, runners: Mapping[str, Any]) -> dict[str, float]:
-        ref = self.reference()
-        runner = runners[GRAPH]
-        got = {s: self.embed(runner, s) for s in ("eval", "corpus")}
-        values = embedding_metrics(ref["eval"], ref["corpus"], got["eval"], got["corpus"], self.k)
-        return values | {"criteria_margin": criteria_margin(values, self.opts["criteria"])}
+        return self.evaluate_sets(runners, [ALL])[ALL][0]
+
+    def evaluate_sets(self, runners: Mapping[str, Any], which) -> dict[str, tuple[dict[str, float], None]]:
+        """The metrics of each set's queries against the one retrieval corpus (ALL: both sets' queries)."""
+        ref, runner = self.reference(), runners[GRAPH]
+        splits = ["eval", "corpus"] + (["heldout"] if self.eval_sets else [])
+        got = {s: self.embed(runner, s) for s in splits}
+        queries = {EVAL_SET: "eval", HELDOUT_SET: "heldout"}
+        out = {}
+        for name in which:
+            if name == ALL:
+                q = [queries[n] for n in self.eval_sets] or ["eval"]
+                ref_q, got_q = np.concatenate([ref[s] for s in q]), np.concatenate([got[s] for s in q])
+            elif name in self.eval_sets:
+                ref_q, got_q = ref[queries[name]], got[queries[name]]
+            else:
+                raise WorkbenchError(f"task {self.name!r} has no evaluation set {name!r}")
+            values = embedding_metrics(ref_q, ref["corpus"], got_q, got["corpus"], self.k)
+            out[name] = (values | {"criteria_margin": criteria_margin(values, self.opts["criteria"])}, None)
+        return out
 
 
 def make_task(options: Mapping | None = None) -> SentenceEmbeddingTask:

@@ -177,6 +177,7 @@ batch_size = 16
 latency_batch_sizes = [1, 4]
 latency_seq_lens = [16, 32]
 ranking_batches = 2
+heldout = 32
 [criterion]
 metric = "criteria_margin"
 kind = "fixed"
@@ -212,6 +213,11 @@ def test_search_quick_on_a_two_layer_minilm(tmp_path, monkeypatch, capsys):
     assert fp32["label"] == "FP32" and fp32["accuracy"]["recall_at_10"] == 1.0
     assert fp32["accuracy"]["cosine"] == pytest.approx(1.0) and fp32["accuracy"]["criteria_margin"] == pytest.approx(0.01)
     assert {(c["bs"], c["sl"]) for c in fp32["latency"]["cases"]} == {(1, 16), (1, 32), (4, 16), (4, 32)}
+    # two evaluation sets: fortunes queries and held-out license-text queries, each judged (FP32 passes both)
+    assert run["task"]["eval_sets"] == ["fortunes", "licenses"]
+    assert set(fp32["accuracy"]["sets"]) == {"fortunes", "licenses"}
+    assert all(v["recall_at_10"] == 1.0 for v in fp32["accuracy"]["sets"].values())
+    assert set(run["selected"]["verdicts"]) >= {"fortunes", "licenses"} and all(run["selected"]["verdicts"].values())
     assert run["status"] == "passed"
     sel = run["selected"]
     assert sel["accuracy"]["cosine"] >= 0.99 and sel["accuracy"]["recall_at_10"] >= 0.95
@@ -238,3 +244,18 @@ def test_bad_task_options_fail_before_any_work(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "criteria names ['recall_at_10']" in err and err.count("\n") == 1, err
     assert not (tmp_path / "r").exists()
+
+
+def test_heldout_sentences_come_from_another_text_source(tmp_path):
+    from tasks.sentence_embedding import heldout_sentences
+
+    (tmp_path / "a.txt").write_text("Short. " + " ".join(f"This is held-out sentence number {w} of the second source."
+                                                         for w in ("one", "two", "three")))
+    (tmp_path / "b.bin").write_bytes(b"\xff\xfe\x00binary")  # not text: skipped
+    got = heldout_sentences(str(tmp_path), 3)
+    assert len(got) == 3 and all(s.startswith("This is held-out") for s in got)  # "Short." is too short
+    assert heldout_sentences(str(tmp_path), 3) == got  # deterministic order
+    with pytest.raises(WorkbenchError, match="3 usable sentences, 4 wanted"):
+        heldout_sentences(str(tmp_path), 4)
+    with pytest.raises(WorkbenchError, match="heldout = 0"):
+        heldout_sentences(str(tmp_path / "missing"), 1)
