@@ -184,7 +184,7 @@ class Experiment:
         if picked is None:
             return None, None, None
         (label, models, flat, rec, calibrator), latency, timing = picked
-        finalize(self, models, flat)
+        self._picked = (models, flat)  # finalized once, after confirmation settled which pick ships (run)
         selected = {"label": "selected mix", "source": label, "plan_hash": flat_plan_hash(flat),
                     "calibrator": calibrator, "same_plan": timing["same_plan_as_selected"], **plan_counts(flat),
                     "fallback_nodes": sorted(k for k, v in flat.items() if v != "int8"),
@@ -230,6 +230,8 @@ class Experiment:
         selected, timing, confirmation = confirm_stage(
             self, crit, baselines, models_of_label,
             lambda exclude: self.select(crit, searches, baselines, models_of_label, exclude))
+        if selected:  # the last pick is the one that ships (confirmed, or the last attempt when none was)
+            finalize(self, *self._picked)
         first = searches[0]
         status = first["status"] if not selected else \
             "not_confirmed" if confirmation and not confirmation["confirmed"] else "passed"
