@@ -19,7 +19,8 @@ from tasks.base import ALL, Task
 # "auto" is already the backend used) and, of [latency], the keys that time baselines (search_* and
 # tie_tolerance only rank search candidates). [calibration] only for INT8 records.
 BASELINE_SECTIONS = ("task", "data", "backend", "quantize")
-BASELINE_LATENCY_KEYS = ("batch_sizes", "seq_lens", "warmup", "iters", "models")
+# baselines are timed with the search protocol (Experiment.full_record)
+BASELINE_LATENCY_KEYS = ("batch_sizes", "seq_lens", "search_warmup", "search_iters", "models")
 _SHA_MEMO: dict[tuple, str] = {}
 
 
@@ -206,13 +207,13 @@ def baselines_stage(exp) -> tuple[list[dict], dict, dict]:
     recipes = [None] + list(exp.cfg["quantize"]["extra_recipes"])
     int8 = {(m, r): {g: ws.model(g, all_of(g, "int8"), m, recipe=r) for g in names} for r in recipes
             for m in exp.methods}
+    try:
+        fp16, fp16_error = fp16_models(), None
+    except WorkbenchError as exc:  # an FP16 graph the backend cannot build or run is a result, not a crash
+        fp16, fp16_error = None, exc
     if exp.fanout.distributed:  # accuracies on the workers first; the records below time them here, alone
-        specs = [(fp32, None)]
-        try:
-            specs.append((fp16_models(), None))
-        except WorkbenchError:
-            pass  # recorded below as the serial run records it
-        exp.prefetch_baselines(specs + [(models, m) for (m, _), models in int8.items()])
+        exp.prefetch_baselines([(fp32, None)] + ([(fp16, None)] if fp16 else [])
+                               + [(models, m) for (m, _), models in int8.items()])
     steps = tqdm(total=2 + len(int8), desc="baselines", disable=not exp.progress)
     baselines = [exp.full_record("FP32", fp32, precision="fp32", calibrator=None)]
     steps.update(1)
@@ -221,15 +222,20 @@ def baselines_stage(exp) -> tuple[list[dict], dict, dict]:
         check_metric_record(exp.task, baselines[0]["accuracy"])
     crit = criterion_of(exp.cfg, exp.task, baselines[0]["accuracy"])
     try:
-        fp16 = fp16_models()
+        if fp16_error:
+            raise fp16_error
         baselines.append(exp.full_record("FP16", fp16, precision="fp16", calibrator=None))
         models_of_label["FP16"] = (fp16, flat_of("fp16"))
-    except WorkbenchError as exc:  # an FP16 graph the backend cannot build or run is a result, not a crash
+    except WorkbenchError as exc:  # placing, building or running it failed
         baselines.append({"label": "FP16", "precision": "fp16", "calibrator": None, "error": str(exc)[:300]})
     steps.update(1)
+    timed = {}  # recipe -> its first all-INT8 record: the calibrators' all-INT8 models of a recipe are one graph
     for (m, r), models in int8.items():
         label = f"INT8 all ({m})" if r is None else f"INT8 all ({m}, {r} recipe)"
-        baselines.append(exp.full_record(label, models, precision="int8", calibrator=m, **({"recipe": r} if r else {})))
+        rec = exp.full_record(label, models, timed_as=timed.get(r), precision="int8", calibrator=m,
+                              **({"recipe": r} if r else {}))
+        timed.setdefault(r, rec)
+        baselines.append(rec)
         models_of_label[label] = (models, flat_of("int8"))
         steps.update(1)
     steps.close()

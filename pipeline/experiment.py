@@ -9,6 +9,7 @@ sessions; every expensive result is cached in the run directory, so a killed run
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as dt
 import resource
@@ -89,14 +90,19 @@ class Experiment:
                 out[label]["objective_ms"] += r["median_ms"]
         return out
 
-    def full_record(self, label: str, models: dict[str, Path], **extra) -> dict:
-        """A baseline's record: accuracy with per-item results, the reference check, latency (cached)."""
+    def full_record(self, label: str, models: dict[str, Path], timed_as: dict | None = None, **extra) -> dict:
+        """A baseline's record: accuracy with per-item results, the reference check, latency (cached).
+        Latency with the search's protocol, as every candidate: sequential timings only rank; what ships is
+        decided (and its speedup reported) by the selection's side-by-side timing with the full protocol.
+        `timed_as`: the record of a model of the same graph (same plan, same recipe; only the scales differ),
+        whose latency this one takes instead of timing the same kernels again."""
         key = baseline_key(self.cfg, models, self.ws.fp32, self.task.fingerprint(), extra.get("calibrator"))
         part = self.cache.entries.get(key + ":accuracy")  # the workers' part of it (prefetch_baselines)
 
         def compute():
             rec = dict(part) if part else self.ws.accuracy_part(models)
-            rec["latency"] = self.latency(models)
+            rec["latency"] = {**timed_as["latency"], "timed_as": timed_as["label"]} \
+                if timed_as and "latency" in timed_as else self.latency(models, search=True)
             return rec
 
         rec = self.cache.get_or_compute(key, compute)
@@ -157,8 +163,10 @@ class Experiment:
 
             fan = self.fanout.search(task_accuracy, task_prepare, self.context("accuracy"), method,
                                      {"check": check, "recipe": recipe})
+        with self._stage("sensitivity"):
+            sensitivity = sensitivity_stage(self, method, recipe)
         return search_from(start, nodes=[self.key(g, n) for g in self.names for n in self.ws.int8_nodes(g)],
-                           sensitivity=sensitivity_stage(self, method, recipe),
+                           sensitivity=sensitivity,
                            groups=probe_groups(self.ws.analysis, self.key), models_of=models_of,
                            accuracy=lambda flat: self.ws.accuracy(models_of(flat), check=check),
                            latency=lambda flat: self.latency(models_of(flat), search=True), passes=passes_of(crit),
@@ -210,15 +218,28 @@ class Experiment:
         mode = f", int8 mode {cfg['quantize']['ort_mode']}" if cfg["quantize"]["recipe"] == "onnxruntime" else ""
         return f"CPU: {describe(host)}, {cfg['backend']['threads']} threads (ONNX Runtime{mode}); TensorRT not measured"
 
+    @contextlib.contextmanager
+    def _stage(self, name: str):
+        """Times a stage into run.json's "stage_s": where a run's minutes went (a resume's cached stages are
+        short)."""
+        t0 = time.time()
+        try:
+            yield
+        finally:
+            self.stage_s[name] = round(self.stage_s.get(name, 0.0) + time.time() - t0, 1)
+
     def run(self) -> dict:
         t0 = time.time()
         cfg, task = self.cfg, self.task
-        self.methods = calibrate_stage(self)
+        self.stage_s: dict[str, float] = {}
+        with self._stage("calibration"):
+            self.methods = calibrate_stage(self)
         self.cases = {g: {} for g in self.names}
         for g in self.names:
             for key, feeds in task.latency_cases(g).items():
                 self.cases[g].setdefault(_case_key(key, feeds), feeds)
-        baselines, models_of_label, crit = baselines_stage(self)
+        with self._stage("baselines"):
+            baselines, models_of_label, crit = baselines_stage(self)
         m = task.metric(crit["metric"])
         int8 = [b for b in baselines if b.get("precision") == "int8"]
         # the most accurate PTQ calibrator (ties: the faster), and QAT scales when the run has them
@@ -226,12 +247,16 @@ class Experiment:
                                                     else b["accuracy"][m.name], b["latency"]["objective_ms"]))
         ptq = [b for b in int8 if b["calibrator"] != "qat"]
         starts = ([best_of(ptq)] if ptq else []) + [b for b in int8 if b["calibrator"] == "qat"]
-        searches = [self.search(b, crit) for b in starts]
-        selected, timing, confirmation = confirm_stage(
-            self, crit, baselines, models_of_label,
-            lambda exclude: self.select(crit, searches, baselines, models_of_label, exclude))
-        if selected:  # the last pick is the one that ships (confirmed, or the last attempt when none was)
-            finalize(self, *self._picked)
+        with self._stage("search"):  # sensitivity is timed inside it (its own entry), and subtracted here
+            searches = [self.search(b, crit) for b in starts]
+        self.stage_s["search"] = round(self.stage_s["search"] - self.stage_s.get("sensitivity", 0.0), 1)
+        with self._stage("selection and confirmation"):
+            selected, timing, confirmation = confirm_stage(
+                self, crit, baselines, models_of_label,
+                lambda exclude: self.select(crit, searches, baselines, models_of_label, exclude))
+        with self._stage("final engines"):
+            if selected:  # the last pick is the one that ships (confirmed, or the last attempt when none was)
+                finalize(self, *self._picked)
         first = searches[0]
         status = first["status"] if not selected else \
             "not_confirmed" if confirmation and not confirmation["confirmed"] else "passed"
@@ -253,6 +278,7 @@ class Experiment:
                "n_full_evals": sum(x["n_full_evals"] for x in searches),
                "n_computed_evals": sum(x["n_computed_evals"] for x in searches),
                "n_cache_hits": sum(x["n_cache_hits"] for x in searches), "wall_s": round(time.time() - t0, 1),
+               "stage_s": dict(self.stage_s),
                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
         if len(searches) > 1:
             run["traces"] = {x["calibrator"]: x["trace"] for x in searches}

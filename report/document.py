@@ -12,7 +12,7 @@ from pathlib import Path
 from core.fsutil import atomic_path, read_json
 from pipeline.runfile import load_run, run_json_path
 from report.format import (Doc, criterion_words, fmt_change, fmt_interval, fmt_metric, fmt_ms, fmt_pass, fmt_probe_ratio, fmt_x,
-                           host_words)
+                           host_words, stage_words)
 from report.model import (case_sort_key, confirmation_rows, fp32_baseline, metric_label, metric_names, metric_of, num,
                           objective_of, qat_comparison, result_rows, set_rows, side_by_side_of, speedup, threshold_of)
 from report.plots import PLOTS, SENSITIVITY_TOP, plot_all
@@ -46,7 +46,8 @@ def _build_doc(run: dict, pngs: dict[str, bytes]) -> Doc:
           ("CPU int8 flags and versions", host_words(run.get("host"))),
           ("status", str(status)),
           ("full evaluations", f"{run.get('n_full_evals', '?')} (cache hits: {run.get('n_cache_hits', 0)})"),
-          ("wall time", f"{wall / 60:.1f} min" if wall is not None else "?")])
+          ("wall time", f"{wall / 60:.1f} min" if wall is not None else "?")]
+         + ([("stages", stage_words(run["stage_s"]))] if isinstance(run.get("stage_s"), dict) else []))
     d.h(3, "Accuracy criterion")
     d.p(criterion_words(crit, thr))
 
@@ -58,17 +59,27 @@ def _build_doc(run: dict, pngs: dict[str, bytes]) -> Doc:
               ["passes", "hackathon check", "objective (ms)", "speedup vs FP32"]
     table = [[r["label"]] + [fmt_metric(m, r["metrics"][m]) for m in mnames] +
              ([fmt_interval(r["ci"])] if with_ci else []) +
-             [fmt_pass(r["passed"]), r["hackathon"] or "—", fmt_ms(r["objective_ms"]), fmt_x(r["speedup"])]
+             [fmt_pass(r["passed"]), r["hackathon"] or "—",
+              fmt_ms(r["objective_ms"]) + (" ¹" if r["timed_as"] else ""), fmt_x(r["speedup"])]
              for r in rows]
     d.table(headers, table, {i for i, r in enumerate(rows) if r["kind"] == "selected"})
+    shared = sorted({r["timed_as"] for r in rows if r["timed_as"]})
+    if shared:
+        d.p("¹ The same graph as " + ", ".join(shared) + " (the same all-INT8 plan and recipe; only the "
+            "calibrators' scales differ, which int8 kernels do not see): timed once, for all of them.")
     if fp32_baseline(run) is None:
         d.p("No FP32 baseline in this run: speedups cannot be computed.")
     if with_ci:
         d.p("Change vs FP32: the metric's change with its paired bootstrap 95 % interval over the test items "
             "(resampled together for both models, 2000 times, seeded; evaluation/bootstrap.py). The criterion "
             "compares point estimates; an interval that crosses the threshold means the test split cannot tell.")
+    protocol = next((f"{b['latency']['warmup']} warm-up and {b['latency']['iters']} timed runs per case"
+                     for b in run.get("baselines") or [] if isinstance(b.get("latency"), dict)
+                     and "warmup" in b["latency"] and "iters" in b["latency"]), None)
     d.p("Speedup = FP32 latency / this latency (objective, and per case below); above 1 is faster than FP32. "
-        "The hackathon check compares outputs with the FP32 reference over the bs×sl grid (cases passed/total).")
+        + (f"Baselines were timed one after another ({protocol}): these ratios rank; the selected mix's speedup "
+           "comes from the side-by-side timing below. " if protocol else "")
+        + "The hackathon check compares outputs with the FP32 reference over the bs×sl grid (cases passed/total).")
 
     srows = set_rows(run)
     if srows:

@@ -67,6 +67,11 @@ def host_words(host: dict | None) -> str:
     return f"{' '.join(have)}; {versions}"
 
 
+def stage_words(stage_s: dict) -> str:
+    """'calibration 3.6 min, baselines 10.2 min, ...': where the run's wall time went."""
+    return ", ".join(f"{name} {float(sec) / 60:.1f} min" for name, sec in stage_s.items())
+
+
 def criterion_words(crit: dict, threshold: float | None) -> str:
     """The accuracy criterion in one sentence, with its reference and margin when run.json records them."""
     m = crit.get("metric", "?")

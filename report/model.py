@@ -135,6 +135,7 @@ def result_rows(run: dict) -> list[dict]:
             "ci": e.get("ci") if isinstance(e.get("ci"), dict) else None,
             "hackathon": (f"{hk['passed']}/{hk['total']}" if "passed" in hk and "total" in hk else None),
             "objective_ms": objective_of(e),
+            "timed_as": (e.get("latency") or {}).get("timed_as"),  # a model of the same graph timed for it
             "speedup": speedup(r_obj, objective_of(e)),
             "cases": {k: {"median_ms": v, "speedup": speedup(r_cases.get(k), v)} for k, v in cases.items()},
         })

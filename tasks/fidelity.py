@@ -34,6 +34,24 @@ def _rows(x: np.ndarray) -> np.ndarray:
     return x.reshape(x.shape[0], -1) if x.ndim >= 2 else x.reshape(1, -1)
 
 
+def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine of each row pair (1 where both rows are zero, 0 where one is)."""
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    return np.where((na > 0) & (nb > 0), (a * b).sum(axis=1) / np.maximum(na * nb, 1e-300),
+                    np.where((na == 0) & (nb == 0), 1.0, 0.0))
+
+
+def item_cosines(pairs: Iterable[tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]]]) -> dict[str, np.ndarray]:
+    """{float output: the cosine of each item (row of axis 0) over all pairs}: the per-item values that
+    fidelity's "cosine" is the mean of."""
+    out: dict[str, list[np.ndarray]] = {}
+    for ref, got in pairs:
+        for name, v in ref.items():
+            if np.issubdtype(np.asarray(v).dtype, np.floating):
+                out.setdefault(name, []).append(_row_cosines(_rows(v), _rows(got[name])))
+    return {n: np.concatenate(v) for n, v in out.items()}
+
+
 def fidelity(pairs: Iterable[tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]]],
              outputs: Sequence[str] | None = None) -> dict[str, float]:
     """METRICS over (reference outputs, candidate outputs) pairs, one pair per feed. `outputs`: the names to
@@ -49,10 +67,7 @@ def fidelity(pairs: Iterable[tuple[Mapping[str, np.ndarray], Mapping[str, np.nda
             a, b = _rows(ref[name]), _rows(got[name])
             if a.shape != b.shape:
                 raise WorkbenchError(f"output {name!r}: candidate shape {b.shape} differs from reference {a.shape}")
-            na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
-            c = np.where((na > 0) & (nb > 0), (a * b).sum(axis=1) / np.maximum(na * nb, 1e-300),
-                         np.where((na == 0) & (nb == 0), 1.0, 0.0))
-            cos.setdefault(name, []).append(c)
+            cos.setdefault(name, []).append(_row_cosines(a, b))
             sig[name] = sig.get(name, 0.0) + float((a ** 2).sum())
             err[name] = err.get(name, 0.0) + float(((a - b) ** 2).sum())
             full_a, full_b = np.asarray(ref[name]), np.asarray(got[name])

@@ -111,6 +111,13 @@ def test_search_quick_on_a_generic_onnx_model(project, capsys):
     assert run["criterion"]["higher_is_better"] and run["criterion"]["threshold"] == 0.9
     labels = [b["label"] for b in run["baselines"]]
     assert labels[:2] == ["FP32", "FP16"] and {"INT8 all (max)", "INT8 all (percentile_99.99)"} <= set(labels)
+    by_label = {b["label"]: b for b in run["baselines"]}
+    # one graph (the same all-INT8 plan, only the scales differ): timed once, for both calibrators
+    first, second = by_label["INT8 all (max)"]["latency"], by_label["INT8 all (percentile_99.99)"]["latency"]
+    assert "timed_as" not in first and second["timed_as"] == "INT8 all (max)"
+    assert second["objective_ms"] == first["objective_ms"] and second["cases"] == first["cases"]
+    assert "timed once, for all of them" in (runs / "r1" / "report.md").read_text()
+    assert set(run["stage_s"]) >= {"calibration", "baselines", "sensitivity", "search", "final engines"}
     fp32 = run["baselines"][0]["accuracy"]
     assert fp32["cosine"] == pytest.approx(1.0) and fp32["top1"] == 1.0 and fp32["max_abs"] == 0.0
     sel = run["selected"]
@@ -280,3 +287,66 @@ def test_wb_build_any_model_with_shapes(project, tmp_path, capsys):
                  "--out", str(tmp_path / "e1"), "--threads", "1"]) == 0
     meta = json.loads((tmp_path / "e1" / "engine.json").read_text())
     assert meta["kind"] == "generic" and meta["shapes"]["features"]["max"] == [8, 64, 16]
+
+
+def test_named_evaluation_sets_confirmation_and_criterion_modes_end_to_end(project, capsys):
+    """The generic task with eval_data as named sets and a confirm_data set, through `wb search`: the weighted
+    criterion judges the sets' weighted mean, the bound mode the interval's low end (cosine: higher is better),
+    and the confirmation set is measured for the baselines and the selected mix."""
+    d = project
+    write_feeds(d / "eval_b", 3, 2)
+    write_feeds(d / "conf", 3, 3)
+    base = write_config(d, "sets.toml", delta=0.95).read_text().replace(
+        'eval_data = "eval"', 'eval_data = { a = "eval", b = "eval_b" }\nconfirm_data = "conf"')
+    runs = d / "runs-sets"
+    results = {}
+    for name, crit in (("weighted", 'sets = "weighted"\nweights = { a = 3, b = 1 }\n'), ("bound", 'mode = "bound"\n')):
+        cfg = d / f"sets-{name}.toml"
+        cfg.write_text(base.replace("[criterion]\n", "[criterion]\n" + crit))
+        assert main(["search", "--quick", "--config", str(cfg), "--runs-root", str(runs), "--run-dir",
+                     str(runs / name)]) == 0, capsys.readouterr().err
+        results[name] = json.loads((runs / name / "run.json").read_text())
+        out = capsys.readouterr().out  # the summary names the thresholds the rule judges
+        assert ("(weighted mean)" if name == "weighted" else "thresholds a 0.95, b 0.95") in out, out
+    for name, run in results.items():
+        assert run["task"]["eval_sets"] == ["a", "b"] and run["task"]["confirm_set"] == "confirm"
+        fp32 = run["baselines"][0]
+        assert set(fp32["accuracy"]["sets"]) == {"a", "b"} and fp32["accuracy"]["sets"]["a"]["cosine"] == pytest.approx(1.0)
+        assert fp32["confirmation"]["set"] == "confirm"
+        assert fp32["confirmation"]["accuracy"]["cosine"] == pytest.approx(1.0)
+        assert run["confirmation"]["attempts"] and run["selected"]["confirmation"]["set"] == "confirm"
+        for b in run["baselines"][1:]:
+            if "accuracy" not in b:
+                continue
+            sets, ivs = b["accuracy"]["sets"], b["accuracy"]["intervals"]
+            assert set(ivs) == {"all", "a", "b"} and all(iv["metric"] == "cosine" for iv in ivs.values())
+            assert ivs["a"]["n_items"] == 3 * 2  # 3 feeds of batch 2: one item per row
+            assert ivs["a"]["delta"] == pytest.approx(sets["a"]["cosine"] - fp32["accuracy"]["sets"]["a"]["cosine"])
+            if name == "weighted":
+                assert set(b["verdicts"]) == {"weighted"}
+                mean = (3 * sets["a"]["cosine"] + sets["b"]["cosine"]) / 4
+                assert b["verdicts"]["weighted"] == (mean >= 0.95)
+            else:
+                assert set(b["verdicts"]) == {"a", "b"}
+                for s in ("a", "b"):  # FP32's value plus the low end of the change's interval
+                    ref = fp32["accuracy"]["sets"][s]["cosine"]
+                    assert b["verdicts"][s] == (ref + ivs[s]["low"] >= 0.95)
+                    assert ivs[s]["low"] <= ivs[s]["delta"]
+    assert "weighted" in results["weighted"]["criterion"]["text"]
+    assert "bound" in results["bound"]["criterion"]["text"]
+    md = (runs / "bound" / "report.md").read_text()
+    assert "| a |" in md and "| b |" in md and "confirm" in md
+
+
+@pytest.mark.parametrize("eval_data, message", [
+    ('{ }', "a table of set names"),
+    ('{ all = "eval" }', "not named 'all'"),
+    ('{ a = 3 }', "a table of set names"),
+])
+def test_bad_evaluation_sets_are_one_line_errors(project, tmp_path, capsys, eval_data, message):
+    cfg = write_config(project, "badsets.toml")
+    cfg.write_text(cfg.read_text().replace('eval_data = "eval"', f"eval_data = {eval_data}"))
+    assert main(["search", "--config", str(cfg), "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "r").exists()

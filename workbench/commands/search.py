@@ -47,6 +47,19 @@ def run(args) -> None:
     print(summary(run, paths))
 
 
+def thresholds_words(crit: dict) -> str:
+    """The thresholds the rule judges: per set, of the weighted mean, or the flat one ("" for none)."""
+    from report.format import fmt_metric
+
+    fmt = lambda v: fmt_metric(crit["metric"], v)  # noqa: E731
+    if isinstance(crit.get("weighted"), dict):
+        return f"threshold {fmt(crit['weighted']['threshold'])} (weighted mean)"
+    rules = crit.get("set_rules") or {}
+    if rules:
+        return "thresholds " + ", ".join(f"{n} {fmt(r['threshold'])}" for n, r in rules.items())
+    return f"threshold {fmt(crit['threshold'])}" if crit.get("threshold") is not None else ""
+
+
 def summary(run: dict, paths: dict) -> str:
     """The one-screen summary printed at the end of a run."""
     from report.format import fmt_metric
@@ -58,8 +71,7 @@ def summary(run: dict, paths: dict) -> str:
     evals = f"{run['n_full_evals']} full evaluations in the search" + (
         f" ({computed} computed, {run['n_full_evals'] - computed} from the cache)" if computed is not None else "")
     lines = [f"run {run['id']}: {run['status'].upper()}  ({evals}, "
-             f"{run['wall_s']:.0f} s)", f"criterion: {crit['text']}"
-             + (f" -> threshold {fmt_metric(metric, crit['threshold'])}" if crit.get("threshold") is not None else "")]
+             f"{run['wall_s']:.0f} s)", f"criterion: {crit['text']}" + (f" -> {thresholds_words(crit)}" if thresholds_words(crit) else "")]
     # result_rows: baselines, each search's best, the selected mix, with the report's speedups
     entries = run["baselines"] + [x["best"] for x in run.get("searches") or [] if x.get("best")] + \
         ([run["selected"]] if run["selected"] else [])
