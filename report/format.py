@@ -86,6 +86,15 @@ def criterion_words(crit: dict, threshold: float | None) -> str:
     elif ref is not None and delta is not None and kind == "relative":
         s += f": the FP32 reference {fmt_metric(m, ref)} {'minus' if hi else 'plus'} a relative margin of {100 * delta:.1f} %"
     s += "."
+    rules, weighted = crit.get("set_rules") or {}, crit.get("weighted")
+    if isinstance(weighted, dict):
+        s += (f" With several evaluation sets that rule applies to their weighted mean: at "
+              f"{'least' if hi else 'most'} {fmt_metric(m, num(weighted.get('threshold')))} (from FP32's weighted "
+              f"mean {fmt_metric(m, num(weighted.get('reference')))}); the value above is the pooled one.")
+    elif rules:
+        s += (" With several evaluation sets that rule applies to each set, against FP32's value on it: "
+              + ", ".join(f"{n} at {'least' if hi else 'most'} {fmt_metric(m, num(r.get('threshold')))}"
+                          for n, r in rules.items()) + "; the value above is the pooled one, for reference.")
     if crit.get("text"):
         s += f' (As stated in the run: "{crit["text"]}".)'
     return s
