@@ -339,9 +339,10 @@ def test_baseline_key_follows_content_and_config_not_paths(tmp_path):
 
     changed = copy.deepcopy(cfg)
     changed["latency"]["tie_tolerance"] = 0.5  # ranks search candidates only
+    changed["latency"]["iters"] = 3  # the selection's protocol: baselines are timed with the search's
     changed["calibration"]["methods"] = ["max"]  # not part of an FP32 record
     assert baseline_key(changed, fp32, fp32, data) == key
-    for section, name, value in (("data", "eval_utts", 7), ("backend", "threads", 1), ("latency", "iters", 3),
+    for section, name, value in (("data", "eval_utts", 7), ("backend", "threads", 1), ("latency", "search_iters", 3),
                                  ("quantize", "fallback", "fp16"), ("latency", "batch_sizes", [1])):
         changed = copy.deepcopy(cfg)
         changed[section][name] = value
