@@ -55,11 +55,13 @@ def task_probe(ctx: dict, item: tuple[str, str, str]) -> float:
 
 def task_ranking_scores(ctx: dict, item: list[int]) -> list[float]:
     """The task's ranking scores of the items `item` (indices), from the FP32 and the all-INT8 runners of the
-    context's method (pipeline.sensitivity.ranking_inputs); the worker keeps those runners for its probes."""
+    context's method (pipeline.sensitivity.ranking_inputs), each opened when the task first reads it."""
+    from pipeline.sensitivity import LazyRunners
+
     ctx = _memo(ctx)
     ws = _ws(ctx)
-    fp32 = ws.runners(ws.source(ctx["method"]))
-    int8 = ws.runners({g: Path(p) for g, p in ctx["int8"].items()})
+    fp32 = LazyRunners(ws, ws.source(ctx["method"]))
+    int8 = LazyRunners(ws, {g: Path(p) for g, p in ctx["int8"].items()})
     return [float(x) for x in ws.task.ranking_scores(fp32, int8, item)]
 
 

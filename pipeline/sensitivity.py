@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -39,6 +40,23 @@ def probe(ws, graph: str, node: str, method: str, recipe: str | None, output: st
     """One node's score (the driver's serial loop and pipeline.fanout.task_probe)."""
     return mean_noise_to_signal(probe_runner(ws, graph, ws.model(graph, {node: "int8"}, method, recipe=recipe)),
                                 output, feeds, refs)
+
+
+class LazyRunners(Mapping):
+    """{graph: runner} of `models` ({graph: path}), each opened (Workspace.runner) when first read: a task's
+    ranking may read some graphs only (WeNet: the encoders), and each runner is an engine session to open."""
+
+    def __init__(self, ws, models: Mapping):
+        self.ws, self.models = ws, dict(models)
+
+    def __getitem__(self, graph: str):
+        return self.ws.runner(graph, self.models[graph])
+
+    def __iter__(self):
+        return iter(self.models)
+
+    def __len__(self) -> int:
+        return len(self.models)
 
 
 class RunOnce:
@@ -103,7 +121,7 @@ def ranking_inputs(exp, method: str, recipe: str | None = None) -> tuple[dict, d
         int8 = None
     else:
         fp32 = ws.runners(src)
-        int8 = ws.runners(int8_models)
+        int8 = LazyRunners(ws, int8_models)
     fp32 = {g: RunOnce(r) for g, r in fp32.items()}
     extra = {} if scores is None else {"scores": scores}
     feeds = {g: task.ranking_feeds(g, fp32, int8, **extra) for g in ws.names}
