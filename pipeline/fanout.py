@@ -65,6 +65,13 @@ def task_ranking_scores(ctx: dict, item: list[int]) -> list[float]:
     return [float(x) for x in ws.task.ranking_scores(fp32, int8, item)]
 
 
+def task_warm(ctx: dict, item):
+    """A worker with this run's Workspace built (what a run's baseline fan-out leaves on its workers): a
+    benchmark's way to time a later stage without the workers' imports and Workspace (experiments/bench_ray)."""
+    _ws(_memo(ctx))
+    return item
+
+
 def task_accuracy(ctx: dict, item: dict) -> dict:
     """Accuracy of given models ({"models"}) or of a flat plan's ({"flat", "method"}), placed as the driver
     places them; {"check"}: with the reference check's counts (the hackathon criterion); {"part"}: a baseline
