@@ -110,8 +110,7 @@ def main() -> None:
     fp32_rec = exp.full_record("FP32", dict(ws.fp32), precision="fp32", calibrator=None)
     from pipeline.baselines import criterion_of
 
-    crit = criterion_of(base_cfg, exp.task, fp32_rec["accuracy"][base_cfg["criterion"]["metric"]]) \
-        if args.search_workers else None  # only the search needs one
+    crit = criterion_of(base_cfg, exp.task, fp32_rec["accuracy"])  # FP32's accuracy dict (with its eval sets)
 
     t0 = time.perf_counter()
     ray.init(num_cpus=engines.base.physical_cores(), include_dashboard=False, log_to_driver=False,
