@@ -26,8 +26,9 @@ def probe_runner(ws, graph: str, model):
     """The runner a probe scores. ONNX Runtime: the placed model opened as its engine would be (the artifact's
     engine file is a byte copy of the model, loaded by OrtEngineRunner with these same options and shape ranges),
     so the outputs are the engine's bit for bit, without writing an artifact (optimised-graph dump, kernel report)
-    that nothing reads again: that build and the second session it costs were about 40 % of a WeNet probe. Other
-    backends build and load their engine (Workspace.runner)."""
+    that nothing reads again: that build and the second session it costs were over a third of a WeNet probe's
+    time (96 -> 61 s for the 74 probes on one worker, experiments/results/ray_scaling.md). Other backends build
+    and load their engine (Workspace.runner)."""
     if ws.cfg["backend"]["name"] != "onnxruntime":
         return ws.runner(graph, model)
     return engines.OnnxFileRunner(model, threads=ws.cfg["backend"]["threads"] or engines.physical_cores(),
