@@ -9,7 +9,10 @@ N x threads cores. Writes JSON with the host (core.host.describe) and the times.
 
 Deviations from `./build.sh`'s run, for time: calibration on 64 utterances with one calibrator (percentile), the
 search's accuracy on --eval-utts test utterances, the baselines timed with the search's protocol (3 + 10 runs).
-The sensitivity stage itself is the default one (16 ranking utterances, every quantizable node).
+The sensitivity stage itself is the default one (16 ranking utterances, every quantizable node). Each row splits
+the stage into the driver's ranking pass (`ranking_s`, its pool fan-out `ranking pool_map_s`) and the probes;
+`--warm` lets every worker build the run's Workspace before the clock starts (what a run's baseline fan-out
+leaves behind), so the stage is timed without the workers' start.
 """
 from __future__ import annotations
 
@@ -50,6 +53,8 @@ def main() -> None:
     ap.add_argument("--calib-utts", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2, help="backend.threads: ORT threads per evaluation and task")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_ray"))
+    ap.add_argument("--warm", action="store_true", help="workers import and build the run's Workspace before the "
+                    "clock starts (a pipeline's sensitivity stage follows the baselines' fan-out)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
 
@@ -72,6 +77,18 @@ def main() -> None:
             timed["ranking_s"] = time.perf_counter() - t
 
     sensitivity.ranking_inputs = timed_ranking
+    from pipeline.fanout import Fanout, task_warm
+
+    fan_map = Fanout.map
+
+    def timed_map(self, fn, ctx, items, on_result=None, desc=""):  # each fan-out's wall time, by its desc
+        t = time.perf_counter()
+        try:
+            return fan_map(self, fn, ctx, items, on_result, desc)
+        finally:
+            timed[desc.split(" (")[0] + "_map_s"] = time.perf_counter() - t
+
+    Fanout.map = timed_map
 
     base_cfg = load_config()
     base_cfg["backend"]["name"] = "onnxruntime"
@@ -93,7 +110,7 @@ def main() -> None:
     fp32_rec = exp.full_record("FP32", dict(ws.fp32), precision="fp32", calibrator=None)
     from pipeline.baselines import criterion_of
 
-    crit = criterion_of(base_cfg, exp.task, fp32_rec["accuracy"][base_cfg["criterion"]["metric"]])
+    crit = criterion_of(base_cfg, exp.task, fp32_rec["accuracy"])  # FP32's accuracy dict (with its eval sets)
 
     t0 = time.perf_counter()
     ray.init(num_cpus=engines.base.physical_cores(), include_dashboard=False, log_to_driver=False,
@@ -113,11 +130,15 @@ def main() -> None:
         shutil.copytree(base, run_dir, ignore=shutil.ignore_patterns(".lock"))
         e = experiment(cfg, run_dir, args.corpus)
         _ = e.fanout  # the executor (joins the running cluster) before the clock starts
+        if args.warm and n != "serial":  # the workers' imports and Workspace, as a baseline fan-out leaves them
+            e.fanout.map(task_warm, e.context("warm"), list(range(e.fanout.parallel)))
+        timed.clear()
         t0 = time.perf_counter()
         sens = sensitivity_stage(e, method)
         sens_s = time.perf_counter() - t0
         row = {"workers": n, "sensitivity_s": round(sens_s, 2), "ranking_s": round(timed["ranking_s"], 2),
-               "probes_s": round(sens_s - timed["ranking_s"], 2), "n_probes": len(sens)}
+               "probes_s": round(sens_s - timed["ranking_s"], 2), "n_probes": len(sens), "warm": args.warm,
+               **{k: round(v, 2) for k, v in timed.items() if k.endswith("_map_s")}}
         if str(n) in args.search_workers.split(","):
             t0 = time.perf_counter()
             rec = e.search(start, crit)

@@ -1,5 +1,5 @@
-"""The pipeline's independent work as executor tasks (search.executor): sensitivity probes, baseline accuracies,
-search candidates and the models latency probes time.
+"""The pipeline's independent work as executor tasks (search.executor): the sensitivity ranking's per-item
+scores and its probes, baseline accuracies, search candidates and the models latency probes time.
 
 Worker functions are top-level (picklable) and take a context (the run directory, the config, model and table
 paths, the task itself, feeds) plus one item; they place models into the shared run directory exactly where the
@@ -45,14 +45,31 @@ def _ws(ctx: dict):
 
 def task_probe(ctx: dict, item: tuple[str, str, str]) -> float:
     """Sensitivity of one node: pipeline.sensitivity's score with only that node in INT8."""
-    from pipeline.sensitivity import mean_noise_to_signal
+    from pipeline.sensitivity import probe
 
     ctx = _memo(ctx)
     g, node, method = item
-    ws = _ws(ctx)
     out, ref = ctx["refs"][g]
-    model = ws.model(g, {node: "int8"}, method, recipe=ctx.get("recipe"))
-    return mean_noise_to_signal(ws.runner(g, model), out, ctx["feeds"][g], ref)
+    return probe(_ws(ctx), g, node, method, ctx.get("recipe"), out, ctx["feeds"][g], ref)
+
+
+def task_ranking_scores(ctx: dict, item: list[int]) -> list[float]:
+    """The task's ranking scores of the items `item` (indices), from the FP32 and the all-INT8 runners of the
+    context's method (pipeline.sensitivity.ranking_inputs), each opened when the task first reads it."""
+    from pipeline.sensitivity import LazyRunners
+
+    ctx = _memo(ctx)
+    ws = _ws(ctx)
+    fp32 = LazyRunners(ws, ws.source(ctx["method"]))
+    int8 = LazyRunners(ws, {g: Path(p) for g, p in ctx["int8"].items()})
+    return [float(x) for x in ws.task.ranking_scores(fp32, int8, item)]
+
+
+def task_warm(ctx: dict, item):
+    """A worker with this run's Workspace built (what a run's baseline fan-out leaves on its workers): a
+    benchmark's way to time a later stage without the workers' imports and Workspace (experiments/bench_ray)."""
+    _ws(_memo(ctx))
+    return item
 
 
 def task_accuracy(ctx: dict, item: dict) -> dict:
@@ -96,10 +113,11 @@ class Fanout:
         return self.executor.map(fn, ctx, items, on_result, desc=desc, progress=self.progress)
 
     def probes(self, fn: Callable, ctx: dict, todo: list[tuple[str, str]], method: str, cache, prefix: str,
-               key: Callable[[str, str], str]) -> dict[str, float]:
-        """One sensitivity probe per (graph, node) on the workers; each score cached as it arrives (a resume
-        probes only the rest), returned as the serial ranking's dict, in its order."""
-        left = [(g, n) for g, n in todo if f"{prefix}{key(g, n)}" not in cache]
+               key: Callable[[str, str], str], order: list[tuple[str, str]] | None = None) -> dict[str, float]:
+        """One sensitivity probe per (graph, node) on the workers, submitted in `order` (default `todo`'s); each
+        score cached as it arrives (a resume probes only the rest), returned as the serial ranking's dict, in
+        `todo`'s order."""
+        left = [(g, n) for g, n in (order or todo) if f"{prefix}{key(g, n)}" not in cache]
         self.map(fn, ctx, [(g, n, method) for g, n in left], desc=f"sensitivity ({self.parallel} workers)",
                  on_result=lambda i, s: cache.get_or_compute(f"{prefix}{key(*left[i])}", lambda: s))
         return {key(g, n): cache.entries[f"{prefix}{key(g, n)}"] for g, n in todo}

@@ -229,19 +229,36 @@ class WenetAsrTask(Task):
         """{(bs, sl): feeds} of the latency grid, for the graphs `[latency] models` names."""
         return self._cases.get(graph, {})
 
-    def ranking_feeds(self, graph: str, runners: Mapping[str, Any], int8: Mapping[str, Any] | None = None) -> list[dict]:
-        """One batch of the `ranking_utts` pool utterances where the FP32 and all-INT8 encoders disagree most."""
-        if int8 is None:
-            raise WorkbenchError("the wenet_asr ranking needs the all-INT8 runners")
-        key = id(int8["encoder"])
-        if key not in self._ranked:
-            err = []
-            for f in self.pool:
-                feeds = {"speech": f[None], "speech_lengths": np.array([len(f)], np.int32)}
-                a, b = runners["encoder"].run(feeds)["encoder_out"], int8["encoder"].run(feeds)["encoder_out"]
-                err.append(noise_to_signal(b, a))
-            self._ranked = {key: [self.pool[i] for i in np.argsort(err)[::-1][: self.cfg["data"]["ranking_utts"]]]}
-        rank = self._ranked[key]
+    def ranking_pool_size(self) -> int:
+        """How many items `ranking_scores` scores (the pool utterances)."""
+        return len(self.pool)
+
+    def ranking_scores(self, runners: Mapping[str, Any], int8: Mapping[str, Any], items=None) -> list[float]:
+        """The disagreement of the all-INT8 encoder with FP32 (noise-to-signal of encoder_out) on each pool
+        utterance of `items` (indices; default all), each utterance run alone: shares of the pool can be
+        scored apart (pipeline.sensitivity fans them out) and give the same numbers."""
+        err = []
+        for i in range(len(self.pool)) if items is None else items:
+            f = self.pool[i]
+            feeds = {"speech": f[None], "speech_lengths": np.array([len(f)], np.int32)}
+            a, b = runners["encoder"].run(feeds)["encoder_out"], int8["encoder"].run(feeds)["encoder_out"]
+            err.append(noise_to_signal(b, a))
+        return err
+
+    def ranking_feeds(self, graph: str, runners: Mapping[str, Any], int8: Mapping[str, Any] | None = None,
+                      scores: list[float] | None = None) -> list[dict]:
+        """One batch of the `ranking_utts` pool utterances where the FP32 and all-INT8 encoders disagree most
+        (`scores`: those disagreements, `ranking_scores` of the whole pool, when already computed)."""
+        if scores is not None:
+            rank = [self.pool[i] for i in np.argsort(scores)[::-1][: self.cfg["data"]["ranking_utts"]]]
+        else:
+            if int8 is None:
+                raise WorkbenchError("the wenet_asr ranking needs the all-INT8 runners")
+            key = id(int8["encoder"])
+            if key not in self._ranked:
+                err = self.ranking_scores(runners, int8)
+                self._ranked = {key: [self.pool[i] for i in np.argsort(err)[::-1][: self.cfg["data"]["ranking_utts"]]]}
+            rank = self._ranked[key]
         if graph == "encoder":
             return [encoder_feed(rank)]
         return decoder_calibration_feeds(runners["encoder"], list(onnx_io(self.graph("decoder").path)["inputs"]),

@@ -215,3 +215,85 @@ def test_ray_missing_names_the_extra(monkeypatch):
                         if name == "ray" else real(name, *a, **k))
     with pytest.raises(WorkbenchError, match=r"pip install -e \.\[ray\]"):
         import_ray()
+
+
+class _PoolTask:
+    """Mixed into the tiny model's onnx task: a ranking that picks its feeds from per-item scores (noise-to-signal
+    of all-INT8 against FP32 on each eval feed), like wenet_asr's pool, recording which items each call scored."""
+
+    calls: list = []
+
+    def ranking_pool_size(self):
+        return len(self.feeds("classifier", "eval"))
+
+    def ranking_scores(self, runners, int8, items=None):
+        from tasks.fidelity import noise_to_signal
+
+        feeds = self.feeds("classifier", "eval")
+        items = list(range(len(feeds))) if items is None else list(items)
+        _PoolTask.calls.append(items)
+        return [noise_to_signal(int8["classifier"].run(feeds[i])["logits"], runners["classifier"].run(feeds[i])["logits"])
+                for i in items]
+
+    def ranking_feeds(self, graph, runners=None, int8=None, scores=None):
+        import numpy as np
+
+        scores = self.ranking_scores(runners, int8) if scores is None else scores
+        return [self.feeds(graph, "eval")[i] for i in np.argsort(scores)[::-1][:2]]
+
+
+class _InProcessFanout:
+    """A distributed fan-out run in this process, each task on a copy of its context (as a worker unpickles it)
+    and a fresh worker state per fan-out: the driver's side of Ray's path (shares, order, reassembly)."""
+
+    distributed, parallel = True, 2
+
+    def map(self, fn, ctx, items, on_result=None, desc=""):
+        import copy
+
+        import pipeline.fanout as fanout
+
+        fanout._CTX.clear()
+        fanout._WS.clear()
+        out = []
+        for i, item in enumerate(items):
+            out.append(fn(copy.deepcopy(ctx), item))
+            if on_result:
+                on_result(i, out[-1])
+        return out
+
+    def probes(self, *a, **k):
+        from pipeline.fanout import Fanout
+
+        return Fanout.probes(self, *a, **k)
+
+
+def test_ranking_pool_scored_in_shares_gives_the_serial_sensitivity(project, tmp_path):  # noqa: F811
+    """The ranking's per-item scores fanned out in interleaved shares (the driver opens no all-INT8 runner) and
+    the probes in cost order: the serial stage's ranking, bit for bit; the probes' runners (no artifact) score
+    as the engines' do."""
+    from pipeline.calibration import calibrate_stage
+    from pipeline.config import load_config, resolve_backend_and_recipe
+    from pipeline.experiment import Experiment
+    from pipeline.sensitivity import mean_noise_to_signal, ranking_inputs, sensitivity_stage
+    from tasks.onnx_task import OnnxTask
+
+    pool_task = type("PoolTask", (_PoolTask, OnnxTask), {})
+    cfg = resolve_backend_and_recipe(load_config(write_config(project, "pool.toml")))
+    runs = {}
+    for name in ("serial", "fanned"):
+        task = pool_task.from_config(cfg["task"], project)
+        exp = Experiment(cfg, task, tmp_path / name, progress=False)
+        if name == "fanned":
+            exp._fanout = _InProcessFanout()
+        exp.methods = calibrate_stage(exp)
+        _PoolTask.calls = []
+        runs[name] = (sensitivity_stage(exp, exp.methods[0]), list(_PoolTask.calls), exp)
+    assert runs["serial"][0] == runs["fanned"][0] and len(runs["serial"][0]) > 1
+    assert runs["serial"][1] == [[0, 1, 2]] and runs["fanned"][1] == [[0, 2], [1]]
+    exp, m = runs["serial"][2], runs["serial"][2].methods[0]
+    node = exp.ws.int8_nodes("classifier")[0]
+    feeds, refs, _ = ranking_inputs(exp, m)
+    engine = exp.ws.runner("classifier", exp.ws.model("classifier", {node: "int8"}, m))
+    assert mean_noise_to_signal(engine, refs["classifier"][0], feeds["classifier"], refs["classifier"][1]) == \
+        runs["serial"][0][exp.key("classifier", node)]
