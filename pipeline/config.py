@@ -8,7 +8,7 @@ import os
 import tomllib
 from pathlib import Path
 
-from graph.placement import ORT_MODES, resolve_ort_mode
+from graph.placement import ORT_FLOAT_OUTPUTS, ORT_MODES, resolve_ort_mode
 from core.errors import WorkbenchError
 
 from quant.methods import METHODS
@@ -26,6 +26,8 @@ _CHOICES = {
     ("quantize", "recipe"): {"auto", "onnxruntime", "tensorrt"},
     ("quantize", "fallback"): {"fp32", "fp16"},
     ("quantize", "ort_mode"): {"auto", *ORT_MODES},
+    ("quantize", "ort_float_outputs"): set(ORT_FLOAT_OUTPUTS),
+    ("calibration", "smoothquant"): {"none", "layernorm", "all"},
     ("backend", "name"): {"auto", "onnxruntime", "tensorrt"},
     ("criterion", "kind"): {"absolute", "relative", "hackathon", "fixed"},
     ("criterion", "mode"): {"point", "bound"},
@@ -72,6 +74,7 @@ _RANGES = {
     ("data", "confirm_utts"): (0, True, None, None),
     ("budget", "max_confirmations"): (1, True, None, None),
     ("calibration", "percentile"): (0, False, 100, False),
+    ("calibration", "smoothquant_alpha"): (0, True, 1, True),
     ("calibration", "batch_size"): (1, True, None, None),
     ("backend", "threads"): (1, True, None, None),
     ("latency", "batch_sizes"): (1, True, None, None),
