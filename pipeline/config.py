@@ -224,6 +224,9 @@ def _check_distributed(d: dict) -> None:
 # on. A resume must keep them; criterion and budget may change (they only judge and bound the search).
 RESUME_SECTIONS = ("task", "model", "data", "calibration", "qat", "quantize", "backend", "latency")
 RESUME_FILE = "inputs.json"
+# keys added after runs were recorded, with the value an older run (whose inputs.json lacks them) had in effect
+RESUME_ADDED = {"quantize.ort_float_outputs": "none", "calibration.smoothquant": "none",
+                "calibration.smoothquant_alpha": 0.5}
 
 
 def _flat(d, prefix: str = "") -> dict:
@@ -252,6 +255,8 @@ def check_resume(run_dir: str | Path, cfg: dict) -> None:
             before = None  # unreadable (it is written atomically, so only by hand): recorded again below
     if isinstance(before, dict):
         a, b = _flat(before), _flat(now)
+        if "calibration.smoothquant" not in a:  # recorded before these keys existed: what was in effect
+            a = {k: v for k, v in RESUME_ADDED.items()} | a
         diff = [k for k in sorted(set(a) | set(b)) if a.get(k, "<unset>") != b.get(k, "<unset>")]
         if diff:
             shown = "; ".join(f"{k} = {json.dumps(a.get(k, '<unset>'))} there, {json.dumps(b.get(k, '<unset>'))} now"

@@ -162,3 +162,18 @@ def test_config_keys(tmp_path):
         p.write_text(f"[calibration]\n{text}\n")
         with pytest.raises(WorkbenchError, match=msg):
             load_config(p)
+
+
+def test_a_run_recorded_before_the_new_keys_resumes_at_their_defaults(tmp_path):
+    import json
+
+    from pipeline.config import RESUME_SECTIONS, check_resume, load_config
+
+    cfg = load_config()
+    old = json.loads(json.dumps({s: cfg[s] for s in RESUME_SECTIONS}))
+    del old["calibration"]["smoothquant"], old["calibration"]["smoothquant_alpha"], old["quantize"]["ort_float_outputs"]
+    (tmp_path / "inputs.json").write_text(json.dumps(old))
+    check_resume(tmp_path, cfg)  # the defaults are what such a run had
+    cfg["calibration"]["smoothquant"] = "all"
+    with pytest.raises(WorkbenchError, match="calibration.smoothquant"):
+        check_resume(tmp_path, cfg)
