@@ -34,6 +34,20 @@ Its int8 arithmetic is chosen per CPU (`ort_mode`, ORT_MODES; "auto" = `ort_mode
     (2 x 255 x 64 < 32768), at the cost of one bit of weight resolution;
   * "s8s8": int8 activations and weights (the TensorRT convention; it saturates the same way without VNNI).
 The measurement behind "auto" is experiments/results/ort_int8_modes.md.
+Which int8 MatMuls keep a float output (`ort_float_outputs`, ORT_FLOAT_OUTPUTS; `[quantize] ort_float_outputs`):
+  * "none" (the default): every int8 node's output is quantized, as ORT's quantizer does (QLinearMatMul);
+  * "residual": an int8 MatMul whose output reaches a residual Add (directly or through its bias Add, the
+    analysis' residual_add patterns: a transformer's attention-output and FFN-output projections) keeps its
+    output in float: its Q/DQ pair is removed and ORT fuses DQ -> MatMul into MatMulIntegerToFloat, the same
+    integer GEMM with a float result.  Measured on all-MiniLM-L6-v2 (experiments/results/minilm_smooth/): the
+    per-tensor quantization of the FFN-output MatMul's output (amax ~190: the residual stream's outlier
+    channels) is what made this recipe's all-INT8 so much worse than the tensorrt recipe's (2 layers, exact
+    Q/DQ: cosine 0.953 -> 0.9948 with only that output kept float; every other output costs < 0.001);
+  * "matmul": every int8 MatMul's output stays float.
+Only MatMuls: ORT's CPU EP has no integer Conv/Gemm with a float output, so those keep their output Q/DQ.
+(Where a model's input shapes are fully static, ORT 1.32 first fuses MatMul + bias Add into a float Gemm, and
+such a MatMul then runs as DQ -> float Gemm: exports with dynamic batch/sequence axes, MiniLM's and WeNet's, fuse
+as described; tests/test_ort_float_outputs.py.)
 """
 from __future__ import annotations
 
@@ -57,6 +71,7 @@ RECIPES = ("tensorrt", "onnxruntime")
 WEIGHT_SUFFIX = "_quantized"
 # ONNX Runtime recipe modes: (activation type, 7-bit weights)
 ORT_MODES = {"u8s8": ("u8", False), "u8s8-rr": ("u8", True), "s8s8": ("s8", False)}
+ORT_FLOAT_OUTPUTS = ("none", "residual", "matmul")  # which int8 MatMuls keep a float output (docstring)
 
 
 def ort_mode_for(cpu: dict) -> str:
@@ -129,16 +144,31 @@ def calibration_tensors(analysis: Analysis) -> list[str]:
     return sorted(n for n in names if n)
 
 
-def required_tensors(analysis: Analysis, plan: dict, recipe: str = "tensorrt") -> dict[str, str]:
+def float_output_nodes(analysis: Analysis, plan: dict, which: str = "none") -> set[str]:
+    """The int8 MatMuls whose output the onnxruntime recipe leaves in float for `which` (ORT_FLOAT_OUTPUTS)."""
+    if which not in ORT_FLOAT_OUTPUTS:
+        raise WorkbenchError(f"unknown ort_float_outputs {which!r}: use one of {', '.join(ORT_FLOAT_OUTPUTS)}")
+    int8 = {q.id for q in analysis.quantizable if plan["nodes"].get(q.id) == "int8" and q.op == "MatMul"
+            and q.kind != "act_matmul"}
+    if which == "none":
+        return set()
+    if which == "matmul":
+        return int8
+    return {p.gemm for p in analysis.patterns_of("residual_add")} & int8
+
+
+def required_tensors(analysis: Analysis, plan: dict, recipe: str = "tensorrt",
+                     ort_float_outputs: str = "none") -> dict[str, str]:
     """{tensor: node that needs it}: the activation tensors a calibration table must cover for `plan`."""
     nodes = plan["nodes"]
     need: dict[str, str] = {}
+    floats = float_output_nodes(analysis, plan, ort_float_outputs) if recipe == "onnxruntime" else set()
     for q in analysis.quantizable:
         if nodes.get(q.id) != "int8":
             continue
         for t in q.act_inputs:
             need.setdefault(t, q.id)
-        if recipe == "onnxruntime":  # ORT quantizes the outputs too, to fuse QLinearConv/QLinearMatMul
+        if recipe == "onnxruntime" and q.id not in floats:  # ORT quantizes outputs, to fuse QLinear kernels
             need.setdefault(q.output, q.id)
     if recipe == "tensorrt" and plan.get("options", {}).get("residual_add", True):
         for p in analysis.patterns_of("residual_add"):
@@ -261,8 +291,39 @@ def _fold_weight_paths(model: onnx.ModelProto, nodes: list) -> None:
     _prune(model.graph)
 
 
+def _unquantize_outputs(model: onnx.ModelProto, tensors: set[str]) -> int:
+    """Remove the Q -> DQ pair(s) ORT's quantizer put on each of `tensors`: its consumers read the float tensor
+    again (and the scale/zero-point initializers nothing reads anymore go). Returns the pairs removed."""
+    g = model.graph
+    outputs = {o.name for o in g.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    drop, rewire = [], {}
+    for n in g.node:
+        if n.op_type != "QuantizeLinear" or n.input[0] not in tensors:
+            continue
+        dqs = consumers.get(n.output[0], [])
+        if not dqs or any(d.op_type != "DequantizeLinear" or d.output[0] in outputs for d in dqs):
+            continue  # not a plain Q -> DQ pair (a graph output, or a Q read directly): left as placed
+        drop += [n, *dqs]
+        rewire.update({d.output[0]: n.input[0] for d in dqs})
+    for n in g.node:
+        for k, i in enumerate(n.input):
+            if i in rewire:
+                n.input[k] = rewire[i]
+    for n in drop:
+        g.node.remove(n)
+    used = {i for n in g.node for i in n.input}
+    keep = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    return len(drop) - len(rewire)  # one Q per pair
+
+
 def _place_onnxruntime(model: onnx.ModelProto, analysis: Analysis, plan: dict, table: CalibTable,
-                       mode: str) -> tuple[onnx.ModelProto, dict]:
+                       mode: str, float_outputs: str = "none") -> tuple[onnx.ModelProto, dict]:
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
     from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
@@ -272,7 +333,8 @@ def _place_onnxruntime(model: onnx.ModelProto, analysis: Analysis, plan: dict, t
         return model, {"int8_nodes": 0}
     _fold_weight_paths(model, int8)
     idx = GraphIndex(model)
-    need = required_tensors(analysis, plan, "onnxruntime")  # inputs and outputs of the int8 nodes
+    need = required_tensors(analysis, plan, "onnxruntime")  # inputs and outputs of the int8 nodes (every output:
+    # the quantizer places them all; the float ones lose their Q/DQ below)
     activation_type, reduce_range = ORT_MODES[mode]
     u8 = activation_type == "u8"
     zp = np.array(128, np.uint8) if u8 else np.array(0, np.int8)
@@ -300,18 +362,24 @@ def _place_onnxruntime(model: onnx.ModelProto, analysis: Analysis, plan: dict, t
                            "TensorQuantOverrides": overrides})
         quantizer.quantize_model()
     out = quantizer.model.model
+    floats = float_output_nodes(analysis, plan, float_outputs)
+    removed = _unquantize_outputs(out, {q.output for q in int8 if q.id in floats}) if floats else 0
     ordered = toposort(list(out.graph.node), out.graph)  # the quantizer appends its nodes at the end
     del out.graph.node[:]
     out.graph.node.extend(ordered)
-    return out, {"int8_nodes": len(int8), "ort_mode": mode}
+    report = {"int8_nodes": len(int8), "ort_mode": mode}
+    if float_outputs != "none":
+        report |= {"ort_float_outputs": float_outputs, "float_output_nodes": removed}
+    return out, report
 
 
 def quantize(model: str | Path | onnx.ModelProto, table, plan: dict | None = None, recipe: str = "tensorrt",
              default_plan: str = "int8", out: str | Path | None = None, ort_mode: str = "auto",
-             analysis: Analysis | None = None) -> Placement:
+             analysis: Analysis | None = None, ort_float_outputs: str = "none") -> Placement:
     """Apply `plan` (or a default plan of `default_plan`) with calibration `table` (path, table dict,
     {tensor: amax} or a loaded CalibTable).  `ort_mode`: the onnxruntime recipe's int8 arithmetic (ORT_MODES
-    or "auto" for this CPU; the report names the one used).  `analysis`: `analyze(model)` when the caller already has it (a
+    or "auto" for this CPU; the report names the one used).  `ort_float_outputs`: which of the onnxruntime
+    recipe's int8 MatMuls keep a float output (ORT_FLOAT_OUTPUTS; "none": ORT's own placement).  `analysis`: `analyze(model)` when the caller already has it (a
     search places one model many times).  Everything is checked before anything is written; `out` is
     written atomically."""
     if recipe not in RECIPES:
@@ -330,7 +398,7 @@ def quantize(model: str | Path | onnx.ModelProto, table, plan: dict | None = Non
             raise WorkbenchError(f"the onnxruntime recipe has no fp16 (the CPU EP computes FP16 by casting to "
                                  f"FP32): node {bad[0]!r} is fp16 in the plan; use fp32 or int8")
     # check the table covers everything before doing any work
-    for t, who in required_tensors(analysis, plan, recipe).items():
+    for t, who in required_tensors(analysis, plan, recipe, ort_float_outputs).items():
         table.scale(t, who)
     report: dict = {"recipe": recipe, "plan_hash": plan["hash"]}
     if recipe == "tensorrt":
@@ -342,7 +410,7 @@ def quantize(model: str | Path | onnx.ModelProto, table, plan: dict | None = Non
         if "int8" in nodes.values():
             report |= _place_tensorrt(m, analysis_now, plan, table)
     else:
-        m, r = _place_onnxruntime(m, analysis, plan, table, resolve_ort_mode(ort_mode))
+        m, r = _place_onnxruntime(m, analysis, plan, table, resolve_ort_mode(ort_mode), ort_float_outputs)
         report |= r
     if _io_signature(m) != original_io:
         raise WorkbenchError("internal error: the graph inputs/outputs changed during placement")

@@ -1,9 +1,14 @@
 """Stage: calibration. One table per graph with every PTQ calibrator's ranges (quant.calibrate), split into one
 file per calibrator, plus the task's own calibrators that come with their weights (QAT). Cached in the run's
-calibration/ directory: a resume reads the tables instead of recalibrating."""
+calibration/ directory: a resume reads the tables instead of recalibrating.
+
+With `[calibration] smoothquant` (not "none"), each graph is first smoothed (quant.smooth, graph.smooth: exact in
+FP32) on the calibration feeds, written to models/smoothed/<graph>.onnx with its report, and every PTQ calibrator
+calibrates and places on that graph (the workspace source of those methods); FP32 stays the original graph."""
 from __future__ import annotations
 
 from core.errors import WorkbenchError
+from core.fsutil import write_json
 from quant.calibrate import calibrate
 from quant.methods import method_key
 from quant.table import CalibrationTable
@@ -18,12 +23,21 @@ def calibrate_stage(exp) -> list[str]:
     keys = [key_of(m) for m in ptq]
     if ptq:
         fp32_runners = {}  # the FP32 runners of the graphs before, for chained tasks' feeds
+        smoothed = {}
         for g in ws.names:
             path = exp.dir / "calibration" / f"{g}.json"
+            feeds = None
+            source = ws.fp32[g]
+            if c["smoothquant"] != "none":
+                source = exp.dir / "models" / "smoothed" / f"{g}.onnx"
+                if not source.is_file():
+                    feeds = list(task.calibration_feeds(g, fp32_runners))
+                    _smooth(ws.fp32[g], feeds, c["smoothquant_alpha"], c["smoothquant"], source)
+                smoothed[g] = source
             if not path.is_file():
-                feeds = list(task.calibration_feeds(g, fp32_runners))
+                feeds = feeds if feeds is not None else list(task.calibration_feeds(g, fp32_runners))
                 # the default tensor set (graph.placement.calibration_tensors) serves both recipes and any plan
-                table = calibrate(ws.fp32[g], feeds, methods=",".join(ptq), percentiles=(c["percentile"],),
+                table = calibrate(source, feeds, methods=",".join(ptq), percentiles=(c["percentile"],),
                                   default_method=keys[0], padding=task.graph(g).padding, progress=exp.progress,
                                   data_info={"task": task.name, "graph": g, "feeds": len(feeds)})
                 table.save(path)
@@ -34,6 +48,8 @@ def calibrate_stage(exp) -> list[str]:
                     table.with_method(key).save(p)
                 ws.tables.setdefault(key, {})[g] = p
             fp32_runners[g] = ws.runner(g, ws.fp32[g])
+        for key in keys if smoothed else ():
+            ws.add_source(key, smoothed)
     extra = task.extra_methods()
     for m, x in extra.items():
         ws.add_source(m, x["sources"])
@@ -45,3 +61,19 @@ def calibrate_stage(exp) -> list[str]:
                              f"{', '.join(missing) or 'any calibrator'} (PTQ calibrators: max, percentile, entropy, "
                              f"mse)")
     return methods
+
+
+def _smooth(fp32, feeds, alpha: float, targets: str, out) -> None:
+    """The smoothed FP32 graph at `out` (written atomically) and its report beside it (`.smooth.json`)."""
+    import onnx
+
+    from core.fsutil import atomic_path
+    from quant.smooth import smooth
+
+    model, report = smooth(fp32, feeds, alpha, targets)
+    if not report["tensors"]:
+        raise WorkbenchError(f"config calibration.smoothquant = {targets!r}: {fp32} has no MatMul input to smooth")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        onnx.save(model, str(tmp))
+    write_json(out.with_suffix(".smooth.json"), report | {"source": str(fp32)})

@@ -8,7 +8,7 @@ import os
 import tomllib
 from pathlib import Path
 
-from graph.placement import ORT_MODES, resolve_ort_mode
+from graph.placement import ORT_FLOAT_OUTPUTS, ORT_MODES, resolve_ort_mode
 from core.errors import WorkbenchError
 
 from quant.methods import METHODS
@@ -26,6 +26,8 @@ _CHOICES = {
     ("quantize", "recipe"): {"auto", "onnxruntime", "tensorrt"},
     ("quantize", "fallback"): {"fp32", "fp16"},
     ("quantize", "ort_mode"): {"auto", *ORT_MODES},
+    ("quantize", "ort_float_outputs"): set(ORT_FLOAT_OUTPUTS),
+    ("calibration", "smoothquant"): {"none", "layernorm", "all"},
     ("backend", "name"): {"auto", "onnxruntime", "tensorrt"},
     ("criterion", "kind"): {"absolute", "relative", "hackathon", "fixed"},
     ("criterion", "mode"): {"point", "bound"},
@@ -72,6 +74,7 @@ _RANGES = {
     ("data", "confirm_utts"): (0, True, None, None),
     ("budget", "max_confirmations"): (1, True, None, None),
     ("calibration", "percentile"): (0, False, 100, False),
+    ("calibration", "smoothquant_alpha"): (0, True, 1, True),
     ("calibration", "batch_size"): (1, True, None, None),
     ("backend", "threads"): (1, True, None, None),
     ("latency", "batch_sizes"): (1, True, None, None),
@@ -221,6 +224,9 @@ def _check_distributed(d: dict) -> None:
 # on. A resume must keep them; criterion and budget may change (they only judge and bound the search).
 RESUME_SECTIONS = ("task", "model", "data", "calibration", "qat", "quantize", "backend", "latency")
 RESUME_FILE = "inputs.json"
+# keys added after runs were recorded, with the value an older run (whose inputs.json lacks them) had in effect
+RESUME_ADDED = {"quantize.ort_float_outputs": "none", "calibration.smoothquant": "none",
+                "calibration.smoothquant_alpha": 0.5}
 
 
 def _flat(d, prefix: str = "") -> dict:
@@ -249,6 +255,8 @@ def check_resume(run_dir: str | Path, cfg: dict) -> None:
             before = None  # unreadable (it is written atomically, so only by hand): recorded again below
     if isinstance(before, dict):
         a, b = _flat(before), _flat(now)
+        if "calibration.smoothquant" not in a:  # recorded before these keys existed: what was in effect
+            a = {k: v for k, v in RESUME_ADDED.items()} | a
         diff = [k for k in sorted(set(a) | set(b)) if a.get(k, "<unset>") != b.get(k, "<unset>")]
         if diff:
             shown = "; ".join(f"{k} = {json.dumps(a.get(k, '<unset>'))} there, {json.dumps(b.get(k, '<unset>'))} now"

@@ -74,7 +74,9 @@ class Workspace:
         if any(p == "fp16" for p in plan["nodes"].values()):
             recipe = "tensorrt"  # the ONNX Runtime recipe has no FP16; the TensorRT one writes FP16-typed graphs
         ort_mode = self.cfg["quantize"]["ort_mode"] if recipe == "onnxruntime" else None  # part of the graph
-        tag = hashlib.sha256(json.dumps([plan["hash"], method, recipe, base.parent.name] + ([ort_mode] if ort_mode else []))
+        floats = self.cfg["quantize"].get("ort_float_outputs", "none") if recipe == "onnxruntime" else "none"
+        tag = hashlib.sha256(json.dumps([plan["hash"], method, recipe, base.parent.name] + ([ort_mode] if ort_mode else [])
+                                        + ([floats] if floats != "none" else []))  # "none": the tags of before
                              .encode()).hexdigest()[:16]
         out = self.dir / "models" / graph / f"{tag}.onnx"
         if not out.is_file():
@@ -83,7 +85,7 @@ class Workspace:
                 self._tables[table] = load_table(table)
             m, analysis = self._load(base)
             quantize(m, self._tables[table], plan=plan, recipe=recipe, out=out, analysis=analysis,
-                     ort_mode=ort_mode or "auto")
+                     ort_mode=ort_mode or "auto", ort_float_outputs=floats)
             save_plan(plan, out.with_suffix(".plan.json"))
         return out
 

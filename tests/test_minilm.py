@@ -235,6 +235,37 @@ def test_search_quick_on_a_two_layer_minilm(tmp_path, monkeypatch, capsys):
     assert [r["model"] for r in list_runs(runs)] == ["sentence_embedding"]
 
 
+def test_search_quick_with_smoothquant_and_float_outputs(tmp_path, monkeypatch):
+    """The remedies of experiments/results/minilm_smooth/ through the real pipeline: the PTQ calibrators
+    calibrate and place the smoothed graph (exact in FP32), the onnxruntime recipe keeps the residual
+    projections' outputs float, and both recipes' all-INT8 models are more accurate than without them."""
+    monkeypatch.setenv("WB_CACHE", str(tmp_path / "cache"))
+    runs = tmp_path / "runs"
+    out = {}
+    for name, extra in (("plain", ""), ("smooth", '[quantize]\nort_float_outputs = "residual"\nrecipe = "onnxruntime"\n'
+                                                  'extra_recipes = ["tensorrt"]\n')):
+        cfg = tmp_path / f"{name}.toml"
+        text = QUICK.replace('methods = ["max", "percentile"]', 'methods = ["max"]' + (
+            '\nsmoothquant = "all"\nsmoothquant_alpha = 0.7' if name == "smooth" else ""))
+        if name == "plain":
+            extra = '[quantize]\nrecipe = "onnxruntime"\nextra_recipes = ["tensorrt"]\n'
+        cfg.write_text(text + extra)
+        wb("search", "--quick", "--config", cfg, "--runs-root", runs, "--run-dir", runs / name)
+        out[name] = json.loads((runs / name / "run.json").read_text())
+    run = out["smooth"]
+    assert run["config"]["calibration"]["smoothquant"] == "all"
+    assert run["config"]["quantize"]["ort_float_outputs"] == "residual"
+    sm = runs / "smooth" / "models" / "smoothed"
+    assert (sm / "minilm.onnx").is_file() and json.loads((sm / "minilm.smooth.json").read_text())["tensors"]
+    assert run["baselines"][0]["label"] == "FP32" and run["baselines"][0]["accuracy"]["recall_at_10"] == 1.0
+    int8 = lambda r: {b["label"]: b["accuracy"]["cosine"] for b in r["baselines"] if b.get("precision") == "int8"}  # noqa: E731
+    before, after = int8(out["plain"]), int8(run)
+    assert before.keys() == after.keys() and len(after) == 2, after  # both recipes
+    for label in after:
+        assert after[label] > before[label], (label, before[label], after[label])
+    assert run["status"] == "passed"
+
+
 def test_bad_task_options_fail_before_any_work(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WB_CACHE", str(tmp_path / "cache"))
     cfg = tmp_path / "bad.toml"

@@ -23,6 +23,10 @@ def register(subparsers) -> None:
     s.add_argument("--ort-mode", default="auto",
                    help="onnxruntime recipe's int8 arithmetic (u8s8, u8s8-rr, s8s8): auto = u8s8 on CPUs with "
                         "VNNI/AMX, u8s8-rr (7-bit weights) on AVX2-only ones, whose int16 accumulation saturates")
+    s.add_argument("--ort-float-outputs", choices=["none", "residual", "matmul"], default="none",
+                   help="onnxruntime recipe: int8 MatMuls whose output stays float (MatMulIntegerToFloat): none "
+                        "(every output quantized, ORT's placement), residual (those feeding a residual Add: "
+                        "attention-output/FFN-output projections), matmul (all)")
     s.add_argument("--out", type=Path, required=True, help="quantized ONNX to write")
     s.add_argument("--write-plan", type=Path, help="also write the resolved plan here")
     s.set_defaults(func=run)
@@ -47,7 +51,8 @@ def run(args: argparse.Namespace) -> None:
     analysis = analyze(model)
     plan = load_plan(args.plan, analysis) if args.plan else create_plan(analysis, args.default_plan)
     # quantize -> validate -> write: nothing is written unless both succeed
-    res = quantize(model, table, plan, recipe=args.recipe, ort_mode=args.ort_mode)
+    res = quantize(model, table, plan, recipe=args.recipe, ort_mode=args.ort_mode,
+                   ort_float_outputs=args.ort_float_outputs)
     check_or_raise(res.model, res.plan, args.recipe, original=model)
     import onnx
     from core.fsutil import atomic_path
