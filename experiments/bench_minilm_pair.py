@@ -10,7 +10,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -25,8 +24,7 @@ def main() -> None:
     ap.add_argument("--case", default="bs32_seq128")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    import onnxruntime as ort
-
+    import engines
     from tasks.sentence_embedding import GRAPH, SentenceEmbeddingTask
 
     run = json.loads((args.run / "run.json").read_text())
@@ -36,18 +34,9 @@ def main() -> None:
     want = ["FP32", "selected"] + [k for k in models if k.startswith("INT8 all")]
     paths = {k: Path(models[k][GRAPH]) for k in want if k in models}
     paths = {k: p if p.is_absolute() else args.run / p for k, p in paths.items()}
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = args.threads
-    sess = {k: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]) for k, p in paths.items()}
-    for _ in range(args.warmup):
-        for s in sess.values():
-            s.run(None, feed)
-    times = {k: [] for k in sess}
-    for _ in range(args.rounds):
-        for k, s in sess.items():
-            t = time.perf_counter()
-            s.run(None, feed)
-            times[k].append(time.perf_counter() - t)
+    runners = {k: engines.open_onnx(p, threads=args.threads) for k, p in paths.items()}
+    rows = engines.bench_interleaved(runners, {(0, 0): feed}, warmup=args.warmup, iters=args.rounds)
+    times = {k: [ms / 1e3 for ms in r[0]["latencies_ms"]] for k, r in rows.items()}
     res = {"case": args.case, "threads": args.threads, "rounds": args.rounds, "models": {}}
     for k, ts in times.items():
         ratios = [f / t for f, t in zip(times["FP32"], ts)]

@@ -126,7 +126,11 @@ def _check_tensors(model: onnx.ModelProto, tensors: list[str]) -> None:
                                  "input has that name)")
 
 
-def _session(model: onnx.ModelProto, outputs: list[str], vinfo: dict, threads: int | None):
+def observer_session(model: onnx.ModelProto, outputs: list[str], threads: int | None = None,
+                     vinfo: dict | None = None, optimize: bool = True):
+    """An ONNX Runtime session of `model` whose outputs are the intermediate tensors `outputs` (calibration's
+    observer; quant.smooth's channel ranges, with `optimize` off: the FP32 tensors exactly as the file
+    computes them)."""
     # A raw ONNX Runtime session on purpose, the one kept outside engines/ in this layer: calibration observes
     # intermediate tensors (exposed as graph outputs of an in-memory copy, arena off, chunked passes), which is
     # not an engine's job (an engine runs a model's own interface), and quant is below engines in the layer
@@ -136,6 +140,7 @@ def _session(model: onnx.ModelProto, outputs: list[str], vinfo: dict, threads: i
     m = onnx.ModelProto()
     m.CopyFrom(model)
     del m.graph.output[:]
+    vinfo = _value_infos(model) if vinfo is None else vinfo
     for name in outputs:
         vi = vinfo.get(name)
         if vi is not None and vi.type.HasField("tensor_type"):
@@ -152,6 +157,8 @@ def _session(model: onnx.ModelProto, outputs: list[str], vinfo: dict, threads: i
     so.enable_cpu_mem_arena = False
     if threads:
         so.intra_op_num_threads = threads
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
         return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
     except Exception as exc:
@@ -301,7 +308,7 @@ def collect_statistics(model: str | os.PathLike | onnx.ModelProto, tensors: list
     for pi, chunk in enumerate(chunks):
         extra = [padding.out_lengths] if padding is not None and padding.out_lengths else []
         outputs = chunk + [o for o in extra if o not in chunk]
-        sess = _session(m, outputs, vinfo, threads)
+        sess = observer_session(m, outputs, threads, vinfo)
         total = len(data) if hasattr(data, "__len__") else None
         desc = "calibrating" if len(chunks) == 1 else f"calibrating (pass {pi + 1}/{len(chunks)})"
         first = 0

@@ -24,22 +24,15 @@ from core.errors import WorkbenchError
 from graph.analysis import prepare_model
 from graph.smooth import smooth_model, smoothing_groups, weight_row_amax
 
+from .collect import observer_session
+
 S_MIN, S_MAX = 1e-4, 1e4
 
 
 def channel_amax(model: onnx.ModelProto, tensors: list[str], feeds: Iterable[Mapping]) -> dict[str, np.ndarray]:
-    """Per-channel (last axis) max |x| of each of `tensors` over `feeds`, one ONNX Runtime pass of `model`."""
-    import onnxruntime as ort
-
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    for t in tensors:
-        if t not in have:
-            m.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # exact FP32 tensors, named as in the file
-    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    """Per-channel (last axis) max |x| of each of `tensors` over `feeds`, one ONNX Runtime pass of `model`
+    (calibration's observer session, quant.collect)."""
+    sess = observer_session(model, tensors, optimize=False)
     inputs = {i.name for i in sess.get_inputs()}
     amax: dict[str, np.ndarray] = {}
     n = 0

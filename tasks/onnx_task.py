@@ -110,7 +110,8 @@ class OnnxTask(Task):
         return d.get("confirm") if which == CONFIRM_SET else d["eval"][which]
 
     def feeds(self, graph: str, which: str) -> list[Feeds]:
-        """The feeds of `which` (see _dir; ALL: every evaluation set's, in order)."""
+        """The feeds of `which` (see _dir; ALL, or "eval": every evaluation set's, in order)."""
+        which = ALL if which == "eval" else which
         key = (graph, which)
         if key not in self._feeds:
             if which == "latency" and self.data[graph]["latency"] is None:
