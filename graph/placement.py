@@ -177,7 +177,7 @@ def required_tensors(analysis: Analysis, plan: dict, recipe: str = "tensorrt",
     return need
 
 
-def _prune(g: onnx.GraphProto) -> None:
+def prune_weight_paths(g: onnx.GraphProto) -> None:
     """Drop initializers and weight-path nodes (Constant/Identity/Transpose/Cast) nothing reads anymore. Only
     those: unlike onnx-graphsurgeon's cleanup, which drops any dead node, this leaves the rest of a user's
     graph exactly as it came."""
@@ -269,7 +269,7 @@ def _place_tensorrt(model: onnx.ModelProto, analysis: Analysis, plan: dict, tabl
     all_nodes = list(g.node) + new_nodes
     del g.node[:]
     g.node.extend(toposort(all_nodes, g))
-    _prune(g)
+    prune_weight_paths(g)
     return report
 
 
@@ -288,7 +288,7 @@ def _fold_weight_paths(model: onnx.ModelProto, nodes: list) -> None:
             model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
             idx.inits[name] = model.graph.initializer[-1]
         by_name[q.id].input[q.weight_input_index] = name
-    _prune(model.graph)
+    prune_weight_paths(model.graph)
 
 
 def _unquantize_outputs(model: onnx.ModelProto, tensors: set[str]) -> int:
@@ -315,10 +315,7 @@ def _unquantize_outputs(model: onnx.ModelProto, tensors: set[str]) -> int:
                 n.input[k] = rewire[i]
     for n in drop:
         g.node.remove(n)
-    used = {i for n in g.node for i in n.input}
-    keep = [i for i in g.initializer if i.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
+    prune_weight_paths(g)
     return len(drop) - len(rewire)  # one Q per pair
 
 

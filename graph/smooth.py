@@ -34,6 +34,7 @@ from core.errors import WorkbenchError
 
 from .analysis import Analysis, GraphIndex, QuantNode, analyze
 from .fp16 import toposort
+from .placement import prune_weight_paths
 
 SUFFIX = "_smoothed"
 TARGETS = ("none", "layernorm", "all")  # which activation tensors are smoothed (smoothing_groups)
@@ -122,12 +123,5 @@ def smooth_model(model: onnx.ModelProto, scales: Mapping[str, np.ndarray], targe
     ordered = toposort(list(m.graph.node) + new_nodes, m.graph)
     del m.graph.node[:]
     m.graph.node.extend(ordered)
-    used = {i for n in m.graph.node for i in n.input}  # the unsmoothed weights (and their Transposes) nothing reads
-    for n in [n for n in m.graph.node if n.op_type in ("Identity", "Transpose", "Cast") and
-              not any(o in used for o in n.output) and n.input and idx.const_value(n.input[0]) is not None]:
-        m.graph.node.remove(n)
-    used = {i for n in m.graph.node for i in n.input} | {o.name for o in m.graph.output}
-    keep = [i for i in m.graph.initializer if i.name in used]
-    del m.graph.initializer[:]
-    m.graph.initializer.extend(keep)
+    prune_weight_paths(m.graph)  # the unsmoothed weights (and their Transposes) nothing reads
     return m

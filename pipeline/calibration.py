@@ -48,8 +48,9 @@ def calibrate_stage(exp) -> list[str]:
                     table.with_method(key).save(p)
                 ws.tables.setdefault(key, {})[g] = p
             fp32_runners[g] = ws.runner(g, ws.fp32[g])
-        for key in keys if smoothed else ():
-            ws.add_source(key, smoothed)
+        if smoothed:  # every PTQ calibrator places on the smoothed graphs
+            for key in keys:
+                ws.add_source(key, smoothed)
     extra = task.extra_methods()
     for m, x in extra.items():
         ws.add_source(m, x["sources"])

@@ -255,8 +255,7 @@ def check_resume(run_dir: str | Path, cfg: dict) -> None:
             before = None  # unreadable (it is written atomically, so only by hand): recorded again below
     if isinstance(before, dict):
         a, b = _flat(before), _flat(now)
-        if "calibration.smoothquant" not in a:  # recorded before these keys existed: what was in effect
-            a = {k: v for k, v in RESUME_ADDED.items()} | a
+        a = RESUME_ADDED | a  # a run recorded before these keys existed had their old values in effect
         diff = [k for k in sorted(set(a) | set(b)) if a.get(k, "<unset>") != b.get(k, "<unset>")]
         if diff:
             shown = "; ".join(f"{k} = {json.dumps(a.get(k, '<unset>'))} there, {json.dumps(b.get(k, '<unset>'))} now"

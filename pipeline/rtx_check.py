@@ -111,9 +111,10 @@ def _tensorrt_recipe(run_dir: Path, run: dict, label: str, kind: str, onnx_path:
         return onnx_path, plan
     # QAT ranges go on the QAT weights (pipeline.workspace sources), PTQ ranges of a SmoothQuant run on its
     # smoothed graph (pipeline.calibration), any other on the run's FP32 graph
-    smoothed = run_dir / "models" / "smoothed" / f"{kind}.onnx"
+    smoothed = run["config"]["calibration"].get("smoothquant", "none") != "none"
     source = run_dir / "models" / "qat_fp32" / f"{kind}.onnx" if calibrator == "qat" else \
-        smoothed if smoothed.is_file() else fp32 if fp32 is not None else run_dir / "models" / "fp32" / f"{kind}.onnx"
+        run_dir / "models" / "smoothed" / f"{kind}.onnx" if smoothed else \
+        fp32 if fp32 is not None else run_dir / "models" / "fp32" / f"{kind}.onnx"
     out = run_dir / "rtx" / "models" / f"{_slug(label)}.{kind}.onnx"
     if not out.is_file():
         quantize(str(source), run_dir / "calibration" / f"{kind}.{calibrator}.json", plan=plan, recipe="tensorrt",

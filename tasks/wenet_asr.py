@@ -249,16 +249,14 @@ class WenetAsrTask(Task):
                       scores: list[float] | None = None) -> list[dict]:
         """One batch of the `ranking_utts` pool utterances where the FP32 and all-INT8 encoders disagree most
         (`scores`: those disagreements, `ranking_scores` of the whole pool, when already computed)."""
-        if scores is not None:
-            rank = [self.pool[i] for i in np.argsort(scores)[::-1][: self.cfg["data"]["ranking_utts"]]]
-        else:
+        if scores is None:
             if int8 is None:
                 raise WorkbenchError("the wenet_asr ranking needs the all-INT8 runners")
             key = id(int8["encoder"])
             if key not in self._ranked:
-                err = self.ranking_scores(runners, int8)
-                self._ranked = {key: [self.pool[i] for i in np.argsort(err)[::-1][: self.cfg["data"]["ranking_utts"]]]}
-            rank = self._ranked[key]
+                self._ranked = {key: self.ranking_scores(runners, int8)}
+            scores = self._ranked[key]
+        rank = [self.pool[i] for i in np.argsort(scores)[::-1][: self.cfg["data"]["ranking_utts"]]]
         if graph == "encoder":
             return [encoder_feed(rank)]
         return decoder_calibration_feeds(runners["encoder"], list(onnx_io(self.graph("decoder").path)["inputs"]),
