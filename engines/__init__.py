@@ -12,7 +12,7 @@ from engines import ort_backend, trt_backend
 from engines.base import (EngineArtifact, bench, bench_interleaved, build, default_shapes, format_bench_table, load,
                           physical_cores, resolve_backend, summarize)
 from engines.cases import bench_cases
-from engines.ort_backend import OnnxFileRunner, OrtEngineRunner, int8_kernel_report, open_onnx
+from engines.ort_backend import OnnxFileRunner, OrtEngineRunner, int8_kernel_report, op_times, open_onnx
 from engines.registry import backends, get_backend, register_backend, unregister_backend
 from engines.runner import EngineRunner
 from engines.trt_backend import TrtEngineRunner
@@ -24,5 +24,5 @@ del _name, _backend
 
 __all__ = ["BACKENDS", "EngineArtifact", "EngineRunner", "OnnxFileRunner", "OrtEngineRunner", "TrtEngineRunner",
            "backends", "bench", "bench_cases", "bench_interleaved", "build", "default_shapes", "format_bench_table",
-           "get_backend", "int8_kernel_report", "load", "open_onnx", "physical_cores", "register_backend",
+           "get_backend", "int8_kernel_report", "load", "op_times", "open_onnx", "physical_cores", "register_backend",
            "resolve_backend", "summarize", "unregister_backend"]

@@ -237,3 +237,53 @@ def int8_kernel_report(artifact: EngineArtifact | str | os.PathLike) -> dict:
     report = _kernel_report(artifact.file("engine"), artifact.file("optimized"))
     return {"engine": str(artifact.path), "kind": artifact.kind, "providers": artifact.meta["options"]["providers"],
             **report}
+
+
+def op_times(path: str | os.PathLike, feeds: Mapping[str, np.ndarray], threads: int | None = None, runs: int = 5,
+             warmup: int = 2) -> dict:
+    """Where a model's time goes: ONNX Runtime's own profiler over `runs` runs of `feeds` (after `warmup`), the
+    kernels' milliseconds per run summed by op type of the optimised graph (median over runs), with each op
+    type's node count and whether it computes in integers. {"threads", "runs", "run_ms" (median wall time of a
+    run, profiled), "kernel_ms" (median sum of kernel times), "ops": {op_type: {"ms", "nodes", "integer"}},
+    "nodes": {node name: {"op", "ms"}}} (names of the optimised graph: fused nodes get new ones).
+    Profiling adds a little per kernel, so the milliseconds rank and apportion; timings come from bench."""
+    import json
+    import statistics
+    import tempfile
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="wb-profile-") as tmp:
+        so = _session_options(threads)
+        so.enable_profiling = True
+        so.profile_file_prefix = str(Path(tmp) / "ort")
+        try:
+            session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        except Exception as e:  # ORT's load errors derive from Exception only
+            raise WorkbenchError(f"{path} is not a readable ONNX model: {e}") from e
+        outputs = [o.name for o in session.get_outputs()]
+        for _ in range(warmup + runs):
+            session.run(outputs, dict(feeds))
+        events = json.loads(Path(session.end_profiling()).read_text())
+    windows = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
+                     if e.get("cat") == "Session" and e.get("name") == "model_run")[warmup:]
+    per_run: list[dict[str, float]] = [{} for _ in windows]  # node name -> ms, per run
+    op_of: dict[str, str] = {}
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        name = e["name"][:-len("_kernel_time")]
+        op_of[name] = e.get("args", {}).get("op_name", "?")
+        for i, (t0, t1) in enumerate(windows):
+            if t0 <= e["ts"] <= t1:
+                per_run[i][name] = per_run[i].get(name, 0.0) + e["dur"] / 1e3
+                break
+    med = lambda xs: round(statistics.median(xs), 3)  # noqa: E731
+    ops = {op: {"ms": med([sum(r.get(n, 0.0) for n in op_of if op_of[n] == op) for r in per_run]),
+                "nodes": sum(1 for n in op_of if op_of[n] == op), "integer": is_integer_kernel(op)}
+           for op in set(op_of.values())}
+    return {"threads": threads or physical_cores(), "runs": len(windows),
+            "run_ms": med([(t1 - t0) / 1e3 for t0, t1 in windows]),
+            "kernel_ms": med([sum(r.values()) for r in per_run]),
+            "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1]["ms"])),
+            "nodes": {n: {"op": op_of[n], "ms": med([r.get(n, 0.0) for r in per_run])} for n in op_of}}

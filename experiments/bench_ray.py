@@ -10,8 +10,10 @@ N x threads cores. Writes JSON with the host (core.host.describe) and the times.
 Deviations from `./build.sh`'s run, for time: calibration on 64 utterances with one calibrator (percentile), the
 search's accuracy on --eval-utts test utterances, the baselines timed with the search's protocol (3 + 10 runs).
 The sensitivity stage itself is the default one (16 ranking utterances, every quantizable node). Each row splits
-the stage into the driver's ranking pass (`ranking_s`, its pool fan-out `ranking pool_map_s`) and the probes;
-`--warm` lets every worker build the run's Workspace before the clock starts (what a run's baseline fan-out
+the stage into the driver's ranking pass until the first graph's probes go out (`ranking_s`, its pool fan-out
+`ranking pool_map_s`) and the probes (`feeds_s`: when the driver had every graph's feeds, the later ones made
+while the first graph's probes ran);
+`--modes warm` lets every worker build the run's Workspace before the clock starts (what a run's baseline fan-out
 leaves behind), so the stage is timed without the workers' start.
 """
 from __future__ import annotations
@@ -53,8 +55,9 @@ def main() -> None:
     ap.add_argument("--calib-utts", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2, help="backend.threads: ORT threads per evaluation and task")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_ray"))
-    ap.add_argument("--warm", action="store_true", help="workers import and build the run's Workspace before the "
-                    "clock starts (a pipeline's sensitivity stage follows the baselines' fan-out)")
+    ap.add_argument("--modes", default="cold", help="cold and/or warm (comma-separated, each over every count): "
+                    "warm workers import and build the run's Workspace before the clock starts (a pipeline's "
+                    "sensitivity stage follows the baselines' fan-out)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
 
@@ -67,17 +70,17 @@ def main() -> None:
     from pipeline.sensitivity import sensitivity_stage
 
     timed = {}  # the driver's ranking pass, timed apart from the probes' fan-out
-    ranking_inputs = sensitivity.ranking_inputs
+    graph_inputs = sensitivity.graph_inputs
 
-    def timed_ranking(*a, **k):
+    def timed_inputs(*a, **k):  # ranking_s: until the first graph's probes can go out; feeds_s: until the last's
         t = time.perf_counter()
-        try:
-            return ranking_inputs(*a, **k)
-        finally:
-            timed["ranking_s"] = time.perf_counter() - t
+        for part in graph_inputs(*a, **k):
+            timed.setdefault("ranking_s", time.perf_counter() - t)
+            timed["feeds_s"] = time.perf_counter() - t
+            yield part
 
-    sensitivity.ranking_inputs = timed_ranking
-    from pipeline.fanout import Fanout, task_warm
+    sensitivity.graph_inputs = timed_inputs
+    from pipeline.fanout import Fanout
 
     fan_map = Fanout.map
 
@@ -122,22 +125,24 @@ def main() -> None:
                "ray_start_s": round(ray_start_s, 1), "runs": []}
     counts = (["serial"] if args.serial else []) + [int(x) for x in args.workers.split(",")]
     ref = None
-    for n in counts:
+    for mode, n in [(m, n) for m in args.modes.split(",") for n in counts]:
+        warm = {"cold": False, "warm": True}[mode]
         cfg = copy.deepcopy(base_cfg)
         cfg["distributed"] = {"engine": "serial" if n == "serial" else "ray", "address": "auto",
                               "max_parallel": 0 if n == "serial" else n}
-        run_dir = args.work / f"run-{n}"
+        run_dir = args.work / f"run-{mode}-{n}"
         shutil.copytree(base, run_dir, ignore=shutil.ignore_patterns(".lock"))
         e = experiment(cfg, run_dir, args.corpus)
         _ = e.fanout  # the executor (joins the running cluster) before the clock starts
-        if args.warm and n != "serial":  # the workers' imports and Workspace, as a baseline fan-out leaves them
-            e.fanout.map(task_warm, e.context("warm"), list(range(e.fanout.parallel)))
+        if warm and n != "serial":  # the workers' imports and Workspace, as a run's baseline stage leaves them
+            e.fanout.warm(e.context("warm"))
         timed.clear()
         t0 = time.perf_counter()
         sens = sensitivity_stage(e, method)
         sens_s = time.perf_counter() - t0
         row = {"workers": n, "sensitivity_s": round(sens_s, 2), "ranking_s": round(timed["ranking_s"], 2),
-               "probes_s": round(sens_s - timed["ranking_s"], 2), "n_probes": len(sens), "warm": args.warm,
+               "feeds_s": round(timed["feeds_s"], 2), "probes_s": round(sens_s - timed["ranking_s"], 2),
+               "n_probes": len(sens), "warm": warm,
                **{k: round(v, 2) for k, v in timed.items() if k.endswith("_map_s")}}
         if str(n) in args.search_workers.split(","):
             t0 = time.perf_counter()
@@ -154,11 +159,14 @@ def main() -> None:
         e.fanout.close()
         results["runs"].append(row)
         print(json.dumps(row), flush=True)
-        first = results["runs"][0]
+        first = next(r for r in results["runs"] if r["warm"] == warm)  # speedups within one mode
         for r in results["runs"]:
-            r["sensitivity_speedup"] = round(first["sensitivity_s"] / r["sensitivity_s"], 2)
-            if "search_s" in r and "search_s" in first:
-                r["search_speedup"] = round(first["search_s"] / r["search_s"], 2)
+            if r["warm"] == warm:
+                r["sensitivity_speedup"] = round(first["sensitivity_s"] / r["sensitivity_s"], 2)
+                if isinstance(r["workers"], int) and isinstance(first["workers"], int):
+                    r["x_n"] = round(r["sensitivity_speedup"] * first["workers"] / r["workers"], 2)
+                if "search_s" in r and "search_s" in first:
+                    r["search_speedup"] = round(first["search_s"] / r["search_s"], 2)
         args.out.write_text(json.dumps(results, indent=1) + "\n")  # after each count: a cut-off run keeps them
     print(json.dumps(results, indent=1))
 

@@ -142,6 +142,7 @@ class Experiment:
             if "error" not in part:
                 self.cache.get_or_compute(f"{todo[i][0]}:accuracy", lambda: part)
 
+        self.fanout.warm(self.context("warm"))  # all workers, also those the baselines leave idle
         self.fanout.map(task_accuracy, self.context("accuracy"),
                         [{"models": {g: str(p) for g, p in m.items()}, "part": True} for _, m in todo],
                         got, desc="baselines (accuracy)")

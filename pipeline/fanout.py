@@ -66,8 +66,7 @@ def task_ranking_scores(ctx: dict, item: list[int]) -> list[float]:
 
 
 def task_warm(ctx: dict, item):
-    """A worker with this run's Workspace built (what a run's baseline fan-out leaves on its workers): a
-    benchmark's way to time a later stage without the workers' imports and Workspace (experiments/bench_ray)."""
+    """A worker with this run's Workspace built (Fanout.warm)."""
     _ws(_memo(ctx))
     return item
 
@@ -112,15 +111,30 @@ class Fanout:
     def map(self, fn: Callable, ctx: dict, items: list, on_result=None, desc: str = "") -> list:
         return self.executor.map(fn, ctx, items, on_result, desc=desc, progress=self.progress)
 
-    def probes(self, fn: Callable, ctx: dict, todo: list[tuple[str, str]], method: str, cache, prefix: str,
-               key: Callable[[str, str], str], order: list[tuple[str, str]] | None = None) -> dict[str, float]:
-        """One sensitivity probe per (graph, node) on the workers, submitted in `order` (default `todo`'s); each
-        score cached as it arrives (a resume probes only the rest), returned as the serial ranking's dict, in
-        `todo`'s order."""
-        left = [(g, n) for g, n in (order or todo) if f"{prefix}{key(g, n)}" not in cache]
-        self.map(fn, ctx, [(g, n, method) for g, n in left], desc=f"sensitivity ({self.parallel} workers)",
-                 on_result=lambda i, s: cache.get_or_compute(f"{prefix}{key(*left[i])}", lambda: s))
-        return {key(g, n): cache.entries[f"{prefix}{key(g, n)}"] for g, n in todo}
+    def warm(self, ctx: dict) -> None:
+        """Every worker imports the workbench and builds this run's Workspace (FP32 graphs' analysis) once,
+        before the run's first fan-out (the baselines'): otherwise the workers a stage's first fan-out leaves
+        idle (5 baselines on 8 workers) start cold in the next stage. Measured on WeNet's sensitivity stage with
+        8 workers: 15.6 s cold, 12.5 s warm (experiments/results/ray_scaling.md)."""
+        self.map(task_warm, ctx, list(range(self.parallel)), desc="workers (start)")
+
+    def stream(self, fn: Callable, parts, on_result=None, desc: str = "") -> list:
+        return self.executor.stream(fn, parts, on_result, desc=desc, progress=self.progress)
+
+    def probes(self, fn: Callable, parts, method: str, cache, prefix: str, key: Callable[[str, str], str]) -> None:
+        """One sensitivity probe per (graph, node) on the workers, each score cached as it arrives (a resume probes
+        only the rest). `parts` yields (context, graph, nodes, cost) one graph at a time as the driver prepares
+        its feeds: a graph's probes go out while the next graph's feeds are computed, costliest graph first among
+        those waiting."""
+        sent: list[list[tuple[str, str]]] = []
+
+        def uncached():
+            for ctx, g, nodes, cost in parts:
+                sent.append([(g, n) for n in nodes if f"{prefix}{key(g, n)}" not in cache])
+                yield ctx, [(g, n, method) for g, n in sent[-1]], cost
+
+        self.stream(fn, uncached(), desc=f"sensitivity ({self.parallel} workers)",
+                    on_result=lambda p, i, s: cache.get_or_compute(f"{prefix}{key(*sent[p][i])}", lambda: s))
 
     def search(self, acc_fn: Callable, prep_fn: Callable, ctx: dict, method: str, extra: dict | None = None) -> dict:
         """SearchProblem's fan-out hooks for pipeline.search_stage (empty for a serial run: the serial search)."""

@@ -24,5 +24,8 @@ class RunnerCache:
                 del self._runners[old]
         return self._runners[model]
 
+    def drop(self, model: Path) -> None:
+        self._runners.pop(model, None)
+
     def __contains__(self, model: Path) -> bool:
         return model in self._runners

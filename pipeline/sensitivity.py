@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -38,9 +38,17 @@ def probe_runner(ws, graph: str, model):
 
 def probe(ws, graph: str, node: str, method: str, recipe: str | None, output: str, feeds: list[dict],
           refs: list[np.ndarray]) -> float:
-    """One node's score (the driver's serial loop and pipeline.fanout.task_probe)."""
-    return mean_noise_to_signal(probe_runner(ws, graph, ws.model(graph, {node: "int8"}, method, recipe=recipe)),
-                                output, feeds, refs)
+    """One node's score (the driver's serial loop and pipeline.fanout.task_probe). The probe's placed model is
+    deleted once scored when the probe placed it (only the score is kept, and a run probes every quantizable
+    node); one placed before (a graph with a single quantizable node: its all-INT8 model) stays."""
+    plan = {node: "int8"}
+    placed_before = ws.model_path(graph, plan, method, recipe=recipe).is_file()
+    model = ws.model(graph, plan, method, recipe=recipe)
+    try:
+        return mean_noise_to_signal(probe_runner(ws, graph, model), output, feeds, refs)
+    finally:
+        if not placed_before:
+            ws.discard(graph, model)
 
 
 class LazyRunners(Mapping):
@@ -91,10 +99,10 @@ class RunOnce:
         return {n: out[n] for n in (outputs if outputs is not None else out)}
 
 
-def ranking_inputs(exp, method: str, recipe: str | None = None) -> tuple[dict, dict, dict]:
-    """The driver's part of the stage: the task's ranking feeds per graph (given the FP32 and all-INT8 runners),
-    the FP32 references of each graph's main output on them and the seconds of those FP32 runs (each graph's
-    probe cost, which orders the fan-out): ({graph: feeds}, {graph: (output, refs)}, {graph: seconds}).
+def graph_inputs(exp, method: str, recipe: str | None = None) -> Iterator[tuple[str, list, tuple, float]]:
+    """The driver's part of the stage, one graph at a time in graph order: (graph, the task's ranking feeds,
+    (main output, the FP32 references on them), the seconds of those FP32 runs: the graph's probe cost). A
+    distributed stage sends a graph's probes as soon as it is yielded, while the next one is computed.
 
     A task with `ranking_scores` (per-item scores the ranking picks from, WeNet's pool disagreement) has them
     computed on the workers of a distributed run, one share of the items each, while the driver opens its FP32
@@ -125,12 +133,18 @@ def ranking_inputs(exp, method: str, recipe: str | None = None) -> tuple[dict, d
         int8 = LazyRunners(ws, int8_models)
     fp32 = {g: RunOnce(r) for g, r in fp32.items()}
     extra = {} if scores is None else {"scores": scores}
-    feeds = {g: task.ranking_feeds(g, fp32, int8, **extra) for g in ws.names}
-    refs, cost = {}, {}
     for g in ws.names:
+        feeds = task.ranking_feeds(g, fp32, int8, **extra)
         out = task.graph(g).main_output or fp32[g].output_names[0]
-        refs[g] = (out, [fp32[g].run(f)[out] for f in feeds[g]])
-        cost[g] = sum(fp32[g].seconds.get(RunOnce.key(f), 0.0) for f in feeds[g])
+        refs = [fp32[g].run(f)[out] for f in feeds]
+        yield g, feeds, (out, refs), sum(fp32[g].seconds.get(RunOnce.key(f), 0.0) for f in feeds)
+
+
+def ranking_inputs(exp, method: str, recipe: str | None = None) -> tuple[dict, dict, dict]:
+    """graph_inputs of every graph: ({graph: feeds}, {graph: (output, refs)}, {graph: seconds})."""
+    feeds, refs, cost = {}, {}, {}
+    for g, f, r, c in graph_inputs(exp, method, recipe):
+        feeds[g], refs[g], cost[g] = f, r, c
     return feeds, refs, cost
 
 
@@ -142,18 +156,22 @@ def sensitivity_stage(exp, method: str, recipe: str | None = None) -> dict[str, 
     if cached is not None:
         return cached
     ws = exp.ws
-    feeds, refs, cost = ranking_inputs(exp, method, recipe)
     todo = [(g, n) for g in ws.names for n in ws.int8_nodes(g)]
-    scores = {}
     if exp.fanout.distributed:
         from pipeline.fanout import task_probe
 
-        ctx = exp.context(key, feeds=feeds, refs=refs, recipe=recipe)
-        # the costliest graph's probes first (its FP32 run on the ranking feeds as their cost): the last round
-        # of probes is then one of the cheap ones, and fewer workers idle at the end
-        order = sorted(todo, key=lambda gn: -cost.get(gn[0], 0.0))
-        scores = exp.fanout.probes(task_probe, ctx, todo, method, exp.cache, f"{key}:", exp.key, order=order)
-    for g, node in tqdm(todo if not scores else [], desc="sensitivity", disable=not exp.progress):
-        out, ref = refs[g]
-        scores[exp.key(g, node)] = probe(ws, g, node, method, recipe, out, feeds[g], ref)
+        # one context per graph (its feeds and references), sent as soon as the driver has made them: the
+        # driver computes the next graph's feeds (WeNet's decoder: the FP32 encoder, the CTC beam search) while
+        # the workers probe this one's nodes; waiting probes go costliest graph first (its FP32 run on the
+        # ranking feeds as their cost), so the last round is one of the cheap ones and fewer workers idle
+        parts = ((exp.context(f"{key}:{g}", feeds={g: feeds}, refs={g: ref}, recipe=recipe), g, ws.int8_nodes(g),
+                  cost) for g, feeds, ref, cost in graph_inputs(exp, method, recipe))
+        exp.fanout.probes(task_probe, parts, method, exp.cache, f"{key}:", exp.key)
+        scores = {exp.key(g, n): exp.cache.entries[f"{key}:{exp.key(g, n)}"] for g, n in todo}
+    else:
+        feeds, refs, _ = ranking_inputs(exp, method, recipe)
+        scores = {}
+        for g, node in tqdm(todo, desc="sensitivity", disable=not exp.progress):
+            out, ref = refs[g]
+            scores[exp.key(g, node)] = probe(ws, g, node, method, recipe, out, feeds[g], ref)
     return exp.cache.get_or_compute(key, lambda: scores)

@@ -9,14 +9,21 @@ to the driver, which hands each one to `on_result` as it arrives: the driver wri
 whose worker died (`max_retries`); an exception raised by `fn` is not retried (it would fail again) and
 fails the fan-out after the other tasks finished.
 
-`map` returns only when every task is done, so nothing runs on the workers while the driver times a model:
+`stream(fn, parts, on_result)` is the same fan-out over parts that arrive while it runs: `parts` yields
+(context, items, priority) and is consumed beside the running tasks (Ray: in a thread of the driver), so the
+driver prepares the next part's context (a graph's feeds) while the workers run the previous part's items;
+waiting items go out highest priority first. `map` is `stream` of one part.
+
+Both return only when every task is done, so nothing runs on the workers while the driver times a model:
 latency is measured in the driver between fan-outs, never beside other work on the node.
 """
 from __future__ import annotations
 
+import queue
 import shutil
+import threading
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from tqdm import tqdm
 
@@ -33,15 +40,32 @@ class SerialExecutor:
 
     def map(self, fn: Callable, context: Any, items: Sequence, on_result: Callable[[int, Any], None] | None = None,
             desc: str = "", progress: bool = True) -> list:
-        out = []
-        for i, item in enumerate(tqdm(items, desc=desc, disable=not progress or not desc)):
-            out.append(fn(context, item))
-            if on_result:
-                on_result(i, out[-1])
-        return out
+        return map_by_stream(self, fn, context, items, on_result, desc, progress)
+
+    def stream(self, fn: Callable, parts: Iterable[tuple[Any, Sequence, float]],
+               on_result: Callable[[int, int, Any], None] | None = None, desc: str = "", progress: bool = True) -> list:
+        outs = []
+        with tqdm(desc=desc, disable=not progress or not desc) as bar:
+            for p, (context, items, _) in enumerate(parts):
+                bar.total = (bar.total or 0) + len(items)
+                outs.append([])
+                for i, item in enumerate(items):
+                    outs[-1].append(fn(context, item))
+                    if on_result:
+                        on_result(p, i, outs[-1][-1])
+                    bar.update(1)
+        return outs
 
     def close(self) -> None:
         pass
+
+
+def map_by_stream(executor, fn, context, items, on_result, desc, progress) -> list:
+    """`map` as a stream of one part (one loop per executor)."""
+    if not items:
+        return []
+    got = None if on_result is None else (lambda p, i, r: on_result(i, r))
+    return executor.stream(fn, [(context, items, 0.0)], got, desc=desc, progress=progress)[0]
 
 
 def _run(fn, context, item):
@@ -99,31 +123,69 @@ class RayExecutor:
 
     def map(self, fn: Callable, context: Any, items: Sequence, on_result: Callable[[int, Any], None] | None = None,
             desc: str = "", progress: bool = True) -> list:
+        return map_by_stream(self, fn, context, items, on_result, desc, progress)
+
+    def stream(self, fn: Callable, parts: Iterable[tuple[Any, Sequence, float]],
+               on_result: Callable[[int, int, Any], None] | None = None, desc: str = "", progress: bool = True) -> list:
         ray = self.ray
-        if not items:
-            return []
-        ctx = self._put(context)
-        todo = list(enumerate(items))
-        running: dict = {}  # ObjectRef -> index
-        out: list = [None] * len(items)
-        failed: list[tuple[int, BaseException]] = []
-        bar = tqdm(total=len(items), desc=desc or "fan-out", disable=not progress)
+        arrived: queue.Queue = queue.Queue()  # (context, items, priority) from the producer, then None (or its error)
+
+        def produce():
+            try:
+                for part in parts:
+                    arrived.put(part)
+                arrived.put(None)
+            except BaseException as exc:  # noqa: BLE001 - raised in the driver's loop below
+                arrived.put(exc)
+
+        producer = threading.Thread(target=produce, name="fan-out parts", daemon=True)
+        producer.start()
+        todo: list = []  # (-priority, arrival, part, index, context ref, item): kept sorted, highest priority first
+        running: dict = {}  # ObjectRef -> (part, index)
+        outs: list[list] = []
+        items_of: list[Sequence] = []
+        failed: list[tuple[int, int, BaseException]] = []
+        more, seq = True, 0
+        bar = tqdm(total=0, desc=desc or "fan-out", disable=not progress)
         try:
-            while todo or running:
-                while todo and len(running) < self.parallel:
-                    i, item = todo.pop(0)
-                    running[self._remote.remote(fn, ctx, item)] = i
-                bar.set_postfix(running=len(running), failed=len(failed), refresh=False)
-                done, _ = ray.wait(list(running), num_returns=1)
-                for ref in done:
-                    i = running.pop(ref)
+            while more or todo or running:
+                while more:  # take every part that has arrived; wait for one only when nothing else can go on
                     try:
-                        out[i] = ray.get(ref)
+                        part = arrived.get(block=not (todo or running))
+                    except queue.Empty:
+                        break
+                    if part is None:
+                        more = False
+                    elif isinstance(part, BaseException):
+                        raise part
+                    else:
+                        context, items, priority = part
+                        p, ctx = len(outs), self._put(context)
+                        outs.append([None] * len(items))
+                        items_of.append(items)
+                        for i, item in enumerate(items):
+                            todo.append((-priority, seq, p, i, ctx, item))
+                            seq += 1
+                        todo.sort(key=lambda t: t[:2])
+                        bar.total += len(items)
+                        bar.refresh()
+                while todo and len(running) < self.parallel:
+                    _, _, p, i, ctx, item = todo.pop(0)
+                    running[self._remote.remote(fn, ctx, item)] = (p, i)
+                if not running:
+                    continue
+                bar.set_postfix(running=len(running), failed=len(failed), refresh=False)
+                # while parts may still arrive, look up for them between results
+                done, _ = ray.wait(list(running), num_returns=1, timeout=0.05 if more else None)
+                for ref in done:
+                    p, i = running.pop(ref)
+                    try:
+                        outs[p][i] = ray.get(ref)
                     except Exception as exc:  # noqa: BLE001 - collected, raised once the others are done
-                        failed.append((i, exc))
+                        failed.append((p, i, exc))
                         continue
                     if on_result:
-                        on_result(i, out[i])
+                        on_result(p, i, outs[p][i])
                     bar.update(1)
         except BaseException:
             for ref in running:  # Ctrl-C or a failing on_result: nothing keeps running behind the driver's back
@@ -133,13 +195,14 @@ class RayExecutor:
             bar.set_postfix(running=0, failed=len(failed))
             bar.close()
         if failed:
-            i, exc = failed[0]
+            p, i, exc = failed[0]
             cause = getattr(exc, "cause", None) or exc
             if isinstance(cause, WorkbenchError):
                 raise cause
-            raise WorkbenchError(f"{len(failed)} of {len(items)} Ray tasks of {desc or 'a fan-out'} failed; the "
-                                 f"first ({items[i]!r}): {str(cause).splitlines()[-1] if str(cause) else cause!r}")
-        return out
+            n = sum(len(x) for x in items_of)
+            raise WorkbenchError(f"{len(failed)} of {n} Ray tasks of {desc or 'a fan-out'} failed; the first "
+                                 f"({items_of[p][i]!r}): {str(cause).splitlines()[-1] if str(cause) else cause!r}")
+        return outs
 
     def close(self) -> None:
         """Copy the session's logs into the run directory (Ray keeps them under /tmp, whose socket paths must stay

@@ -155,6 +155,41 @@ def test_driver_resume_keeps_every_finished_probe(project, cluster, tmp_path):  
     assert again.computed == 4
 
 
+def test_stream_sends_parts_as_they_arrive_highest_priority_first(cluster):
+    """A part's items go out while the producer makes the next part (the driver's feeds of the next graph);
+    waiting items go out highest priority first; results come back per part; a producer's error is raised."""
+    from search.executor import RayExecutor
+
+    ex = RayExecutor("auto", 1, 1)  # one in flight: the submission order is the order results arrive
+    seen: list[tuple[int, int, int]] = []
+    gate, produced = threading.Event(), threading.Event()
+
+    def parts():
+        yield 2, [1, 2, 3], 0.0
+        gate.wait(30)  # the first part's items are running before the next two parts exist
+        yield 10, [4], 1.0
+        yield 100, [5, 6], 5.0
+        produced.set()  # runs once the last part is queued
+
+    def got(p, i, r):
+        seen.append((p, i, r))
+        gate.set()
+        produced.wait(30)
+
+    outs = ex.stream(operator.mul, parts(), got, progress=False)
+    assert outs == [[2, 4, 6], [40], [500, 600]]
+    # the first item ran before the other parts existed; then the waiting items by priority (5, 1, 0)
+    assert seen == [(0, 0, 2), (2, 0, 500), (2, 1, 600), (1, 0, 40), (0, 1, 4), (0, 2, 6)]
+
+    def broken():
+        yield 2, [1], 0.0
+        raise ValueError("the producer broke")
+
+    with pytest.raises(ValueError, match="the producer broke"):
+        ex.stream(operator.mul, broken(), progress=False)
+    assert ex.map(operator.mul, 3, [1, 2], progress=False) == [3, 6]
+
+
 def test_speculative_search_keeps_the_serial_trace():
     """Bisection and refinement with 4 workers' worth of speculation: the same trace, budget and best as the
     serial search; speculative evaluations only add cache entries (accuracy here: a synthetic error model)."""
@@ -262,6 +297,10 @@ class _InProcessFanout:
                 on_result(i, out[-1])
         return out
 
+    def stream(self, fn, parts, on_result=None, desc=""):
+        return [self.map(fn, ctx, items, None if on_result is None else (lambda i, r, p=p: on_result(p, i, r)), desc)
+                for p, (ctx, items, _) in enumerate(parts)]
+
     def probes(self, *a, **k):
         from pipeline.fanout import Fanout
 
@@ -290,6 +329,10 @@ def test_ranking_pool_scored_in_shares_gives_the_serial_sensitivity(project, tmp
         _PoolTask.calls = []
         runs[name] = (sensitivity_stage(exp, exp.methods[0]), list(_PoolTask.calls), exp)
     assert runs["serial"][0] == runs["fanned"][0] and len(runs["serial"][0]) > 1
+    for _, _, e in runs.values():  # the probes' single-node models are deleted once scored; all-INT8 stays
+        plans = [json.loads(f.read_text()) for f in (e.dir / "models" / "classifier").glob("*.plan.json")]
+        assert plans and all(sum(p == "int8" for p in pl["nodes"].values()) > 1 for pl in plans)
+        assert len(plans) == len(list((e.dir / "models" / "classifier").glob("*.onnx")))
     assert runs["serial"][1] == [[0, 1, 2]] and runs["fanned"][1] == [[0, 2], [1]]
     exp, m = runs["serial"][2], runs["serial"][2].methods[0]
     node = exp.ws.int8_nodes("classifier")[0]
