@@ -49,7 +49,8 @@ class Experiment:
     key = staticmethod(node_key)  # "graph:node", the flat plans' and the sensitivity's key
 
     def __init__(self, cfg: dict, task: Task, run_dir: Path, progress: bool = True):
-        self.cfg, self.task, self.dir, self.progress = cfg, task, Path(run_dir), progress
+        # absolute: the paths in the workers' contexts must not depend on this process's working directory
+        self.cfg, self.task, self.dir, self.progress = cfg, task, Path(run_dir).resolve(), progress
         self.dir.mkdir(parents=True, exist_ok=True)
         self.lock = RunDirLock(self.dir).acquire()  # one run per directory (re-entrant: wb search holds it too)
         check_resume(self.dir, cfg)  # a resume keeps the config its cached results were computed with

@@ -92,8 +92,13 @@ class RayExecutor:
                 else:
                     ray.init(address=address, **kwargs)
             except Exception as exc:  # ConnectionError and Ray's own errors: one line for the user
+                why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                if address.startswith("ray://") and "timeout" in why.lower():
+                    # what a token-authenticated cluster (Ray's default since 2.5x) answers a client without one
+                    why += ("; if the cluster uses token authentication, set RAY_AUTH_MODE=token and give the "
+                            "token (RAY_AUTH_TOKEN, or the cluster's ~/.ray/auth_token on this machine)")
                 raise WorkbenchError(f"cannot start or reach the Ray cluster at distributed.address = {address!r}: "
-                                     f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+                                     f"{why}") from None
         cpus = int(ray.cluster_resources().get("CPU", 1))
         fits = max(1, cpus // threads)
         self.parallel = min(max_parallel, fits) if max_parallel > 0 else fits

@@ -66,7 +66,7 @@ class OnnxTask(Task):
 
     @classmethod
     def from_config(cls, t: dict, base_dir: str | Path | None = None) -> "OnnxTask":
-        base = Path(base_dir or ".")
+        base = Path(base_dir or ".").resolve()  # absolute: Ray workers (another cwd, another node) read them too
         rows = t.get("graphs") or []
         if not isinstance(rows, list) or not rows:
             raise WorkbenchError("config task.kind = 'onnx' needs at least one [[task.graphs]] table with name and "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 from pathlib import Path
 
 from core.errors import WorkbenchError
@@ -35,7 +36,8 @@ def run(args) -> None:
     task = None
     if not is_wenet(cfg):  # a user's task: loaded and checked (graphs, feeds, entry points) before any work
         task = load_task(cfg, base_dir=args.config[-1].parent if args.config else Path.cwd())
-    run_dir = args.run_dir or root / (dt.datetime.now().strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else ""))
+    run_dir = (args.run_dir or root / (dt.datetime.now().strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else ""))
+               ).resolve()
     if run_dir.exists() and (run_dir / "run.json").is_file() and not args.run_dir:
         raise WorkbenchError(f"{run_dir} already holds a finished run")
     args.active_run_dir = run_dir  # for main()'s "interrupted; resume with ..." hint
@@ -77,11 +79,13 @@ def summary(run: dict, paths: dict) -> str:
         ([run["selected"]] if run["selected"] else [])
     lines.append(f"{'':<30}{metric:>12}{'passes':>8}{'hackathon':>11}{'latency ms':>12}{'speedup':>9}")
     for e, r in zip(entries, result_rows(run)):
-        if r["metric"] is None:
+        value = (e.get("accuracy") or {}).get(metric)  # the record's own value: inf (FP32's SNR) is a result
+        if r["metric"] is None and not (isinstance(value, float) and math.isinf(value)):
             lines.append(f"{r['label']:<30}  not run: {e.get('error', '')[:70]}")
             continue
         speedup = f"{r['speedup']:>8.2f}x" if r["speedup"] is not None else f"{'?':>9}"
-        lines.append(f"{r['label']:<30}{fmt_metric(metric, r['metric']):>12}{'yes' if r['passed'] else 'no':>8}"
+        shown = fmt_metric(metric, r["metric"] if r["metric"] is not None else value)
+        lines.append(f"{r['label']:<30}{shown:>12}{'yes' if r['passed'] else 'no':>8}"
                      f"{r['hackathon'] or '?/?':>10} {r['objective_ms']:>12.1f}{speedup}")
     if run["selected"]:
         lines.append(f"selected: {run['selected']['source']} (re-timed side by side with FP32), "
