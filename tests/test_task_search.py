@@ -350,3 +350,30 @@ def test_bad_evaluation_sets_are_one_line_errors(project, tmp_path, capsys, eval
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
     assert not (tmp_path / "r").exists()
+
+
+def test_runs_prune_frees_caches_and_keeps_results(project, capsys):
+    """`wb runs prune`: a finished run loses engines/ and the placed models models.json does not name; its
+    results, report, final/ and the named models stay, and the report can be written again from them."""
+    d = project
+    runs = d / "runs-prune"
+    cfg = write_config(d, "prune.toml", metric="snr_db", delta=44.0)  # all-INT8 fails: the search places more
+    assert main(["search", "--quick", "--config", str(cfg), "--runs-root", str(runs),
+                 "--run-dir", str(runs / "p")]) == 0
+    run_dir = runs / "p"
+    named = [run_dir / p for m in json.loads((run_dir / "models.json").read_text()).values() for p in m.values()]
+    placed = list((run_dir / "models" / "classifier").glob("*.onnx"))
+    assert (run_dir / "engines").is_dir() and len(placed) > len([p for p in named if "models/classifier" in str(p)])
+    capsys.readouterr()
+    assert main(["runs", "prune", "--dry-run", str(run_dir)]) == 0
+    assert "would free" in capsys.readouterr().out and (run_dir / "engines").is_dir()
+    assert main(["runs", "prune", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "freed" in out and float(out.split("freed ")[1].split(" GB")[0]) >= 0
+    assert not (run_dir / "engines").exists() and all(p.is_file() for p in named)
+    left = list((run_dir / "models" / "classifier").glob("*.onnx"))
+    assert {p.resolve() for p in left} == {p.resolve() for p in named if "models/classifier" in str(p)}
+    assert (run_dir / "final" / "classifier.onnx").is_file() and (run_dir / "run.json").is_file()
+    assert main(["runs", "report", str(run_dir), "--root", str(runs)]) == 0
+    assert main(["runs", "prune", str(d)]) == 2  # not a run directory: one line, nothing deleted
+    assert "holds no finished run" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""`wb runs list|compare|report|reindex`: the index of search runs and their reports."""
+"""`wb runs list|compare|report|prune|reindex`: the index of search runs, their reports and their disk."""
 from __future__ import annotations
 
 import sys
@@ -80,6 +80,16 @@ def cmd_reindex(args) -> None:
     print(f"indexed {len(res['indexed'])} runs into {res['path']}")
 
 
+def cmd_prune(args) -> None:
+    from pipeline.prune import prune_run
+
+    for d in args.run_dir:
+        res = prune_run(d, dry_run=args.dry_run)
+        verb = "would free" if args.dry_run else "freed"
+        print(f"{d}: {verb} {res['freed_bytes'] / 1e9:.2f} GB ({len(res['removed'])} paths: engines/ and the placed "
+              f"models models.json does not name)")
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("runs", help="list, compare and report search runs (index: <root>/index.sqlite)")
     sub = p.add_subparsers(dest="runs_cmd", required=True)
@@ -99,6 +109,12 @@ def register(subparsers) -> None:
     s.add_argument("run_dir", type=Path)
     s.add_argument("--root", **root)
     s.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("prune", help="free finished runs' disk: their engines/ and the placed models that "
+                       "models.json does not name (caches; results, reports and final/ stay)")
+    s.add_argument("run_dir", type=Path, nargs="+")
+    s.add_argument("--dry-run", action="store_true", help="only say what would be freed")
+    s.set_defaults(func=cmd_prune)
 
     s = sub.add_parser("reindex", help="rebuild the index from the run.json files under the root")
     s.add_argument("--root", **root)
