@@ -58,6 +58,7 @@ class Experiment:
         self.ws = Workspace(self.dir, cfg, task)
         self.names = self.ws.names
         self._fanout = None
+        self.stage_s: dict[str, float] = {}  # run() times its stages; a caller of search() alone gets them too
 
     # --- evaluation primitives ------------------------------------------------------------------------------
     def latency(self, models: dict[str, Path], search: bool = False) -> dict:
@@ -233,7 +234,7 @@ class Experiment:
     def run(self) -> dict:
         t0 = time.time()
         cfg, task = self.cfg, self.task
-        self.stage_s: dict[str, float] = {}
+        self.stage_s = {}
         with self._stage("calibration"):
             self.methods = calibrate_stage(self)
         self.cases = {g: {} for g in self.names}
