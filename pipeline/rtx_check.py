@@ -12,7 +12,8 @@ encoder and decoder; a task run's are its task's graphs (run.json `task.graphs`)
   selected    the selected mix, by the TensorRT recipe
 A run placed by the ONNX Runtime recipe (the CPU default) has its INT8 and selected plans placed again here by
 the TensorRT recipe, same plans and ranges (under rtx/models/). Each graph is also checked by graph.validate.
-An INT8 plan of about half the FP32 plan's bytes is the evidence that its weights are stored as INT8.
+An INT8 plan smaller than the FP32 plan by about three quarters of its INT8 layers' weight bytes is the evidence
+that those weights are stored as INT8 (weights that stay float, such as embeddings, keep their bytes).
 
 Engine shapes: the run's own, run.json `task.shapes` ({graph: {input: {min, opt, max}}}, what a task run built its
 ONNX Runtime engines with); a run without them (a WeNet run) takes the WeNet pipeline's ranges
@@ -257,7 +258,8 @@ def markdown(result: dict) -> str:
              " built on CPU, not run)", "", "| " + " | ".join(RTX_TABLE_HEADERS) + " |",
              "|" + "---|" * len(RTX_TABLE_HEADERS)]
     lines += ["| " + " | ".join(row) + " |" for row in rtx_table_rows(result)]
-    lines += ["", "An INT8 plan of about half the FP32 plan's bytes: its weights are stored as INT8."]
+    lines += ["", "An INT8 plan smaller than the FP32 plan by about three quarters of its INT8 layers' weight bytes: "
+                  "those weights are stored as INT8 (float weights, such as embeddings, keep theirs)."]
     if result["failures"]:
         lines += ["", "Refused by TensorRT-RTX:"] + [f"- {f}" for f in result["failures"]]
     return "\n".join(lines) + "\n"
