@@ -10,7 +10,6 @@ import wave
 from pathlib import Path
 
 import numpy as np
-from scipy.signal import resample_poly
 
 from core.errors import WorkbenchError
 
@@ -86,6 +85,10 @@ def synthesize(text: str, voice: dict, rate: int, pitch: int, workdir: str | os.
     finally:
         out.unlink(missing_ok=True)
     if sr != SAMPLE_RATE:
+        # imported here: scipy.signal takes seconds to import, and every process that reads the corpus (each Ray
+        # worker unpickling the WeNet task) imports this module without synthesizing anything
+        from scipy.signal import resample_poly
+
         g = math.gcd(SAMPLE_RATE, sr)
         audio = resample_poly(audio, SAMPLE_RATE // g, sr // g)
     return np.clip(audio, -1.0, 1.0).astype(np.float32)

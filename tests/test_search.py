@@ -105,3 +105,20 @@ def test_probes_decided_on_paired_timing_when_given(tmp_path):
     assert len(paired_calls) == 1 and [r["label"] for r in again.trace] == [r["label"] for r in res.trace]
     validated = res.plans[next(r for r in res.trace if r["stage"] == "latency-validate")["plan_hash"]]
     assert {n for n, p in validated.items() if p != "int8"} == {"n03", "n07", "n15"}
+
+
+def test_serial_executor_streams_parts_in_order_and_maps_as_one_part():
+    """The serial executor's stream: each part's items in order, results per part, on_result with (part, index);
+    map is a stream of one part (the Ray executor's behaviour is tests/test_ray.py's)."""
+    import operator
+
+    from search.executor import SerialExecutor
+
+    ex, seen = SerialExecutor(), []
+    parts = iter([(2, [1, 2], 0.0), (10, [], 3.0), (100, [3], 5.0)])  # serial: arrival order, priority unused
+    assert ex.stream(operator.mul, parts, lambda p, i, r: seen.append((p, i, r)), progress=False) == \
+        [[2, 4], [], [300]]
+    assert seen == [(0, 0, 2), (0, 1, 4), (2, 0, 300)]
+    got = []
+    assert ex.map(operator.mul, 3, [1, 2, 3], lambda i, r: got.append((i, r)), progress=False) == [3, 6, 9]
+    assert got == [(0, 3), (1, 6), (2, 9)] and ex.map(operator.mul, 3, [], progress=False) == []
