@@ -151,7 +151,7 @@ def confirmation_criterion(crit: dict, reference: float) -> dict:
     return out
 
 
-def _content_sha(path: Path) -> str:
+def content_sha(path: Path) -> str:
     """sha256 of a model file, memoised by (path, size, mtime) within the process."""
     st = Path(path).stat()
     memo = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
@@ -166,8 +166,8 @@ def baseline_key(cfg: dict, models: dict[str, Path], reference: dict[str, Path],
     check compares with, the config that changes the result, and `data` (the task's fingerprint, e.g. the
     vocabulary and the evaluation texts). A copied run directory finds its records; a resume with another
     config does not."""
-    blob = {"models": {k: _content_sha(p) for k, p in sorted(models.items())},
-            "reference": {k: _content_sha(p) for k, p in sorted(reference.items())},
+    blob = {"models": {k: content_sha(p) for k, p in sorted(models.items())},
+            "reference": {k: content_sha(p) for k, p in sorted(reference.items())},
             "config": {s: cfg[s] for s in BASELINE_SECTIONS}
             | {"latency": {k: cfg["latency"][k] for k in BASELINE_LATENCY_KEYS}}
             | ({"calibration": cfg["calibration"]} if calibrator else {}),

@@ -9,6 +9,7 @@ engines) and the models that models.json names (rtx-check and the benchmarks rea
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -16,8 +17,12 @@ from core.errors import WorkbenchError
 from core.fsutil import RunDirLock
 from pipeline.runfile import load_run
 
+PLACED = re.compile(r"[0-9a-f]{16}\.onnx")  # pipeline.workspace names a placement by its 16-digit tag
+
 
 def _size(p: Path) -> int:
+    if p.is_symlink():
+        return 0
     if p.is_file():
         return p.stat().st_size
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
@@ -29,15 +34,13 @@ def prune_candidates(run_dir: Path) -> list[Path]:
     run = load_run(run_dir)  # a finished, readable run only
     graphs = (run.get("task") or {}).get("graphs") or []
     index = run_dir / "models.json"
-    named = set()
-    if index.is_file():
-        for models in json.loads(index.read_text()).values():
-            for p in models.values():
-                named.add((run_dir / p).resolve() if not Path(p).is_absolute() else Path(p).resolve())
-    out = [run_dir / "engines"] if (run_dir / "engines").is_dir() else []
-    for g in graphs:  # models/<graph>/ holds placements; models/<source>/ (fp32, qat_fp32, smoothed) FP32 models
+    if not index.is_file():  # written after run.json: a run stopped between the two is not finished
+        raise WorkbenchError(f"{run_dir} has no models.json (the run did not finish): nothing is pruned")
+    named = {(run_dir / p).resolve() for models in json.loads(index.read_text()).values() for p in models.values()}
+    out = [run_dir / "engines"] if (run_dir / "engines").exists() else []
+    for g in graphs:  # models/<graph>/<tag>.onnx are placements; other folders of models/ hold FP32 sources
         for f in sorted((run_dir / "models" / str(g)).glob("*.onnx")):
-            if f.resolve() not in named:
+            if PLACED.fullmatch(f.name) and f.resolve() not in named:
                 out += [f] + ([f.with_suffix(".plan.json")] if f.with_suffix(".plan.json").is_file() else [])
     return out
 
@@ -54,7 +57,7 @@ def prune_run(run_dir: str | Path, dry_run: bool = False) -> dict:
         freed = sum(_size(p) for p in todo)
         if not dry_run:
             for p in todo:
-                if p.is_dir():
+                if p.is_dir() and not p.is_symlink():
                     shutil.rmtree(p)
                 else:
                     p.unlink(missing_ok=True)

@@ -6,6 +6,7 @@ import hashlib
 import json
 from typing import Callable
 
+from pipeline.baselines import content_sha
 from search.algorithm import flat_plan_hash, plan_counts
 from search.selection import choose, objective_runs, shortlist
 
@@ -43,9 +44,10 @@ def select(options: list[Option], accuracy_key: Callable[[dict], float], cache, 
     by_label = {o[0]: o for o in reps.values()}
     timed = {c["label"]: by_label[c["label"]][1] for c in short}
     timed.setdefault("FP32", fp32_models)
-    key = hashlib.sha256(json.dumps({k: {m: str(p) for m, p in v.items()} for k, v in sorted(timed.items())})
+    # keyed by the models' content, not their paths: a moved or copied run directory finds its timing
+    key = hashlib.sha256(json.dumps({k: {m: content_sha(p) for m, p in v.items()} for k, v in sorted(timed.items())})
                          .encode()).hexdigest()[:16]
-    lat = cache.get_or_compute(f"side-by-side/2:{key}", lambda: side_by_side(timed))
+    lat = cache.get_or_compute(f"side-by-side/3:{key}", lambda: side_by_side(timed))
     runs = {label: objective_runs(lat[label]["cases"]) for label in timed}
     best, how = choose(short, runs, runs["FP32"], tolerance, accuracy_key=lambda c: c["acc"])
     ref = lat["FP32"]

@@ -39,15 +39,14 @@ def probe_runner(ws, graph: str, model):
 def probe(ws, graph: str, node: str, method: str, recipe: str | None, output: str, feeds: list[dict],
           refs: list[np.ndarray]) -> float:
     """One node's score (the driver's serial loop and pipeline.fanout.task_probe). The probe's placed model is
-    deleted once scored when the probe placed it (only the score is kept, and a run probes every quantizable
-    node); one placed before (a graph with a single quantizable node: its all-INT8 model) stays."""
-    plan = {node: "int8"}
-    placed_before = ws.model_path(graph, plan, method, recipe=recipe).is_file()
-    model = ws.model(graph, plan, method, recipe=recipe)
+    deleted once scored (only the score is kept, and a run probes every quantizable node), unless it is the
+    graph's all-INT8 model (a graph with a single quantizable node), which the baselines and the selection use.
+    Whatever else needs that plan later places it again."""
+    model = ws.model(graph, {node: "int8"}, method, recipe=recipe)
     try:
         return mean_noise_to_signal(probe_runner(ws, graph, model), output, feeds, refs)
     finally:
-        if not placed_before:
+        if model != ws.model_path(graph, {n: "int8" for n in ws.int8_nodes(graph)}, method, recipe=recipe):
             ws.discard(graph, model)
 
 

@@ -92,7 +92,8 @@ class RayExecutor:
                 else:
                     ray.init(address=address, **kwargs)
             except Exception as exc:  # ConnectionError and Ray's own errors: one line for the user
-                why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                # one line, but the whole of it (Ray puts the cause on the lines after "...failure from server:")
+                why = " ".join(x.strip() for x in str(exc).splitlines() if x.strip())[:600] or type(exc).__name__
                 if address.startswith("ray://") and "timeout" in why.lower():
                     # what a token-authenticated cluster (Ray's default since 2.5x) answers a client without one
                     why += ("; if the cluster uses token authentication, set RAY_AUTH_MODE=token and give the "
@@ -133,12 +134,17 @@ class RayExecutor:
     def stream(self, fn: Callable, parts: Iterable[tuple[Any, Sequence, float]],
                on_result: Callable[[int, int, Any], None] | None = None, desc: str = "", progress: bool = True) -> list:
         ray = self.ray
-        arrived: queue.Queue = queue.Queue()  # (context, items, priority) from the producer, then None (or its error)
+        arrived: queue.Queue = queue.Queue()  # (context ref, items, priority), then None (or the producer's error)
+        stop = threading.Event()  # the driver's loop ended (an error, Ctrl-C): make no further part
 
         def produce():
             try:
-                for part in parts:
-                    arrived.put(part)
+                for context, items, priority in parts:
+                    # the context is pickled here, in the thread that runs the task's code (a task's lazy caches
+                    # never change while they are pickled)
+                    arrived.put((self._put(context), items, priority))
+                    if stop.is_set():
+                        return
                 arrived.put(None)
             except BaseException as exc:  # noqa: BLE001 - raised in the driver's loop below
                 arrived.put(exc)
@@ -164,8 +170,8 @@ class RayExecutor:
                     elif isinstance(part, BaseException):
                         raise part
                     else:
-                        context, items, priority = part
-                        p, ctx = len(outs), self._put(context)
+                        ctx, items, priority = part
+                        p = len(outs)
                         outs.append([None] * len(items))
                         items_of.append(items)
                         for i, item in enumerate(items):
@@ -197,6 +203,7 @@ class RayExecutor:
                 ray.cancel(ref, force=True)
             raise
         finally:
+            stop.set()
             bar.set_postfix(running=0, failed=len(failed))
             bar.close()
         if failed:
