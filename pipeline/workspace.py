@@ -62,13 +62,14 @@ class Workspace:
     def int8_nodes(self, graph: str) -> list[str]:
         return [n for n, p in self.base_plan(graph, "int8")["nodes"].items() if p == "int8"]
 
-    def _placement(self, graph: str, nodes: dict[str, str], method: str, default: str, source: str | None,
-                   recipe: str | None) -> tuple:
-        """(FP32 source, plan, recipe, ort_mode, float outputs, file) of a placement; plan None: the source
-        itself (an all-FP32 plan)."""
+    def model(self, graph: str, nodes: dict[str, str], method: str, default: str = "fp32",
+              source: str | None = None, recipe: str | None = None) -> Path:
+        """The ONNX model of `graph` with `nodes` ({id: precision}) over a `default` plan, placed with the
+        ranges of `method` on the FP32 models of method `source` (default: `method`'s own, see add_source;
+        "fp32": the run's FP32 models) by `recipe` (default: the run's)."""
         base = self.source(source or method)[graph]
         if all(p == "fp32" for p in nodes.values()) and default == "fp32":
-            return base, None, None, None, None, base
+            return base
         plan = edit_plan(self.base_plan(graph, default), set_nodes=nodes)
         recipe = recipe or self.cfg["quantize"]["recipe"]
         if any(p == "fp16" for p in plan["nodes"].values()):
@@ -78,21 +79,7 @@ class Workspace:
         tag = hashlib.sha256(json.dumps([plan["hash"], method, recipe, base.parent.name] + ([ort_mode] if ort_mode else [])
                                         + ([floats] if floats != "none" else []))  # "none": the tags of before
                              .encode()).hexdigest()[:16]
-        return base, plan, recipe, ort_mode, floats, self.dir / "models" / graph / f"{tag}.onnx"
-
-    def model_path(self, graph: str, nodes: dict[str, str], method: str, default: str = "fp32",
-                   source: str | None = None, recipe: str | None = None) -> Path:
-        """Where `model` places (or found) that model, without placing it."""
-        return self._placement(graph, nodes, method, default, source, recipe)[-1]
-
-    def model(self, graph: str, nodes: dict[str, str], method: str, default: str = "fp32",
-              source: str | None = None, recipe: str | None = None) -> Path:
-        """The ONNX model of `graph` with `nodes` ({id: precision}) over a `default` plan, placed with the
-        ranges of `method` on the FP32 models of method `source` (default: `method`'s own, see add_source;
-        "fp32": the run's FP32 models) by `recipe` (default: the run's)."""
-        base, plan, recipe, ort_mode, floats, out = self._placement(graph, nodes, method, default, source, recipe)
-        if plan is None:
-            return base
+        out = self.dir / "models" / graph / f"{tag}.onnx"
         if not out.is_file():
             table = self.tables[method][graph]
             if table not in self._tables:
@@ -108,7 +95,7 @@ class Workspace:
         engine: a WeNet run's 74 single-node models were 2.3 GB of placed models and, with their engines, most
         of a run's 7 GB. FP32 sources are never deleted; a later ws.model of that plan places it again."""
         model = Path(model)
-        if model in {p for models in (self.fp32, *self.sources.values()) for p in models.values()}:
+        if model in self._source_models():
             return
         self._runners.drop(model)
         shutil.rmtree(self.engine_dir(graph, model), ignore_errors=True)
@@ -139,8 +126,11 @@ class Workspace:
         def make():
             return engines.load(self.build(graph, model, self.engine_dir(graph, model)))
 
-        pinned = {p for models in (self.fp32, *self.sources.values()) for p in models.values()}
-        return self._runners.get(model, make, pinned)
+        return self._runners.get(model, make, self._source_models())
+
+    def _source_models(self) -> set[Path]:
+        """Every FP32 model placements start from (the run's, QAT's, SmoothQuant's): kept open, never deleted."""
+        return {p for models in (self.fp32, *self.sources.values()) for p in models.values()}
 
     def runners(self, models: dict[str, Path]) -> dict:
         return {g: self.runner(g, p) for g, p in models.items()}
