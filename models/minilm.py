@@ -64,15 +64,27 @@ def load_config(directory: Path) -> dict:
 
 def build_module(directory: Path, layers: int | None = None):
     """The torch MiniLM with the package's weights (checked), truncated to the first `layers` layers."""
-    import torch
     from safetensors.torch import load_file
-    from torch import nn
 
     cfg = load_config(directory)
     n = cfg["num_hidden_layers"] if layers is None else int(layers)
     if not 1 <= n <= cfg["num_hidden_layers"]:
         raise WorkbenchError(f"MiniLM layers must be 1..{cfg['num_hidden_layers']}, got {layers}")
     verify_weights(directory / "model.safetensors")
+    model = network(cfg, n)
+    state = load_file(str(directory / "model.safetensors"))
+    keep = {k: v for k, v in state.items() if not k.startswith("pooler.") and k != "embeddings.position_ids"
+            and not (k.startswith("encoder.layer.") and int(k.split(".")[2]) >= n)}
+    model.load_state_dict(keep, strict=True)
+    return model
+
+
+def network(cfg: dict, n: int):
+    """The torch network of a BERT `config.json` with `n` layers, randomly initialised (build_module loads the
+    weights; a timing of the architecture alone, as experiments/bench_minilm_ceiling.py, needs none)."""
+    import torch
+    from torch import nn
+
     hidden, heads, eps = cfg["hidden_size"], cfg["num_attention_heads"], cfg["layer_norm_eps"]
 
     class Embeddings(nn.Module):
@@ -154,12 +166,7 @@ def build_module(directory: Path, layers: int | None = None):
             pooled = (x * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1e-9)
             return nn.functional.normalize(pooled, p=2.0, dim=1)
 
-    model = MiniLM().eval()
-    state = load_file(str(directory / "model.safetensors"))
-    keep = {k: v for k, v in state.items() if not k.startswith("pooler.") and k != "embeddings.position_ids"
-            and not (k.startswith("encoder.layer.") and int(k.split(".")[2]) >= n)}
-    model.load_state_dict(keep, strict=True)
-    return model
+    return MiniLM().eval()
 
 
 def cache_dir() -> Path:
@@ -172,7 +179,6 @@ def cache_dir() -> Path:
 def export_onnx(layers: int | None = None, cache: str | os.PathLike | None = None) -> Path:
     """The FP32 ONNX (opset 17, dynamic batch and sequence), exported once per content: the weights' sha256,
     the layer count and the export version key a directory under `cache`."""
-    import onnx
     import torch
 
     directory = model_dir()
@@ -185,20 +191,27 @@ def export_onnx(layers: int | None = None, cache: str | os.PathLike | None = Non
     path = out / "minilm.onnx"
     if path.is_file():
         return path
-    model = build_module(directory, n)
-    ids = torch.tensor([[101, 7592, 2088, 102], [101, 2023, 102, 0]], dtype=torch.int64)
-    mask = (ids != 0).to(torch.int64)
     with atomic_dir(out) as tmp:
-        with torch.no_grad():
-            torch.onnx.export(model, (ids, mask), str(tmp / "minilm.onnx"), dynamo=False, opset_version=OPSET,
-                              do_constant_folding=True, input_names=["input_ids", "attention_mask"],
-                              output_names=["sentence_embedding"],
-                              dynamic_axes={"input_ids": {0: "B", 1: "S"}, "attention_mask": {0: "B", 1: "S"},
-                                            "sentence_embedding": {0: "B"}})
-        onnx.checker.check_model(str(tmp / "minilm.onnx"))
+        write_onnx(build_module(directory, n), tmp / "minilm.onnx")
         (tmp / "export.json").write_text(json.dumps({"weights_sha256": weights_sha, "layers": n, "opset": OPSET,
                                                      "export_version": EXPORT_VERSION}, indent=1) + "\n")
     return path
+
+
+def write_onnx(model, path: Path) -> None:
+    """`model` (a `network`) as ONNX at `path`: opset 17, dynamic batch and sequence, checked."""
+    import onnx
+    import torch
+
+    ids = torch.tensor([[101, 7592, 2088, 102], [101, 2023, 102, 0]], dtype=torch.int64)
+    mask = (ids != 0).to(torch.int64)
+    with torch.no_grad():
+        torch.onnx.export(model, (ids, mask), str(path), dynamo=False, opset_version=OPSET,
+                          do_constant_folding=True, input_names=["input_ids", "attention_mask"],
+                          output_names=["sentence_embedding"],
+                          dynamic_axes={"input_ids": {0: "B", 1: "S"}, "attention_mask": {0: "B", 1: "S"},
+                                        "sentence_embedding": {0: "B"}})
+    onnx.checker.check_model(str(path))
 
 
 class Tokenizer:

@@ -52,6 +52,10 @@ def calibrate_stage(exp) -> list[str]:
             for key in keys:
                 ws.add_source(key, smoothed)
     extra = task.extra_methods()
+    if "qat" in c["methods"] and "qat" not in extra:  # a task QAT directory (`wb qat --config`)
+        from quant.qat_distill import task_qat_sources
+
+        extra["qat"] = task_qat_sources(exp.cfg["qat"]["dir"], task, exp.dir)
     for m, x in extra.items():
         ws.add_source(m, x["sources"])
         ws.tables[m] = dict(x["tables"])

@@ -32,6 +32,7 @@ Fine-tuning itself is `models.train.train` with the prepared model (and optional
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -78,9 +79,29 @@ class FakeQuant(nn.Module):
     def scale(self) -> torch.Tensor:
         return self.amax.clamp(min=AMAX_FLOOR) / QMAX
 
+    def learn_range(self) -> None:
+        """Train this (per-tensor) range from now on: LSQ through PyTorch's learnable fake-quantize op, on the
+        log of the range (positive, and steps relative to its size). `freeze_range` writes it back to `amax`."""
+        if self.axis is not None or self.dynamic:
+            raise WorkbenchError("only a fixed per-tensor range can be learned")
+        self.log_amax = nn.Parameter(self.amax.detach().clone().log())
+
+    def freeze_range(self) -> None:
+        if getattr(self, "log_amax", None) is not None:
+            with torch.no_grad():
+                self.amax.copy_(self.log_amax.detach().exp().clamp(min=AMAX_FLOOR))
+            del self.log_amax
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
+        if getattr(self, "log_amax", None) is not None and not torch.onnx.is_in_onnx_export():
+            dtype = x.dtype
+            scale = (self.log_amax.exp().clamp(min=AMAX_FLOOR) / QMAX).reshape(1)
+            zp = torch.zeros(1, device=x.device)
+            grad_factor = 1.0 / math.sqrt(x.numel() * QMAX)  # LSQ's step-size gradient scale
+            y = torch._fake_quantize_learnable_per_tensor_affine(x.float(), scale, zp, QMIN, QMAX, grad_factor)
+            return y.to(dtype)
         if self.dynamic:  # weights: amax follows the weights as they train (what placement computes later)
             with torch.no_grad():
                 self.amax.copy_(weight_amax(x, self.axis))

@@ -18,7 +18,9 @@ A task is small on purpose (NNCF's accuracy-control backend and Polygraphy's dat
     per-item results (default: no named sets, `evaluate_items` as the one set ALL);
   * `reference_check(runners, reference)` (optional): an output check against the FP32 runners, recorded under
     `check_name` (the criterion kind "hackathon" asks every case of it to pass);
-  * `extra_methods()` (optional): calibrators that come with their own FP32 weights and tables (QAT).
+  * `extra_methods()` (optional): calibrators that come with their own FP32 weights and tables (QAT);
+  * `qat_model()` (optional): the task's model as a PyTorch module and unlabelled training batches, for QAT by
+    distillation of its FP32 outputs (`wb qat --config`, quant.qat_distill); its directory joins a run as "qat".
 Every check of the task's own data happens in `check()`, which the pipeline calls before any expensive work.
 """
 from __future__ import annotations
@@ -134,6 +136,13 @@ class Task(ABC):
         """{method: {"sources": {graph: FP32 ONNX}, "tables": {graph: calibration table}}} of calibrators whose
         ranges come with their own weights (default: none)."""
         return {}
+
+    def qat_model(self) -> dict | None:
+        """{"graph": graph name, "build": () -> FP32 torch module (a fresh one per call), "write_onnx": (module,
+        path) -> None (this graph's export), "train": (numpy Generator, n) -> feeds of n training items, "info":
+        {what identifies the model: a QAT directory of another is refused}, "data": {what it trains on}} for
+        quant.qat_distill (default: None, no PyTorch model)."""
+        return None
 
     def fingerprint(self) -> dict:
         """What, besides the models, a cached result depends on (e.g. the evaluation data; default: nothing)."""

@@ -57,6 +57,15 @@ def load_task(cfg: dict, base_dir=None, run_dir=None, cache_dir=None, progress: 
                              f"'sentence_embedding', or give task.entry")
     check_task_shape(task)
     task.check()
+    if (t.get("entry") or t["kind"] != "wenet_asr") and "qat" in cfg["calibration"]["methods"] \
+            and "qat" not in task.extra_methods():
+        from quant.qat_distill import check_task_qat_dir  # a task QAT directory must be of this task's model
+
+        spec = task.qat_model()
+        if spec is None:
+            raise WorkbenchError(f"config qat.dir: task {task.name!r} has no PyTorch model, so no QAT directory "
+                                 f"serves it")
+        check_task_qat_dir(cfg["qat"]["dir"], task.name, spec["info"])
     task.metric(cfg["criterion"]["metric"])  # the criterion's metric must be one of the task's
     return task
 

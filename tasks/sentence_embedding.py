@@ -48,6 +48,7 @@ OPTIONS = {
     "fortunes_dir": "",                 # default: calibration_data.fortunes.fortunes_dir()
     "heldout": 300,                     # queries of the held-out set `licenses` (0: no second set)
     "heldout_dir": "/usr/share/common-licenses",  # its text source: plain-text files, read sentence by sentence
+    "qat_train": 20000,                 # fortunes sentences QAT trains on (`wb qat`), after the three splits
 }
 HELDOUT_SET, EVAL_SET = "licenses", "fortunes"
 GRAPH = "minilm"
@@ -232,6 +233,25 @@ class SentenceEmbeddingTask(Task):
                     rows.append(ids[:sl - 1] + [ids[-1]])  # cut, keeping [SEP]
                 cases[f"bs{bs}_seq{sl}"] = Tokenizer.pad(rows)
         return cases
+
+    def qat_model(self) -> dict:
+        """MiniLM as a torch module for QAT by distillation, trained on `qat_train` fortunes sentences that none
+        of the calibration, evaluation and corpus splits holds (split_texts: the same hash order, cut after them)."""
+        from calibration_data.fortunes import load_texts
+        from models.minilm import WEIGHTS_SHA256, Tokenizer, build_module, model_dir, write_onnx
+
+        o = self.opts
+        sizes = {"calib": o["calib"], "eval": o["eval"], "corpus": o["corpus"], "train": o["qat_train"]}
+        rows: list[list[int]] = []  # tokenised at the first batch: reading the spec stays cheap
+
+        def train(rng: np.random.Generator, n: int) -> Feeds:
+            if not rows:
+                rows.extend(self.tokenizer.ids(split_texts(load_texts(o["fortunes_dir"] or None), sizes)["train"]))
+            return Tokenizer.pad([rows[i] for i in rng.choice(len(rows), min(n, len(rows)), replace=False)])
+
+        return {"graph": GRAPH, "build": lambda: build_module(model_dir(), o["layers"]), "write_onnx": write_onnx,
+                "train": train, "info": {"layers": o["layers"], "weights_sha256": WEIGHTS_SHA256},
+                "data": {"train_sentences": o["qat_train"], "max_seq_len": o["max_seq_len"]}}
 
     def splits_of(self, name: str) -> list[str]:
         self.feeds()

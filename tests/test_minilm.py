@@ -266,6 +266,73 @@ def test_search_quick_with_smoothquant_and_float_outputs(tmp_path, monkeypatch):
     assert run["status"] == "passed"
 
 
+def test_qat_by_distillation_joins_the_search(tmp_path, monkeypatch, capsys):
+    """`wb qat --config` on the 2-layer MiniLM (quant.qat_distill): a QAT directory whose fine-tuned graph is
+    still the FP32 model's function (smoothing is exact, the fine-tune small), whose table holds the trained
+    input ranges as method "qat", and which `wb search` takes as calibrator "qat" with its own all-INT8 baseline
+    and search; a directory of another model, and wrong invocations, are one-line refusals."""
+    import onnx
+    import onnxruntime as ort
+
+    from quant.table import CalibrationTable
+
+    monkeypatch.setenv("WB_CACHE", str(tmp_path / "cache"))
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(QUICK.replace('methods = ["max", "percentile"]', 'methods = ["max"]\nsmoothquant = "all"\n'
+                                 'smoothquant_alpha = 0.85') + '[quantize]\nrecipe = "onnxruntime"\n'
+                                                              'ort_float_outputs = "matmul"\n')
+    qdir = tmp_path / "qat"
+    wb("qat", "--config", cfg, "--out", qdir, "--steps", 8, "--eval-every", 4, "--batch-size", 8)
+    out = capsys.readouterr().out
+    assert "12 MatMuls int8" in out and str(qdir) in out
+    s = json.loads((qdir / "qat.json").read_text())
+    assert s["format"] == "wb-qat/1" and s["task"] == "sentence_embedding" and s["graphs"] == {"minilm": "minilm.onnx"}
+    assert s["model"] == {"layers": 2, "weights_sha256": minilm.WEIGHTS_SHA256}
+    assert s["steps"] == 8 and s["quantized_nodes"] == 12 and s["smoothed_linears"] == 12 and s["learned_ranges"] == 12
+    log = [json.loads(line) for line in (qdir / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(9)) and all(r["loss"] > 0 for r in log[1:])
+    assert not list(tmp_path.glob(".qat.*"))  # the directory appeared whole, nothing left beside it
+    # the fine-tuned graph: weights changed, smoothing Muls in it, still (nearly) the FP32 model's embeddings
+    tuned = onnx.load(str(qdir / "minilm.onnx"))
+    muls = {n.output[0] for n in tuned.graph.node if n.op_type == "Mul"}
+    assert sum(n.op_type == "MatMul" and n.input[0] in muls for n in tuned.graph.node) == 12
+    fp32 = minilm.export_onnx(2)
+    feeds = minilm.Tokenizer(32)(TEXTS)
+    ref = ort.InferenceSession(str(fp32)).run(None, feeds)[0]
+    got = ort.InferenceSession(str(qdir / "minilm.onnx")).run(None, feeds)[0]
+    cos = (ref * got).sum(1)
+    assert not np.allclose(ref, got, atol=1e-6) and cos.min() > 0.99, cos
+    table = CalibrationTable.load(qdir / "minilm.table.json")
+    assert table.default_method == "qat" and table.data["qat"]["quantized_tensors"] == 12
+    moved = [t for t, e in table.data["tensors"].items() if "qat" in e["amax"] and "max" in e["amax"]
+             and e["amax"]["qat"] != e["amax"]["max"]]
+    assert len(moved) == 12, moved  # the 12 learned input ranges left the max calibrator's
+    # the directory joins a search as calibrator "qat"
+    (tmp_path / "q.toml").write_text(f'[qat]\ndir = "{qdir}"\n')
+    runs = tmp_path / "runs"
+    wb("search", "--quick", "--config", cfg, "--config", tmp_path / "q.toml", "--run-dir", runs / "q")
+    capsys.readouterr()
+    run = json.loads((runs / "q" / "run.json").read_text())
+    labels = [b["label"] for b in run["baselines"]]
+    assert "INT8 all (qat)" in labels and "INT8 all (max)" in labels
+    assert [x["calibrator"] for x in run["searches"]] == ["max", "qat"]
+    assert (runs / "q" / "models" / "qat_fp32" / "minilm.onnx").is_file()
+    assert (runs / "q" / "calibration" / "minilm.qat.json").is_file()
+    # refusals, one line each, before any work
+    (tmp_path / "l1.toml").write_text(QUICK.replace("layers = 2", "layers = 1") + f'[qat]\ndir = "{qdir}"\n')
+    wb("search", "--quick", "--config", tmp_path / "l1.toml", "--run-dir", runs / "bad", ok=False)
+    err = capsys.readouterr().err
+    assert "fine-tuned from another model" in err and err.count("\n") == 1, err
+    assert not (runs / "bad").exists()
+    wb("qat", "--config", cfg, "--tables", tmp_path, "--out", tmp_path / "x", ok=False)
+    assert "not both" in capsys.readouterr().err
+    (tmp_path / "notqat").mkdir()
+    (tmp_path / "n.toml").write_text(f'[qat]\ndir = "{tmp_path / "notqat"}"\n')
+    wb("search", "--quick", "--config", cfg, "--config", tmp_path / "n.toml", "--run-dir", runs / "bad2", ok=False)
+    assert "not a QAT directory" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_bad_task_options_fail_before_any_work(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WB_CACHE", str(tmp_path / "cache"))
     cfg = tmp_path / "bad.toml"

@@ -1,6 +1,7 @@
 """QAT (quant/qat.py) on the tiny random-init model: quantizer insertion from a plan and a calibration table,
 a few fine-tuning steps, Q/DQ export that validates for TensorRT and matches PyTorch in ONNX Runtime."""
 import copy
+import math
 
 import numpy as np
 import onnxruntime as ort
@@ -76,6 +77,22 @@ def test_fake_quant_basics():
     lazy = FakeQuant()  # no table: amax from the first batch
     lazy(torch.tensor([-2.0, 1.0]))
     assert float(lazy.amax) == 2.0 and bool(lazy.initialized)
+
+
+def test_fake_quant_learned_range_gets_a_gradient_and_is_written_back():
+    fq = FakeQuant(1.27)
+    fq.learn_range()
+    x = torch.tensor([0.004, 0.5, 3.0])  # 3.0 is clipped: a larger range would lower the loss below
+    assert torch.allclose(fq(x), torch.tensor([0.0, 0.5, 1.27]), atol=1e-6)  # same arithmetic as fixed
+    loss = (fq(x) - x).pow(2).sum()
+    loss.backward()
+    assert fq.log_amax.grad is not None and float(fq.log_amax.grad) < 0  # LSQ: grow the range to clip less
+    with torch.no_grad():
+        fq.log_amax += 0.1
+    fq.freeze_range()
+    assert not hasattr(fq, "log_amax") and float(fq.amax) == pytest.approx(1.27 * math.exp(0.1), rel=1e-6)
+    with pytest.raises(WorkbenchError, match="per-tensor"):
+        FakeQuant(torch.ones(3), axis=0).learn_range()
 
 
 def test_all_fp32_plan_inserts_nothing(fp32):

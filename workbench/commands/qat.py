@@ -1,5 +1,9 @@
-"""`wb qat`: quantization-aware fine-tuning from PTQ tables; writes a QAT directory that `wb search` reads
-as calibrator "qat" (config `[qat] dir`)."""
+"""`wb qat`: quantization-aware fine-tuning; writes a QAT directory that `wb search` reads as calibrator "qat"
+(config `[qat] dir`).
+
+  wb qat --tables RUN --out DIR           the bundled ASR model, from a run's PTQ tables (quant.qat_run)
+  wb qat --config TASK.toml --out DIR     a task with a PyTorch model (Task.qat_model: MiniLM), by distillation
+                                          of its FP32 outputs (quant.qat_distill)"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,17 +14,25 @@ from core.errors import WorkbenchError
 def register(sub) -> None:
     s = sub.add_parser("qat", help="QAT fine-tune (GPU if present) from PTQ calibration tables; Q/DQ export")
     s.add_argument("--weights", type=Path, help="trained .safetensors (default: the shipped small model)")
-    s.add_argument("--tables", type=Path, required=True,
+    s.add_argument("--tables", type=Path,
                    help="directory with encoder.json and decoder.json calibration tables, e.g. a run's "
                         "calibration/ directory from `wb search` (or the run directory itself)")
-    s.add_argument("--method", default=None, help="amax method of the tables (default: their default, e.g. entropy)")
+    s.add_argument("--config", type=Path, action="append", default=[],
+                   help="instead of --tables: a task config (as `wb search --config`, repeatable) whose task has a "
+                        "PyTorch model; QAT by distillation of its FP32 outputs")
+    s.add_argument("--method", default=None, help="amax method of the tables (default: their default, e.g. entropy; "
+                                                  "with --config: the calibrator the ranges start from, default max)")
     s.add_argument("--encoder-plan", type=Path, help="precision plan JSON (default: all Linear/Conv int8)")
     s.add_argument("--decoder-plan", type=Path)
     s.add_argument("--cache", type=Path, default=None, help="corpus cache (needs the train and calib splits)")
     s.add_argument("--out", type=Path, required=True, help="QAT directory to write")
-    s.add_argument("--steps", type=int, default=1000)
-    s.add_argument("--lr", type=float, default=5e-5, help="peak learning rate")
-    s.add_argument("--warmup", type=int, default=100)
+    s.add_argument("--steps", type=int, default=None, help="default 1000 (--config: 400)")
+    s.add_argument("--lr", type=float, default=None, help="peak learning rate (default 5e-5; --config: 2e-5)")
+    s.add_argument("--warmup", type=int, default=None, help="default 100 (--config: 30)")
+    s.add_argument("--range-lr", type=float, default=1e-3,
+                   help="--config: learning rate of the log activation ranges (0: fixed at the calibrator's)")
+    s.add_argument("--batch-size", type=int, default=32, help="--config: training items per step")
+    s.add_argument("--threads", type=int, default=0, help="--config: torch CPU threads (0: torch's default)")
     s.add_argument("--kd-weight", type=float, default=0.5, help="distillation from the FP32 model (0: off)")
     s.add_argument("--kd-temperature", type=float, default=1.0)
     s.add_argument("--max-frames", type=int, default=60000, help="padded frames per batch")
@@ -53,6 +65,15 @@ def _shown(path: Path) -> str:
 
 
 def run(args) -> None:
+    if args.config:
+        if args.tables:
+            raise WorkbenchError("give --tables (the bundled ASR model) or --config (a task's model), not both")
+        return run_task(args)
+    if not args.tables:
+        raise WorkbenchError("wb qat needs --tables (a run of the bundled ASR model) or --config (a task config)")
+    args.steps = 1000 if args.steps is None else args.steps
+    args.lr = 5e-5 if args.lr is None else args.lr
+    args.warmup = 100 if args.warmup is None else args.warmup
     from calibration_data.corpus import default_cache_dir, load_split
     from models.weights import DEFAULT_WEIGHTS, load_weights
     from quant.qat_run import QatOptions, run_qat
@@ -83,3 +104,35 @@ def run(args) -> None:
           f"{summary['val_cer_ctc_greedy_before']:.4f} before"
           + (f", {val[-1][1]:.4f} after" if val else "")
           + f"; quantized nodes {summary['quantized_nodes']}; written to {args.out}")
+
+
+def run_task(args) -> None:
+    """QAT by distillation of a task's model (quant.qat_distill): the task's calibration feeds give the starting
+    ranges, its `qat_model()` the module and the training batches."""
+    from core.fsutil import check_writable_dir_target
+    from pipeline.config import is_wenet, load_config
+    from quant.qat_distill import DistillOptions, run_distill_qat
+    from tasks import load_task
+
+    cfg = load_config(*args.config)
+    if is_wenet(cfg):
+        raise WorkbenchError("the bundled ASR model's QAT reads a run's tables: use `wb qat --tables RUN --out DIR`")
+    check_writable_dir_target(args.out)
+    task = load_task(cfg, base_dir=args.config[-1].parent)
+    spec = task.qat_model()
+    if spec is None:
+        raise WorkbenchError(f"task {task.name!r} has no PyTorch model to fine-tune (Task.qat_model); QAT needs one")
+    c = cfg["calibration"]
+    opts = DistillOptions(steps=400 if args.steps is None else args.steps, lr=2e-5 if args.lr is None else args.lr,
+                          warmup=30 if args.warmup is None else args.warmup, range_lr=args.range_lr,
+                          batch_size=args.batch_size, method=args.method or "max",
+                          smoothquant=c["smoothquant"], alpha=c["smoothquant_alpha"],
+                          eval_every=args.eval_every, seed=args.seed, time_limit_s=args.time_limit,
+                          threads=args.threads)
+    calib = list(task.calibration_feeds(spec["graph"]))
+    val = list(task.ranking_feeds(spec["graph"]))
+    summary = run_distill_qat(spec, calib, val, args.out, opts, task=task.name)
+    print(f"QAT of {task.name} ({spec['graph']}): {summary['steps']} steps, {summary['quantized_nodes']} MatMuls "
+          f"int8, cosine to FP32 on {len(val)} calibration batches {summary['val_cosine_before']:.5f} before, "
+          f"{summary['val_cosine_after']:.5f} after; {summary['wall_s']:.0f} s; written to {args.out} (use it with "
+          f"[qat] dir = \"{args.out}\")")
