@@ -9,6 +9,8 @@ encoder and decoder; a task run's are its task's graphs (run.json `task.graphs`)
   INT8 all    every quantizable node INT8, by the TensorRT recipe, ranges of the calibrator the search started from
   QAT export  the shipped QAT weights with quantizers inserted from its plans and ranges, exported through torch
               (quant.qat.export_qat_onnx, what `wb qat` writes as qdq/*.onnx); only in a WeNet run with qat.dir
+  INT8 all (qat)  a task run with a task QAT directory (`wb qat --config`): its all-INT8 plan on the fine-tuned
+              graph with the QAT ranges, by the TensorRT recipe
   selected    the selected mix, by the TensorRT recipe
 A run placed by the ONNX Runtime recipe (the CPU default) has its INT8 and selected plans placed again here by
 the TensorRT recipe, same plans and ranges (under rtx/models/). Each graph is also checked by graph.validate.
@@ -162,8 +164,12 @@ def variants(run_dir: Path) -> dict[str, dict[str, tuple[Path, dict | None]]]:
         for g in graphs:
             out[label][g] = _tensorrt_recipe(run_dir, run, label, g, path_of(label, g),
                                              plan_beside(path_of(label, g)), start, fp32(g))
-    if run["config"].get("qat", {}).get("dir"):
+    if run["config"].get("qat", {}).get("dir") and not is_task_run(run):  # WeNet's QAT Q/DQ export
         out["QAT export"] = _qat_export(run, run_dir / "rtx" / "models" / "qat_export")
+    elif "INT8 all (qat)" in models:  # a task QAT directory (quant.qat_distill): its all-INT8, TensorRT recipe
+        label = "INT8 all (qat)"
+        out[label] = {g: _tensorrt_recipe(run_dir, run, label, g, path_of(label, g), plan_beside(path_of(label, g)),
+                                          "qat", fp32(g)) for g in graphs}
     if "selected" in models:
         calibrator = run["selected"]["calibrator"]
         out["selected"] = {}

@@ -52,6 +52,8 @@ class DistillOptions:
     alpha: float = 0.85
     eval_every: int = 100
     seed: int = 0
+    keep_fp32: str = ""         # regex of node ids left without quantizers (the FP32 nodes of the mix to train
+                                # for; "": all-INT8)
     time_limit_s: float = 0.0   # stop (and finish) when reached; 0: no limit
     threads: int = 0            # torch threads (0: torch's default)
 
@@ -107,6 +109,58 @@ def _cosine_loss(student_out, teacher_out):
     return (1 - (s * t).sum(1)).mean()
 
 
+def _fine_tune(student, teacher, train, val: list[Mapping], opts: DistillOptions, learned: list, rng, log_path: Path,
+               desc: str, progress: bool) -> tuple[float, float, int, float]:
+    """The distillation loop: AdamW (weights at `lr`, learned log ranges at `range_lr`), linear warm-up then
+    cosine decay, loss 1 - cos(student, teacher) on `train(rng, batch_size)`; one JSON line per step in
+    `log_path`. Returns (val cosine before, after, steps done, mean loss of the last 20 steps)."""
+    import torch
+    from tqdm import tqdm
+
+    @torch.no_grad()
+    def val_cosine() -> float:
+        student.eval()
+        c = [1 - _cosine_loss(student(*_inputs(f)), teacher(*_inputs(f))).item() for f in val]
+        student.train()
+        return float(np.mean(c))
+
+    ranges = [q.log_amax for q in learned]
+    ids = {id(p) for p in ranges}
+    weights = [p for p in student.parameters() if id(p) not in ids]
+    groups = [{"params": weights, "peak": opts.lr}] + ([{"params": ranges, "peak": opts.range_lr}] if ranges else [])
+    opt = torch.optim.AdamW(groups, lr=opts.lr, weight_decay=0.0)
+    t0 = time.time()
+    recent: list[float] = []
+    step = 0
+    with log_path.open("w") as log:
+        before = val_cosine()
+        log.write(json.dumps({"step": 0, "val_cosine": round(before, 6), "time_s": 0.0}) + "\n")
+        student.train()
+        bar = tqdm(range(1, opts.steps + 1), desc=desc, unit="step", disable=not progress)
+        for step in bar:
+            f = min(1.0, step / max(opts.warmup, 1)) * 0.5 * (1 + math.cos(math.pi * step / opts.steps))
+            for g in opt.param_groups:
+                g["lr"] = g["peak"] * f
+            batch = train(rng, opts.batch_size)
+            with torch.no_grad():
+                target = teacher(*_inputs(batch))
+            loss = _cosine_loss(student(*_inputs(batch)), target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            recent = (recent + [loss.item()])[-20:]
+            rec = {"step": step, "loss": round(loss.item(), 7), "time_s": round(time.time() - t0, 1)}
+            if step % opts.eval_every == 0 or step == opts.steps:
+                rec["val_cosine"] = round(val_cosine(), 6)
+            log.write(json.dumps(rec) + "\n")
+            bar.set_postfix(loss=f"{np.mean(recent):.2e}", **({"val_cos": rec["val_cosine"]} if "val_cosine" in rec else {}))
+            if opts.time_limit_s and time.time() - t0 > opts.time_limit_s:
+                break
+    after = val_cosine()
+    student.eval()
+    return before, after, step, float(np.mean(recent))
+
+
 def run_distill_qat(spec: Mapping, calib: list[Mapping], val: list[Mapping], out_dir: str | Path,
                     opts: DistillOptions = DistillOptions(), task: str = "", progress: bool = True) -> dict:
     """QAT of a task's model (`spec`: what `Task.qat_model()` returns: "graph", "build", "write_onnx", "train",
@@ -114,10 +168,9 @@ def run_distill_qat(spec: Mapping, calib: list[Mapping], val: list[Mapping], out
     (smoothing and the base ranges); `val`: feeds whose mean cosine to FP32 is logged every `eval_every` steps.
     Returns the qat.json summary."""
     import torch
-    from tqdm import tqdm
 
     from graph.analysis import analyze
-    from graph.plan import create_plan, save_plan
+    from graph.plan import create_plan, edit_plan, save_plan
 
     from .calibrate import calibrate
     from .qat import insert_quantizers, qat_table, quantizers, remove_quantizers
@@ -143,6 +196,8 @@ def run_distill_qat(spec: Mapping, calib: list[Mapping], val: list[Mapping], out
                          data_info={"task": task, "graph": graph, "feeds": len(calib)})
         analysis = analyze(base_onnx)
         plan = create_plan(analysis, default="int8")
+        if opts.keep_fp32:
+            plan = edit_plan(plan, pattern=opts.keep_fp32, precision="fp32")
         quantized = insert_quantizers(student, plan, base, base_onnx, analysis=analysis)
         if not quantized:
             raise WorkbenchError(f"graph {graph!r} has no Linear whose MatMul QAT can quantize")
@@ -153,48 +208,8 @@ def run_distill_qat(spec: Mapping, calib: list[Mapping], val: list[Mapping], out
                     q.learn_range()
                     learned.append(q)
 
-        @torch.no_grad()
-        def val_cosine() -> float:
-            student.eval()
-            c = [1 - _cosine_loss(student(*_inputs(f)), teacher(*_inputs(f))).item() for f in val]
-            student.train()
-            return float(np.mean(c))
-
-        ranges = [q.log_amax for q in learned]
-        ids = {id(p) for p in ranges}
-        weights = [p for p in student.parameters() if id(p) not in ids]
-        groups = [{"params": weights, "peak": opts.lr}] + ([{"params": ranges, "peak": opts.range_lr}] if ranges else [])
-        opt = torch.optim.AdamW(groups, lr=opts.lr, weight_decay=0.0)
-        log_path = stage / "train_log.jsonl"
-        log = log_path.open("w")
-        before = val_cosine()
-        log.write(json.dumps({"step": 0, "val_cosine": round(before, 6), "time_s": 0.0}) + "\n")
-        student.train()
-        bar = tqdm(range(1, opts.steps + 1), desc=f"QAT {graph}", unit="step", disable=not progress)
-        recent: list[float] = []
-        step = 0
-        for step in bar:
-            f = min(1.0, step / max(opts.warmup, 1)) * 0.5 * (1 + math.cos(math.pi * step / opts.steps))
-            for g in opt.param_groups:
-                g["lr"] = g["peak"] * f
-            batch = spec["train"](rng, opts.batch_size)
-            with torch.no_grad():
-                target = teacher(*_inputs(batch))
-            loss = _cosine_loss(student(*_inputs(batch)), target)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            recent = (recent + [loss.item()])[-20:]
-            rec = {"step": step, "loss": round(loss.item(), 7), "time_s": round(time.time() - t0, 1)}
-            if step % opts.eval_every == 0 or step == opts.steps:
-                rec["val_cosine"] = round(val_cosine(), 6)
-            log.write(json.dumps(rec) + "\n")
-            bar.set_postfix(loss=f"{np.mean(recent):.2e}", **({"val_cos": rec["val_cosine"]} if "val_cosine" in rec else {}))
-            if opts.time_limit_s and time.time() - t0 > opts.time_limit_s:
-                break
-        log.close()
-        after = val_cosine()
-        student.eval()
+        before, after, step, last = _fine_tune(student, teacher, spec["train"], val, opts, learned, rng,
+                                               stage / "train_log.jsonl", f"QAT {graph}", progress)
         for q in learned:
             q.freeze_range()  # the trained range into the amax buffer that qat_table and export read
         for q in quantizers(student).values():
@@ -209,7 +224,7 @@ def run_distill_qat(spec: Mapping, calib: list[Mapping], val: list[Mapping], out
         summary = {"format": FORMAT, "task": task, "graphs": {graph: f"{graph}.onnx"}, "model": dict(spec["info"]),
                    "data": dict(spec.get("data") or {}), "options": asdict(opts), "quantized_nodes": len(quantized), "smoothed_linears": smoothed,
                    "learned_ranges": len(learned), "steps": step, "val_cosine_before": round(before, 6),
-                   "val_cosine_after": round(after, 6), "loss_last20": round(float(np.mean(recent)), 7),
+                   "val_cosine_after": round(after, 6), "loss_last20": round(last, 7),
                    "wall_s": round(time.time() - t0, 1)}
         write_json(stage / SUMMARY, summary)
     return summary

@@ -307,6 +307,14 @@ def test_qat_by_distillation_joins_the_search(tmp_path, monkeypatch, capsys):
     moved = [t for t, e in table.data["tensors"].items() if "qat" in e["amax"] and "max" in e["amax"]
              and e["amax"]["qat"] != e["amax"]["max"]]
     assert len(moved) == 12, moved  # the 12 learned input ranges left the max calibrator's
+    # QAT for a mix: the nodes --keep-fp32 names get no quantizers (and are FP32 in the directory's plan)
+    wb("qat", "--config", cfg, "--out", tmp_path / "qk", "--steps", 2, "--batch-size", 4,
+       "--keep-fp32", r"/layer\.0/output/dense/MatMul")
+    kept = json.loads((tmp_path / "qk" / "minilm.plan.json").read_text())["nodes"]
+    assert json.loads((tmp_path / "qk" / "qat.json").read_text())["quantized_nodes"] == 11
+    base = json.loads((qdir / "minilm.plan.json").read_text())["nodes"]  # all-INT8 (attention MatMuls FP32)
+    assert {n for n, p in kept.items() if p != base[n]} == {"/layer.0/output/dense/MatMul"}, kept
+    assert kept["/layer.0/output/dense/MatMul"] == "fp32" and list(base.values()).count("int8") == 12
     # the directory joins a search as calibrator "qat"
     (tmp_path / "q.toml").write_text(f'[qat]\ndir = "{qdir}"\n')
     runs = tmp_path / "runs"
@@ -318,6 +326,14 @@ def test_qat_by_distillation_joins_the_search(tmp_path, monkeypatch, capsys):
     assert [x["calibrator"] for x in run["searches"]] == ["max", "qat"]
     assert (runs / "q" / "models" / "qat_fp32" / "minilm.onnx").is_file()
     assert (runs / "q" / "calibration" / "minilm.qat.json").is_file()
+    # TensorRT-RTX (CI installs it) builds the QAT all-INT8 plan placed again by the tensorrt recipe on the
+    # fine-tuned graph, beside the run's other deliverables
+    wb("rtx-check", "--run", runs / "q", "--compute-capability", 89)
+    capsys.readouterr()
+    rows = {r["variant"]: r for r in json.loads((runs / "q" / "rtx_builds.json").read_text())["rows"]}
+    assert rows["INT8 all (qat)"]["onnx"] == "rtx/models/int8_all_qat.minilm.onnx", rows["INT8 all (qat)"]
+    assert all(r["plan_bytes"] > 0 and "error" not in r for r in rows.values()), rows
+    assert rows["INT8 all (qat)"]["validator_problems"] == 0
     # refusals, one line each, before any work
     (tmp_path / "l1.toml").write_text(QUICK.replace("layers = 2", "layers = 1") + f'[qat]\ndir = "{qdir}"\n')
     wb("search", "--quick", "--config", tmp_path / "l1.toml", "--run-dir", runs / "bad", ok=False)

@@ -122,7 +122,10 @@ def test_recipes_place_the_smoothed_graph(block, recipe):
     for name, g in (("plain", m), ("smoothed", smooth(m, feeds, 0.5, "all")[0])):
         table = observe_amax(g, feeds)
         plan = create_plan(analyze(g), "int8")
-        res = quantize(g, table, plan, recipe=recipe,
+        # u8s8-rr (7-bit weights): integer arithmetic without saturation on every x86 ISA, so the errors below
+        # are the same on an AVX2-only CPU and on a VNNI/AMX one ("auto" would pick u8s8 on the latter, where
+        # the 8-bit weights change both errors: 0.145 -> 0.097 measured on an AMX Xeon)
+        res = quantize(g, table, plan, recipe=recipe, ort_mode="u8s8-rr",
                        ort_float_outputs="residual" if recipe == "onnxruntime" else "none")
         assert validate(res.model, res.plan, recipe=recipe, original=g) == []
         err[name] = np.abs(_run(res.model, feeds[0])[0] - ref).max() / np.abs(ref).max()

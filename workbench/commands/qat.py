@@ -33,6 +33,9 @@ def register(sub) -> None:
                    help="--config: learning rate of the log activation ranges (0: fixed at the calibrator's)")
     s.add_argument("--batch-size", type=int, default=32, help="--config: training items per step")
     s.add_argument("--threads", type=int, default=0, help="--config: torch CPU threads (0: torch's default)")
+    s.add_argument("--keep-fp32", default="", metavar="REGEX",
+                   help="--config: node ids (regex) fine-tuned without quantizers: QAT for a mix that keeps them "
+                        "FP32 (e.g. the search's fallbacks); default all-INT8")
     s.add_argument("--kd-weight", type=float, default=0.5, help="distillation from the FP32 model (0: off)")
     s.add_argument("--kd-temperature", type=float, default=1.0)
     s.add_argument("--max-frames", type=int, default=60000, help="padded frames per batch")
@@ -128,11 +131,12 @@ def run_task(args) -> None:
                           batch_size=args.batch_size, method=args.method or "max",
                           smoothquant=c["smoothquant"], alpha=c["smoothquant_alpha"],
                           eval_every=args.eval_every, seed=args.seed, time_limit_s=args.time_limit,
+                          keep_fp32=args.keep_fp32,
                           threads=args.threads)
     calib = list(task.calibration_feeds(spec["graph"]))
     val = list(task.ranking_feeds(spec["graph"]))
     summary = run_distill_qat(spec, calib, val, args.out, opts, task=task.name)
     print(f"QAT of {task.name} ({spec['graph']}): {summary['steps']} steps, {summary['quantized_nodes']} MatMuls "
-          f"int8, cosine to FP32 on {len(val)} calibration batches {summary['val_cosine_before']:.5f} before, "
+          f"int8{' (' + args.keep_fp32 + ' FP32)' if args.keep_fp32 else ''}, cosine to FP32 on {len(val)} calibration batches {summary['val_cosine_before']:.5f} before, "
           f"{summary['val_cosine_after']:.5f} after; {summary['wall_s']:.0f} s; written to {args.out} (use it with "
           f"[qat] dir = \"{args.out}\")")
