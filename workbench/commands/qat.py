@@ -12,7 +12,8 @@ from core.errors import WorkbenchError
 
 
 def register(sub) -> None:
-    s = sub.add_parser("qat", help="QAT fine-tune (GPU if present) from PTQ calibration tables; Q/DQ export")
+    s = sub.add_parser("qat", help="QAT fine-tune: the bundled ASR model from PTQ tables (GPU if present), or a "
+                                   "task's own model by distillation (--config, CPU)")
     s.add_argument("--weights", type=Path, help="trained .safetensors (default: the shipped small model)")
     s.add_argument("--tables", type=Path,
                    help="directory with encoder.json and decoder.json calibration tables, e.g. a run's "
