@@ -81,13 +81,17 @@ def main() -> None:
         write_onnx(network(CONFIG, CONFIG["num_hidden_layers"]), fp32)
         models = {"FP32": fp32}
         sources = {None: fp32}
+        tables = {}  # one calibration per source graph (the variants differ in placement only)
         for label in labels:
             targets, outputs = VARIANTS[label]
             if targets not in sources:
                 m, _ = smooth(fp32, calib, 0.85, targets)
                 sources[targets] = tmp / f"smooth_{targets}.onnx"
                 onnx.save(m, str(sources[targets]))
-            table = calibrate(sources[targets], calib, methods="max", default_method="max", progress=False)
+            if targets not in tables:
+                tables[targets] = calibrate(sources[targets], calib, methods="max", default_method="max",
+                                            progress=False)
+            table = tables[targets]
             models[label] = tmp / f"{label.replace(' ', '_').replace('+', 'p')}.onnx"
             quantize(sources[targets], table.data, recipe="onnxruntime", ort_float_outputs=outputs, out=models[label])
         print(f"models ready in {time.time() - t0:.0f} s", flush=True)

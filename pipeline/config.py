@@ -180,13 +180,11 @@ def load_config(*paths: str | Path) -> dict:
         if not cfg["qat"]["dir"]:
             raise WorkbenchError("config calibration.methods has \"qat\" but qat.dir is empty (a directory "
                                  "written by `wb qat`)")
-        from quant.qat_distill import check_task_qat_dir
         from quant.qat_run import check_qat_dir
 
         if is_wenet(cfg):
             check_qat_dir(cfg["qat"]["dir"])
-        else:  # a task's QAT directory: its model is checked against the task's when the run starts
-            check_task_qat_dir(cfg["qat"]["dir"])
+        # a task's QAT directory (`wb qat --config`) is checked against the task's model by tasks.load_task
     m = cfg["model"]
     if bool(m["encoder"]) != bool(m["decoder"]):
         raise WorkbenchError("config model.encoder and model.decoder name a WeNet export's two graphs: give both")

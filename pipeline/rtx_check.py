@@ -35,6 +35,7 @@ import engines
 from graph.plan import load_plan
 from graph.placement import quantize
 from graph.validate import validate
+from pipeline.config import is_wenet
 from core.errors import WorkbenchError
 from core.fsutil import atomic_path, read_json, write_json
 
@@ -164,7 +165,7 @@ def variants(run_dir: Path) -> dict[str, dict[str, tuple[Path, dict | None]]]:
         for g in graphs:
             out[label][g] = _tensorrt_recipe(run_dir, run, label, g, path_of(label, g),
                                              plan_beside(path_of(label, g)), start, fp32(g))
-    if run["config"].get("qat", {}).get("dir") and not is_task_run(run):  # WeNet's QAT Q/DQ export
+    if run["config"].get("qat", {}).get("dir") and is_wenet(run["config"]):  # WeNet's QAT Q/DQ export
         out["QAT export"] = _qat_export(run, run_dir / "rtx" / "models" / "qat_export")
     elif "INT8 all (qat)" in models:  # a task QAT directory (quant.qat_distill): its all-INT8, TensorRT recipe
         label = "INT8 all (qat)"

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -117,10 +118,13 @@ def _fine_tune(student, teacher, train, val: list[Mapping], opts: DistillOptions
     import torch
     from tqdm import tqdm
 
+    with torch.no_grad():
+        val_targets = [teacher(*_inputs(f)) for f in val]  # the teacher is frozen: its outputs once
+
     @torch.no_grad()
     def val_cosine() -> float:
         student.eval()
-        c = [1 - _cosine_loss(student(*_inputs(f)), teacher(*_inputs(f))).item() for f in val]
+        c = [1 - _cosine_loss(student(*_inputs(f)), t).item() for f, t in zip(val, val_targets)]
         student.train()
         return float(np.mean(c))
 
@@ -130,7 +134,7 @@ def _fine_tune(student, teacher, train, val: list[Mapping], opts: DistillOptions
     groups = [{"params": weights, "peak": opts.lr}] + ([{"params": ranges, "peak": opts.range_lr}] if ranges else [])
     opt = torch.optim.AdamW(groups, lr=opts.lr, weight_decay=0.0)
     t0 = time.time()
-    recent: list[float] = []
+    recent: deque[float] = deque(maxlen=20)
     step = 0
     with log_path.open("w") as log:
         before = val_cosine()
@@ -148,8 +152,8 @@ def _fine_tune(student, teacher, train, val: list[Mapping], opts: DistillOptions
             opt.zero_grad()
             loss.backward()
             opt.step()
-            recent = (recent + [loss.item()])[-20:]
-            rec = {"step": step, "loss": round(loss.item(), 7), "time_s": round(time.time() - t0, 1)}
+            recent.append(loss.item())
+            rec = {"step": step, "loss": round(recent[-1], 7), "time_s": round(time.time() - t0, 1)}
             if step % opts.eval_every == 0 or step == opts.steps:
                 rec["val_cosine"] = round(val_cosine(), 6)
             log.write(json.dumps(rec) + "\n")
