@@ -3,7 +3,8 @@
 The architecture of all-MiniLM-L6-v2 (models.minilm.network, its config.json's dimensions) with random weights:
 speed does not depend on the weights' values, so this runs where the 90 MB published weights are not (the lent
 host, whose carry limit would need five calls for them). Calibrated (max) on random token batches; all-INT8
-placements of the onnxruntime recipe, with and without SmoothQuant and with each `ort_float_outputs` choice,
+placements of the onnxruntime recipe, with and without SmoothQuant, with each `ort_float_outputs` choice and
+calibrated or per-token input scales (`ort_per_token_inputs`),
 timed against FP32 interleaved (engines.bench_interleaved: medians of paired runs) at each thread count, and one
 kernel profile per placement (engines.op_times). Accuracy is not measured here (random weights).
 
@@ -25,12 +26,15 @@ import numpy as np  # noqa: E402
 # all-MiniLM-L6-v2's config.json (the dimensions; models.minilm.load_config reads the package's own copy)
 CONFIG = {"hidden_size": 384, "num_attention_heads": 12, "layer_norm_eps": 1e-12, "intermediate_size": 1536,
           "max_position_embeddings": 512, "type_vocab_size": 2, "vocab_size": 30522, "num_hidden_layers": 6}
-VARIANTS = {  # label: (smoothquant targets or None, ort_float_outputs)
-    "ort": (None, "none"),
-    "ort residual": (None, "residual"),
-    "ort matmul": (None, "matmul"),
-    "ort residual + smooth": ("all", "residual"),  # experiments/configs/minilm.toml's placement
-    "ort matmul + smooth": ("all", "matmul"),
+VARIANTS = {  # label: (smoothquant targets or None, ort_float_outputs, ort_per_token_inputs)
+    "ort": (None, "none", "none"),
+    "ort residual": (None, "residual", "none"),
+    "ort matmul": (None, "matmul", "none"),
+    "ort residual + smooth": ("all", "residual", "none"),
+    "ort matmul + smooth": ("all", "matmul", "none"),
+    "ort matmul + per-token matmul": (None, "matmul", "matmul"),
+    "ort matmul + smooth + per-token matmul": ("all", "matmul", "matmul"),
+    "ort matmul + smooth + per-token residual": ("all", "matmul", "residual"),
 }
 
 
@@ -83,7 +87,7 @@ def main() -> None:
         sources = {None: fp32}
         tables = {}  # one calibration per source graph (the variants differ in placement only)
         for label in labels:
-            targets, outputs = VARIANTS[label]
+            targets, outputs, scales = VARIANTS[label]
             if targets not in sources:
                 m, _ = smooth(fp32, calib, 0.85, targets)
                 sources[targets] = tmp / f"smooth_{targets}.onnx"
@@ -93,7 +97,8 @@ def main() -> None:
                                             progress=False)
             table = tables[targets]
             models[label] = tmp / f"{label.replace(' ', '_').replace('+', 'p')}.onnx"
-            quantize(sources[targets], table.data, recipe="onnxruntime", ort_float_outputs=outputs, out=models[label])
+            quantize(sources[targets], table.data, recipe="onnxruntime", ort_float_outputs=outputs,
+                     ort_per_token_inputs=scales, out=models[label])
         print(f"models ready in {time.time() - t0:.0f} s", flush=True)
         rows = {}
         for t in threads:

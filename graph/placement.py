@@ -44,6 +44,9 @@ Which int8 MatMuls keep a float output (`ort_float_outputs`, ORT_FLOAT_OUTPUTS; 
     channels) is what made this recipe's all-INT8 so much worse than the tensorrt recipe's (2 layers, exact
     Q/DQ: cosine 0.953 -> 0.9948 with only that output kept float; every other output costs < 0.001);
   * "matmul": every int8 MatMul's output stays float.
+Which of those float-output MatMuls quantize their input per token (`ort_per_token_inputs`, the same choices;
+`[quantize] ort_per_token_inputs`; graph.per_token): each row's scale is computed at run time, so their inputs need
+no calibrated range. "none" (the default): every input takes the table's per-tensor scale.
 Only MatMuls: ORT's CPU EP has no integer Conv/Gemm with a float output, so those keep their output Q/DQ.
 (Where a model's input shapes are fully static, ORT 1.32 first fuses MatMul + bias Add into a float Gemm, and
 such a MatMul then runs as DQ -> float Gemm: exports with dynamic batch/sequence axes, MiniLM's and WeNet's, fuse
@@ -65,6 +68,7 @@ from core.fsutil import atomic_path
 from .analysis import Analysis, GraphIndex, analyze, prepare_model
 from .calib import AMAX_FLOOR, QMAX, CalibTable, channel_amax, load_table
 from .fp16 import convert_fp16, toposort
+from .per_token import apply_per_token
 from .plan import create_plan, validate_plan
 
 RECIPES = ("tensorrt", "onnxruntime")
@@ -157,16 +161,36 @@ def float_output_nodes(analysis: Analysis, plan: dict, which: str = "none") -> s
     return {p.gemm for p in analysis.patterns_of("residual_add")} & int8
 
 
+def check_per_token(per_token: str, float_outputs: str) -> None:
+    """Per-token inputs only where the output stays float (a quantized output would need a calibrated range and
+    QLinearMatMul, which takes one input scale): `per_token` must name a subset of `float_outputs`."""
+    for name, which in (("ort_per_token_inputs", per_token), ("ort_float_outputs", float_outputs)):
+        if which not in ORT_FLOAT_OUTPUTS:
+            raise WorkbenchError(f"unknown {name} {which!r}: use one of {', '.join(ORT_FLOAT_OUTPUTS)}")
+    if ORT_FLOAT_OUTPUTS.index(per_token) > ORT_FLOAT_OUTPUTS.index(float_outputs):
+        raise WorkbenchError(f"ort_per_token_inputs {per_token!r} needs those MatMuls' outputs float: set "
+                             f"ort_float_outputs to {per_token!r}" + (' or "matmul"' if per_token == "residual" else ""))
+
+
+def per_token_nodes(analysis: Analysis, plan: dict, float_outputs: str = "none", per_token: str = "none") -> set[str]:
+    """The int8 MatMuls whose inputs the onnxruntime recipe quantizes per token (`per_token`, checked against
+    `float_outputs` by check_per_token)."""
+    check_per_token(per_token, float_outputs)
+    return float_output_nodes(analysis, plan, per_token)
+
+
 def required_tensors(analysis: Analysis, plan: dict, recipe: str = "tensorrt",
-                     ort_float_outputs: str = "none") -> dict[str, str]:
+                     ort_float_outputs: str = "none", ort_per_token_inputs: str = "none") -> dict[str, str]:
     """{tensor: node that needs it}: the activation tensors a calibration table must cover for `plan`."""
     nodes = plan["nodes"]
     need: dict[str, str] = {}
     floats = float_output_nodes(analysis, plan, ort_float_outputs) if recipe == "onnxruntime" else set()
+    dynamic = (per_token_nodes(analysis, plan, ort_float_outputs, ort_per_token_inputs)
+               if recipe == "onnxruntime" else set())
     for q in analysis.quantizable:
         if nodes.get(q.id) != "int8":
             continue
-        for t in q.act_inputs:
+        for t in q.act_inputs if q.id not in dynamic else ():
             need.setdefault(t, q.id)
         if recipe == "onnxruntime" and q.id not in floats:  # ORT quantizes outputs, to fuse QLinear kernels
             need.setdefault(q.output, q.id)
@@ -320,7 +344,8 @@ def _unquantize_outputs(model: onnx.ModelProto, tensors: set[str]) -> int:
 
 
 def _place_onnxruntime(model: onnx.ModelProto, analysis: Analysis, plan: dict, table: CalibTable,
-                       mode: str, float_outputs: str = "none") -> tuple[onnx.ModelProto, dict]:
+                       mode: str, float_outputs: str = "none",
+                       per_token_inputs: str = "none") -> tuple[onnx.ModelProto, dict]:
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
     from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
@@ -336,8 +361,13 @@ def _place_onnxruntime(model: onnx.ModelProto, analysis: Analysis, plan: dict, t
     u8 = activation_type == "u8"
     zp = np.array(128, np.uint8) if u8 else np.array(0, np.int8)
     ranges, overrides = {}, {}
+    dynamic = per_token_nodes(analysis, plan, float_outputs, per_token_inputs)
+    # inputs only per-token MatMuls read: ORT's quantizer places a Q/DQ there that the rewrite replaces, so a
+    # table without their range still places (any scale does)
+    static_inputs = {t for q in int8 if q.id not in dynamic for t in q.act_inputs}
+    placeholder = {t for q in int8 if q.id in dynamic for t in q.act_inputs} - static_inputs
     for t, who in need.items():
-        s = table.scale(t, who)
+        s = 1.0 / QMAX if t in placeholder and t not in table.amax else table.scale(t, who)
         a = s * QMAX
         ranges[t] = TensorData(lowest=np.float32(-a), highest=np.float32(a))
         overrides[t] = [{"scale": np.array(s, np.float32), "zero_point": zp}]
@@ -361,22 +391,27 @@ def _place_onnxruntime(model: onnx.ModelProto, analysis: Analysis, plan: dict, t
     out = quantizer.model.model
     floats = float_output_nodes(analysis, plan, float_outputs)
     removed = _unquantize_outputs(out, {q.output for q in int8 if q.id in floats}) if floats else 0
+    per_token = apply_per_token(out, dynamic)
     ordered = toposort(list(out.graph.node), out.graph)  # the quantizer appends its nodes at the end
     del out.graph.node[:]
     out.graph.node.extend(ordered)
     report = {"int8_nodes": len(int8), "ort_mode": mode}
     if float_outputs != "none":
         report |= {"ort_float_outputs": float_outputs, "float_output_nodes": removed}
+    if per_token_inputs != "none":
+        report |= {"ort_per_token_inputs": per_token_inputs, "per_token_nodes": per_token}
     return out, report
 
 
 def quantize(model: str | Path | onnx.ModelProto, table, plan: dict | None = None, recipe: str = "tensorrt",
              default_plan: str = "int8", out: str | Path | None = None, ort_mode: str = "auto",
-             analysis: Analysis | None = None, ort_float_outputs: str = "none") -> Placement:
+             analysis: Analysis | None = None, ort_float_outputs: str = "none",
+             ort_per_token_inputs: str = "none") -> Placement:
     """Apply `plan` (or a default plan of `default_plan`) with calibration `table` (path, table dict,
     {tensor: amax} or a loaded CalibTable).  `ort_mode`: the onnxruntime recipe's int8 arithmetic (ORT_MODES
     or "auto" for this CPU; the report names the one used).  `ort_float_outputs`: which of the onnxruntime
-    recipe's int8 MatMuls keep a float output (ORT_FLOAT_OUTPUTS; "none": ORT's own placement).  `analysis`: `analyze(model)` when the caller already has it (a
+    recipe's int8 MatMuls keep a float output (ORT_FLOAT_OUTPUTS; "none": ORT's own placement);
+    `ort_per_token_inputs`: which of those quantize their input per token at run time (graph.per_token).  `analysis`: `analyze(model)` when the caller already has it (a
     search places one model many times).  Everything is checked before anything is written; `out` is
     written atomically."""
     if recipe not in RECIPES:
@@ -395,7 +430,7 @@ def quantize(model: str | Path | onnx.ModelProto, table, plan: dict | None = Non
             raise WorkbenchError(f"the onnxruntime recipe has no fp16 (the CPU EP computes FP16 by casting to "
                                  f"FP32): node {bad[0]!r} is fp16 in the plan; use fp32 or int8")
     # check the table covers everything before doing any work
-    for t, who in required_tensors(analysis, plan, recipe, ort_float_outputs).items():
+    for t, who in required_tensors(analysis, plan, recipe, ort_float_outputs, ort_per_token_inputs).items():
         table.scale(t, who)
     report: dict = {"recipe": recipe, "plan_hash": plan["hash"]}
     if recipe == "tensorrt":
@@ -407,7 +442,8 @@ def quantize(model: str | Path | onnx.ModelProto, table, plan: dict | None = Non
         if "int8" in nodes.values():
             report |= _place_tensorrt(m, analysis_now, plan, table)
     else:
-        m, r = _place_onnxruntime(m, analysis, plan, table, resolve_ort_mode(ort_mode), ort_float_outputs)
+        m, r = _place_onnxruntime(m, analysis, plan, table, resolve_ort_mode(ort_mode), ort_float_outputs,
+                                  ort_per_token_inputs)
         report |= r
     if _io_signature(m) != original_io:
         raise WorkbenchError("internal error: the graph inputs/outputs changed during placement")

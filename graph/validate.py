@@ -14,7 +14,9 @@ Checked (recipe "tensorrt"; our checks, compared with TensorRT-RTX's parser and 
   * graph inputs/outputs: same names and element types as the original.
 Recipe "onnxruntime": the same, except that activation zero points may be 128 (uint8 activations),
 outputs of int8 nodes (LayerNorm inputs among them) may be quantized (ORT needs them for QLinear kernels), and
-Conv biases may be int32 behind a DequantizeLinear (ORT's quantizer; zero point 0, scale = input x weight scale).
+Conv biases may be int32 behind a DequantizeLinear (ORT's quantizer; zero point 0, scale = input x weight scale),
+and an int8 MatMul may be in the per-token form (graph.per_token): a MatMulIntegerToFloat of that name reading
+a QuantizeLinear with a computed per-row scale (axis 0) and an INT8 weight initializer.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from onnx import TensorProto
 from core.errors import WorkbenchError
 
 from .analysis import GraphIndex, analyze, load_model
+from .per_token import per_token_quantizer
 
 
 def _types(model: onnx.ModelProto) -> dict[str, int]:
@@ -49,9 +52,15 @@ def validate(model, plan: dict, recipe: str = "tensorrt", original=None) -> list
     nodes = plan["nodes"]
     by_name = {n.name: n for n in model.graph.node}
 
+    per_token = {n.name: per_token_quantizer(idx, n) for n in model.graph.node if n.op_type == "MatMulIntegerToFloat"}
+    if recipe == "tensorrt":
+        problems += [f"node {k!r}: MatMulIntegerToFloat (ONNX Runtime's op, per-token scales) is not in the tensorrt "
+                     "recipe" for k in per_token]
+    dynamic_q = {pt[0].name for pt in per_token.values() if pt is not None}
+
     # Q/DQ constraints
     for n in model.graph.node:
-        if n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear") or n.name in dynamic_q:
             continue
         scale = idx.const_value(n.input[1]) if len(n.input) > 1 else None
         zp = idx.const_value(n.input[2]) if len(n.input) > 2 and n.input[2] else None
@@ -100,6 +109,13 @@ def validate(model, plan: dict, recipe: str = "tensorrt", original=None) -> list
             problems.append(f"plan node {nid!r} is missing from the model")
             continue
         q = qn.get(nid)
+        if prec == "int8" and recipe == "onnxruntime" and n.op_type == "MatMulIntegerToFloat":
+            w = idx.const_value(n.input[1])
+            if per_token.get(nid) is None:
+                problems.append(f"int8 node {nid!r}: MatMulIntegerToFloat input A is not a per-row QuantizeLinear (axis 0)")
+            if w is None or w.dtype != np.int8 or w.ndim != 2:
+                problems.append(f"int8 node {nid!r}: MatMulIntegerToFloat weight is not an INT8 [K, N] initializer")
+            continue
         if prec == "int8":
             if q is None:
                 problems.append(f"node {nid!r} is int8 in the plan but not recognisable as quantizable")

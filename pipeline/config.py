@@ -8,7 +8,7 @@ import os
 import tomllib
 from pathlib import Path
 
-from graph.placement import ORT_FLOAT_OUTPUTS, ORT_MODES, resolve_ort_mode
+from graph.placement import ORT_FLOAT_OUTPUTS, ORT_MODES, check_per_token, resolve_ort_mode
 from core.errors import WorkbenchError
 
 from quant.methods import METHODS
@@ -27,6 +27,7 @@ _CHOICES = {
     ("quantize", "fallback"): {"fp32", "fp16"},
     ("quantize", "ort_mode"): {"auto", *ORT_MODES},
     ("quantize", "ort_float_outputs"): set(ORT_FLOAT_OUTPUTS),
+    ("quantize", "ort_per_token_inputs"): set(ORT_FLOAT_OUTPUTS),
     ("calibration", "smoothquant"): {"none", "layernorm", "all"},
     ("backend", "name"): {"auto", "onnxruntime", "tensorrt"},
     ("criterion", "kind"): {"absolute", "relative", "hackathon", "fixed"},
@@ -195,6 +196,7 @@ def load_config(*paths: str | Path) -> dict:
         for key in ("encoder", "decoder"):
             if not Path(m[key]).is_file():
                 raise WorkbenchError(f"config model.{key} = {m[key]!r}: no such ONNX file")
+    check_per_token(cfg["quantize"]["ort_per_token_inputs"], cfg["quantize"]["ort_float_outputs"])
     bad = set(cfg["quantize"]["extra_recipes"]) - {"onnxruntime", "tensorrt"}
     if bad:
         raise WorkbenchError(f"config quantize.extra_recipes: unknown {sorted(bad)}; choose from onnxruntime, tensorrt")
@@ -227,7 +229,7 @@ def _check_distributed(d: dict) -> None:
 RESUME_SECTIONS = ("task", "model", "data", "calibration", "qat", "quantize", "backend", "latency")
 RESUME_FILE = "inputs.json"
 # keys added after runs were recorded, with the value an older run (whose inputs.json lacks them) had in effect
-RESUME_ADDED = {"quantize.ort_float_outputs": "none", "calibration.smoothquant": "none",
+RESUME_ADDED = {"quantize.ort_float_outputs": "none", "quantize.ort_per_token_inputs": "none", "calibration.smoothquant": "none",
                 "calibration.smoothquant_alpha": 0.5}
 
 

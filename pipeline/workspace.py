@@ -76,8 +76,10 @@ class Workspace:
             recipe = "tensorrt"  # the ONNX Runtime recipe has no FP16; the TensorRT one writes FP16-typed graphs
         ort_mode = self.cfg["quantize"]["ort_mode"] if recipe == "onnxruntime" else None  # part of the graph
         floats = self.cfg["quantize"].get("ort_float_outputs", "none") if recipe == "onnxruntime" else "none"
+        per_token = self.cfg["quantize"].get("ort_per_token_inputs", "none") if recipe == "onnxruntime" else "none"
         tag = hashlib.sha256(json.dumps([plan["hash"], method, recipe, base.parent.name] + ([ort_mode] if ort_mode else [])
-                                        + ([floats] if floats != "none" else []))  # "none": the tags of before
+                                        + ([floats] if floats != "none" else [])  # defaults: the tags of before
+                                        + ([f"per_token {per_token}"] if per_token != "none" else []))
                              .encode()).hexdigest()[:16]
         out = self.dir / "models" / graph / f"{tag}.onnx"
         if not out.is_file():
@@ -86,7 +88,7 @@ class Workspace:
                 self._tables[table] = load_table(table)
             m, analysis = self._load(base)
             quantize(m, self._tables[table], plan=plan, recipe=recipe, out=out, analysis=analysis,
-                     ort_mode=ort_mode or "auto", ort_float_outputs=floats)
+                     ort_mode=ort_mode or "auto", ort_float_outputs=floats, ort_per_token_inputs=per_token)
             save_plan(plan, out.with_suffix(".plan.json"))
         return out
 

@@ -27,6 +27,10 @@ def register(subparsers) -> None:
                    help="onnxruntime recipe: int8 MatMuls whose output stays float (MatMulIntegerToFloat): none "
                         "(every output quantized, ORT's placement), residual (those feeding a residual Add: "
                         "attention-output/FFN-output projections), matmul (all)")
+    s.add_argument("--ort-per-token-inputs", choices=["none", "residual", "matmul"], default="none",
+                   help="onnxruntime recipe: which float-output int8 MatMuls quantize their input per token (each "
+                        "row's scale computed at run time, not the table's): the --ort-float-outputs choices, "
+                        "at most what that option keeps float")
     s.add_argument("--out", type=Path, required=True, help="quantized ONNX to write")
     s.add_argument("--write-plan", type=Path, help="also write the resolved plan here")
     s.set_defaults(func=run)
@@ -52,7 +56,7 @@ def run(args: argparse.Namespace) -> None:
     plan = load_plan(args.plan, analysis) if args.plan else create_plan(analysis, args.default_plan)
     # quantize -> validate -> write: nothing is written unless both succeed
     res = quantize(model, table, plan, recipe=args.recipe, ort_mode=args.ort_mode,
-                   ort_float_outputs=args.ort_float_outputs)
+                   ort_float_outputs=args.ort_float_outputs, ort_per_token_inputs=args.ort_per_token_inputs)
     check_or_raise(res.model, res.plan, args.recipe, original=model)
     import onnx
     from core.fsutil import atomic_path

@@ -1,0 +1,117 @@
+"""Per-token input scales of the onnxruntime recipe (`ort_per_token_inputs`, graph.per_token): the rewrite's
+arithmetic against a numpy reference, its validation, what it needs from the table, and its refusals."""
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from core.errors import WorkbenchError
+from graph.analysis import analyze
+from graph.calib import observe_amax
+from graph.placement import per_token_nodes, quantize, required_tensors
+from graph.plan import create_plan
+from graph.validate import validate
+from pipeline.config import load_config
+from test_graph_rules import block_model
+
+RNG = np.random.default_rng(3)
+K, N = 64, 24
+
+
+def _run(m, feeds):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+def _matmul_model(w, opset=17):
+    """x [B, T, K] (dynamic B, T) -> MatMul W -> + bias -> y."""
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["h"], name="fc/MatMul"),
+         helper.make_node("Add", ["h", "bias"], ["y"], name="fc/Add")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "T", K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "T", N])],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.zeros(N, np.float32), "bias")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _per_token_reference(x, w):
+    """Each row quantized with its own scale max|row|/127 (uint8, zero point 128), the weight per output channel
+    (int8, max|column|/127), products summed in integers and scaled back."""
+    rows = x.reshape(-1, K).astype(np.float64)
+    s = np.abs(rows).max(1, keepdims=True) / 127
+    xq = np.clip(np.rint(rows / s), -127, 127)
+    ws = np.abs(w).max(0) / 127
+    wq = np.clip(np.rint(w / ws), -128, 127)
+    return ((xq @ wq) * ws * s).reshape(*x.shape[:-1], N)
+
+
+def test_per_token_matmul_matches_the_reference_and_beats_one_scale():
+    w = RNG.normal(size=(K, N)).astype(np.float32)
+    x = (RNG.normal(size=(3, 10, K)) * np.geomspace(0.01, 10, 30).reshape(3, 10, 1)).astype(np.float32)
+    m = _matmul_model(w)
+    table = observe_amax(m, [{"x": x}])
+    a = analyze(m)
+    plan = create_plan(a, "int8")
+    pt = quantize(m, table, plan, recipe="onnxruntime", ort_mode="u8s8", ort_float_outputs="matmul",
+                  ort_per_token_inputs="matmul")
+    assert pt.report["per_token_nodes"] == 1 and pt.report["ort_per_token_inputs"] == "matmul"
+    ops = [(n.op_type, n.domain) for n in pt.model.graph.node]
+    assert ("MatMulIntegerToFloat", "com.microsoft") in ops and ("MatMul", "") not in ops
+    assert validate(pt.model, pt.plan, "onnxruntime", original=m) == []
+    assert any("not in the tensorrt recipe" in p for p in validate(pt.model, pt.plan, "tensorrt"))
+    got = _run(pt.model, {"x": x})
+    ref = _per_token_reference(x, w)
+    exact = x @ w
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()  # the same integers, float rounding only
+    calibrated = _run(quantize(m, table, plan, recipe="onnxruntime", ort_mode="u8s8",
+                               ort_float_outputs="matmul").model, {"x": x})
+    rel = lambda y: np.linalg.norm(y - exact, axis=-1) / np.linalg.norm(exact, axis=-1)  # noqa: E731
+    # rows 100x smaller than the largest lose their bits under one calibrated scale, not under their own
+    assert rel(got).max() < 0.02 < rel(calibrated).max()
+    # another batch and sequence length: the scales follow the rows, the shapes the input
+    x2 = RNG.normal(size=(1, 4, K)).astype(np.float32)
+    assert _run(pt.model, {"x": x2}).shape == (1, 4, N)
+
+
+def test_per_token_on_a_block_shares_inputs_and_needs_no_range_for_them():
+    m = block_model()
+    for d, name in zip(m.graph.input[0].type.tensor_type.shape.dim, ("B", "T")):
+        d.dim_param = name
+    feeds = [{"x": RNG.normal(size=(2, 8, 16)).astype(np.float32)} for _ in range(2)]
+    table = observe_amax(m, feeds)
+    a = analyze(m)
+    plan = create_plan(a, "int8")
+    assert per_token_nodes(a, plan, "matmul", "residual") == {"ff/w_2/MatMul"}
+    assert per_token_nodes(a, plan, "matmul", "none") == set()
+    need = required_tensors(a, plan, "onnxruntime", "matmul", "residual")
+    assert "a" not in need and "ln" in need  # w_2's input is computed per token; w_1's still calibrated
+    del table["a"]  # so a table without it still places
+    res = quantize(m, table, plan, recipe="onnxruntime", ort_mode="u8s8", ort_float_outputs="matmul",
+                   ort_per_token_inputs="residual")
+    assert res.report["per_token_nodes"] == 1
+    assert validate(res.model, res.plan, "onnxruntime", original=m) == []
+    ref, got = _run(m, feeds[0]), _run(res.model, feeds[0])
+    assert np.abs(got - ref).max() < 0.05
+    with pytest.raises(WorkbenchError, match="needs those MatMuls' outputs float"):
+        quantize(m, table, plan, recipe="onnxruntime", ort_float_outputs="residual", ort_per_token_inputs="matmul")
+    with pytest.raises(WorkbenchError, match="unknown ort_per_token_inputs"):
+        quantize(m, table, plan, recipe="onnxruntime", ort_float_outputs="matmul", ort_per_token_inputs="rows")
+
+
+def test_per_token_refuses_an_old_opset_and_a_config_without_float_outputs(tmp_path):
+    m = _matmul_model(RNG.normal(size=(K, N)).astype(np.float32), opset=11)
+    x = RNG.normal(size=(2, 5, K)).astype(np.float32)
+    table = observe_amax(m, [{"x": x}])
+    with pytest.raises(WorkbenchError, match="opset >= 13"):
+        quantize(m, table, create_plan(analyze(m), "int8"), recipe="onnxruntime", ort_float_outputs="matmul",
+                 ort_per_token_inputs="matmul")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[quantize]\nort_per_token_inputs = "residual"\n')
+    with pytest.raises(WorkbenchError, match="set ort_float_outputs"):
+        load_config(bad)
+    ok = tmp_path / "ok.toml"
+    ok.write_text('[quantize]\nort_float_outputs = "matmul"\nort_per_token_inputs = "residual"\n')
+    assert load_config(ok)["quantize"]["ort_per_token_inputs"] == "residual"
+    assert load_config()["quantize"]["ort_per_token_inputs"] == "none"
