@@ -115,3 +115,29 @@ def test_per_token_refuses_an_old_opset_and_a_config_without_float_outputs(tmp_p
     ok.write_text('[quantize]\nort_float_outputs = "matmul"\nort_per_token_inputs = "residual"\n')
     assert load_config(ok)["quantize"]["ort_per_token_inputs"] == "residual"
     assert load_config()["quantize"]["ort_per_token_inputs"] == "none"
+
+
+def test_cli_places_per_token_and_qat_refuses_it(tmp_path, capsys):
+    import json
+
+    from cli_helpers import wb
+
+    w = RNG.normal(size=(K, N)).astype(np.float32)
+    m = _matmul_model(w)
+    model, table, out = tmp_path / "m.onnx", tmp_path / "t.json", tmp_path / "q.onnx"
+    onnx.save(m, model)
+    table.write_text(json.dumps({"y": 10.0, "h": 10.0}))  # no range for x: the per-token input needs none
+    wb("quantize", "--model", model, "--table", table, "--recipe", "onnxruntime", "--ort-mode", "u8s8",
+       "--ort-float-outputs", "matmul", "--ort-per-token-inputs", "matmul", "--out", out)
+    report = json.loads(capsys.readouterr().out)
+    assert report["per_token_nodes"] == 1
+    x = RNG.normal(size=(2, 3, K)).astype(np.float32)
+    assert np.abs(_run(onnx.load(out), {"x": x}) - _per_token_reference(x, w)).max() < 1e-3
+    wb("quantize", "--model", model, "--table", table, "--recipe", "onnxruntime", "--ort-float-outputs", "matmul",
+       "--out", tmp_path / "calibrated.onnx", ok=False)  # calibrated inputs need x's range
+    assert "x" in capsys.readouterr().err and not (tmp_path / "calibrated.onnx").exists()
+    cfg = tmp_path / "task.toml"
+    cfg.write_text('[task]\nkind = "sentence_embedding"\n[criterion]\nkind = "fixed"\nmetric = "criteria_margin"\n'
+                   '[quantize]\nort_float_outputs = "matmul"\nort_per_token_inputs = "matmul"\n')
+    wb("qat", "--config", cfg, "--out", tmp_path / "Q", ok=False)
+    assert "not per-token ones" in capsys.readouterr().err and not (tmp_path / "Q").exists()

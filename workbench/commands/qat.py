@@ -121,6 +121,9 @@ def run_task(args) -> None:
     cfg = load_config(*args.config)
     if is_wenet(cfg):
         raise WorkbenchError("the bundled ASR model's QAT reads a run's tables: use `wb qat --tables RUN --out DIR`")
+    if cfg["quantize"]["ort_per_token_inputs"] != "none":  # the fake quantizers are per tensor (quant.qat)
+        raise WorkbenchError("QAT by distillation models calibrated per-tensor inputs, not per-token ones: run "
+                             "`wb qat` with quantize.ort_per_token_inputs = \"none\"")
     check_writable_dir_target(args.out)
     task = load_task(cfg, base_dir=args.config[-1].parent)
     spec = task.qat_model()
