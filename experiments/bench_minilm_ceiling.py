@@ -35,6 +35,8 @@ VARIANTS = {  # label: (smoothquant targets or None, ort_float_outputs, ort_per_
     "ort matmul + per-token matmul": (None, "matmul", "matmul"),
     "ort matmul + smooth + per-token matmul": ("all", "matmul", "matmul"),
     "ort matmul + smooth + per-token residual": ("all", "matmul", "residual"),
+    "ort matmul + smooth + per-token ffn-out": ("all", "matmul", r"^/layer\.\d+/output/dense/MatMul$"),
+    "ort matmul + smooth + per-token ffn-out 0-3": ("all", "matmul", r"^/layer\.[0-3]/output/dense/MatMul$"),
 }
 
 

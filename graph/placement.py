@@ -54,6 +54,7 @@ as described; tests/test_ort_float_outputs.py.)
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,20 +164,35 @@ def float_output_nodes(analysis: Analysis, plan: dict, which: str = "none") -> s
 
 def check_per_token(per_token: str, float_outputs: str) -> None:
     """Per-token inputs only where the output stays float (a quantized output would need a calibrated range and
-    QLinearMatMul, which takes one input scale): `per_token` must name a subset of `float_outputs`."""
-    for name, which in (("ort_per_token_inputs", per_token), ("ort_float_outputs", float_outputs)):
-        if which not in ORT_FLOAT_OUTPUTS:
-            raise WorkbenchError(f"unknown {name} {which!r}: use one of {', '.join(ORT_FLOAT_OUTPUTS)}")
-    if ORT_FLOAT_OUTPUTS.index(per_token) > ORT_FLOAT_OUTPUTS.index(float_outputs):
-        raise WorkbenchError(f"ort_per_token_inputs {per_token!r} needs those MatMuls' outputs float: set "
-                             f"ort_float_outputs to {per_token!r}" + (' or "matmul"' if per_token == "residual" else ""))
+    QLinearMatMul, which takes one input scale): `per_token` is one of ORT_FLOAT_OUTPUTS naming a subset of
+    `float_outputs`, or a regex of node ids (searched among the float-output MatMuls)."""
+    if float_outputs not in ORT_FLOAT_OUTPUTS:
+        raise WorkbenchError(f"unknown ort_float_outputs {float_outputs!r}: use one of {', '.join(ORT_FLOAT_OUTPUTS)}")
+    if per_token == "none":
+        return
+    if per_token in ORT_FLOAT_OUTPUTS:
+        if ORT_FLOAT_OUTPUTS.index(per_token) > ORT_FLOAT_OUTPUTS.index(float_outputs):
+            raise WorkbenchError(f"ort_per_token_inputs {per_token!r} needs those MatMuls' outputs float: set "
+                                 f"ort_float_outputs to {per_token!r}" + (' or "matmul"' if per_token == "residual"
+                                                                          else ""))
+        return
+    try:
+        re.compile(per_token)
+    except re.error as e:
+        raise WorkbenchError(f"ort_per_token_inputs {per_token!r} is neither one of {', '.join(ORT_FLOAT_OUTPUTS)} "
+                             f"nor a regex of node ids: {e}") from None
+    if float_outputs == "none":
+        raise WorkbenchError(f"ort_per_token_inputs {per_token!r} (a regex) is searched among the float-output "
+                             f"MatMuls: set ort_float_outputs to \"residual\" or \"matmul\"")
 
 
 def per_token_nodes(analysis: Analysis, plan: dict, float_outputs: str = "none", per_token: str = "none") -> set[str]:
     """The int8 MatMuls whose inputs the onnxruntime recipe quantizes per token (`per_token`, checked against
     `float_outputs` by check_per_token)."""
     check_per_token(per_token, float_outputs)
-    return float_output_nodes(analysis, plan, per_token)
+    if per_token in ORT_FLOAT_OUTPUTS:
+        return float_output_nodes(analysis, plan, per_token)
+    return {n for n in float_output_nodes(analysis, plan, float_outputs) if re.search(per_token, n)}
 
 
 def required_tensors(analysis: Analysis, plan: dict, recipe: str = "tensorrt",
@@ -392,6 +408,8 @@ def _place_onnxruntime(model: onnx.ModelProto, analysis: Analysis, plan: dict, t
     floats = float_output_nodes(analysis, plan, float_outputs)
     removed = _unquantize_outputs(out, {q.output for q in int8 if q.id in floats}) if floats else 0
     per_token = apply_per_token(out, dynamic)
+    if per_token:
+        prune_weight_paths(out.graph)  # the scales and zero points of the static Q/DQ it replaced
     ordered = toposort(list(out.graph.node), out.graph)  # the quantizer appends its nodes at the end
     del out.graph.node[:]
     out.graph.node.extend(ordered)

@@ -27,7 +27,6 @@ _CHOICES = {
     ("quantize", "fallback"): {"fp32", "fp16"},
     ("quantize", "ort_mode"): {"auto", *ORT_MODES},
     ("quantize", "ort_float_outputs"): set(ORT_FLOAT_OUTPUTS),
-    ("quantize", "ort_per_token_inputs"): set(ORT_FLOAT_OUTPUTS),
     ("calibration", "smoothquant"): {"none", "layernorm", "all"},
     ("backend", "name"): {"auto", "onnxruntime", "tensorrt"},
     ("criterion", "kind"): {"absolute", "relative", "hackathon", "fixed"},

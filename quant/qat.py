@@ -56,10 +56,14 @@ class FakeQuant(nn.Module):
     """Symmetric INT8 fake quantizer.  `axis=None`: per-tensor (0-d amax); else per-channel along `axis`
     (1-D amax).  `amax=None` (per-tensor only): set from max |x| of the first batch seen."""
 
-    def __init__(self, amax: float | torch.Tensor | None = None, axis: int | None = None, dynamic: bool = False):
+    def __init__(self, amax: float | torch.Tensor | None = None, axis: int | None = None, dynamic: bool = False,
+                 per_token: bool = False):
         super().__init__()
         self.axis = axis
         self.dynamic = dynamic
+        # per_token: each row (last axis) quantized with its own max |x| / 127, as graph.per_token computes at run
+        # time; `amax` is then only carried into the QAT table (for the placements that calibrate this input)
+        self.per_token = per_token
         self.enabled = True
         if amax is None:
             if axis is not None:
@@ -82,7 +86,7 @@ class FakeQuant(nn.Module):
     def learn_range(self) -> None:
         """Train this (per-tensor) range from now on: LSQ through PyTorch's learnable fake-quantize op, on the
         log of the range (positive, and steps relative to its size). `freeze_range` writes it back to `amax`."""
-        if self.axis is not None or self.dynamic:
+        if self.axis is not None or self.dynamic or self.per_token:
             raise WorkbenchError("only a fixed per-tensor range can be learned")
         self.log_amax = nn.Parameter(self.amax.detach().clone().log())
 
@@ -95,6 +99,12 @@ class FakeQuant(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
+        if self.per_token:
+            if torch.onnx.is_in_onnx_export():
+                raise WorkbenchError("a per-token quantizer has no Q/DQ export: remove the quantizers first")
+            s = (x.detach().abs().amax(-1, keepdim=True).float().clamp(min=AMAX_FLOOR) / QMAX)
+            q = torch.clamp(torch.round(x.float() / s), -QMAX, QMAX) * s
+            return (x.float() + (q - x.float()).detach()).to(x.dtype)  # straight-through: row max never clips
         if getattr(self, "log_amax", None) is not None and not torch.onnx.is_in_onnx_export():
             dtype = x.dtype
             scale = (self.log_amax.exp().clamp(min=AMAX_FLOOR) / QMAX).reshape(1)
@@ -132,7 +142,7 @@ class FakeQuant(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
-        kind = "per-tensor" if self.axis is None else f"per-channel axis={self.axis}"
+        kind = "per-token" if self.per_token else "per-tensor" if self.axis is None else f"per-channel axis={self.axis}"
         return f"{kind}, amax {'shape ' + str(tuple(self.amax.shape)) if self.amax.ndim else float(self.amax):}"
 
 
@@ -215,14 +225,15 @@ def _act_amax(table, tensor: str, node_id: str) -> float | None:
 
 
 def insert_quantizers(model: nn.Module, plan: dict, table, onnx_fp32_path: str | Path, *,
-                      analysis=None) -> list[str]:
+                      analysis=None, per_token: set[str] = frozenset()) -> list[str]:
     """Quantize (in place) the input activation and weight of every Linear/Conv1d/Conv2d whose ONNX node
     in `onnx_fp32_path` (the FP32 export of this model) the plan marks int8.  `table`: a
     `quant.table.CalibrationTable`, a plain {tensor name: amax} dict, or None (activation amax = max |x| of
     the first batch).  Returns the quantized node ids.  Plan nodes of another model (not in this ONNX file)
     are ignored, so the encoder and decoder plans can be applied one after the other; an int8 node that no
     Linear/Conv module maps to (e.g. an attention act_matmul) is an error naming it.  `analysis`:
-    `analyze(onnx_fp32_path)` when the caller has it."""
+    `analyze(onnx_fp32_path)` when the caller has it. `per_token`: node ids whose input is quantized per token
+    (graph.per_token's arithmetic) rather than with the table's range."""
     analysis = analysis or analyze(onnx_fp32_path)
     qnodes = {q.id: q for q in analysis.quantizable}
     modules = dict(model.named_modules())
@@ -248,7 +259,7 @@ def insert_quantizers(model: nn.Module, plan: dict, table, onnx_fp32_path: str |
         w = mod.weight.t() if cls is nn.Linear else mod.weight
         mod.__class__ = _QUANT_CLASS[cls]
         dev = mod.weight.device
-        mod.input_quantizer = FakeQuant(act).to(dev)
+        mod.input_quantizer = FakeQuant(act, per_token=nid in per_token).to(dev)
         mod.weight_quantizer = FakeQuant(weight_amax(w, w_axis), axis=w_axis, dynamic=True).to(dev)
     return [nid for nid, _, _ in todo]
 

@@ -20,7 +20,10 @@ QAT directory (written atomically; `check_qat_dir` and the task's `extra_methods
 The fake quantizers model the onnxruntime recipe with `ort_float_outputs = "matmul"` and the tensorrt recipe's
 MatMuls: symmetric int8 inputs per tensor, weights per output channel, float outputs. Activation ranges start
 at the base calibrator's and are trained too (`range_lr`, LSQ: PyTorch's learnable fake-quantize op on the log of
-the range), since per-tensor input noise is what the weights alone cannot absorb.
+the range), since per-tensor input noise is what the weights alone cannot absorb. With the config's
+`ort_per_token_inputs` (`per_token`), those MatMuls' inputs are fake-quantized per token instead (each row its own
+scale, graph.per_token's arithmetic; nothing to learn there), and `smoothquant = "layernorm"` smooths only the
+LayerNorm outputs' readers, as the pipeline's option does.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from core.errors import WorkbenchError
 from core.fsutil import atomic_dir, write_json
@@ -49,7 +53,8 @@ class DistillOptions:
     warmup: int = 30
     batch_size: int = 32
     method: str = "max"         # base calibrator of the activation ranges
-    smoothquant: str = "all"    # "all" | "none": SmoothQuant on every Linear input before quantizing
+    smoothquant: str = "all"    # "all" | "layernorm" | "none": SmoothQuant before quantizing, on every Linear's
+                                # input or only on LayerNorm outputs (graph.smooth.smoothing_groups)
     alpha: float = 0.85
     eval_every: int = 100
     seed: int = 0
@@ -57,10 +62,13 @@ class DistillOptions:
                                 # for; "": all-INT8)
     time_limit_s: float = 0.0   # stop (and finish) when reached; 0: no limit
     threads: int = 0            # torch threads (0: torch's default)
+    float_outputs: str = "matmul"  # the onnxruntime recipe's ort_float_outputs and ort_per_token_inputs: which
+    per_token: str = "none"        # MatMuls' inputs are quantized per token (graph.placement.per_token_nodes)
 
 
-def smooth_linears(model, feeds: Iterable[Mapping], alpha: float) -> int:
-    """SmoothQuant on every nn.Linear of `model` (in place, exact in FP32): s = amax_x^alpha / amax_w^(1-alpha)
+def smooth_linears(model, feeds: Iterable[Mapping], alpha: float, only: set[str] | None = None) -> int:
+    """SmoothQuant on every nn.Linear of `model` (or those whose module path is in `only`), in place, exact in
+    FP32: s = amax_x^alpha / amax_w^(1-alpha)
     per input channel from `feeds` (quant.smooth.smoothing_scales, the pipeline's formula), the weight's input
     columns times s and the input times 1/s (a buffer `smooth_inv` and a forward pre-hook, which the ONNX
     export writes as a Mul before the MatMul, as graph.smooth does). Done on the module here because the
@@ -70,7 +78,7 @@ def smooth_linears(model, feeds: Iterable[Mapping], alpha: float) -> int:
 
     from .smooth import smoothing_scales
 
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and (only is None or n in only)}
     amax: dict[str, torch.Tensor] = {}
 
     def observe(name):
@@ -177,11 +185,14 @@ def run_distill_qat(spec: Mapping, calib: list[Mapping], val: list[Mapping], out
     from graph.plan import create_plan, edit_plan, save_plan
 
     from .calibrate import calibrate
-    from .qat import insert_quantizers, qat_table, quantizers, remove_quantizers
+    from .qat import _resolve_module, insert_quantizers, node_module_path, qat_table, quantizers, remove_quantizers
 
-    if opts.smoothquant not in ("all", "none"):
-        raise WorkbenchError(f"QAT smooths every Linear input or none: config calibration.smoothquant must be "
-                             f"\"all\" or \"none\" for `wb qat`, got {opts.smoothquant!r}")
+    from graph.placement import check_per_token, per_token_nodes
+    from graph.smooth import TARGETS, smoothing_groups
+
+    if opts.smoothquant not in TARGETS:
+        raise WorkbenchError(f"unknown smoothquant targets {opts.smoothquant!r}: use one of {', '.join(TARGETS)}")
+    check_per_token(opts.per_token, opts.float_outputs)
     if opts.steps < 1 or opts.batch_size < 1:
         raise WorkbenchError(f"QAT needs steps >= 1 and batch_size >= 1, got {opts.steps} and {opts.batch_size}")
     if opts.threads:
@@ -193,7 +204,15 @@ def run_distill_qat(spec: Mapping, calib: list[Mapping], val: list[Mapping], out
     teacher = spec["build"]().eval().requires_grad_(False)
     student = spec["build"]().eval()
     with atomic_dir(out) as stage:
-        smoothed = smooth_linears(student, calib, opts.alpha) if opts.smoothquant == "all" else 0
+        only = None
+        if opts.smoothquant == "layernorm":  # the LayerNorm outputs' readers, found on the graph as the pipeline does
+            write_onnx(student, stage / "unsmoothed.onnx")
+            modules = dict(student.named_modules())
+            only = {_resolve_module(node_module_path(q.id), modules)
+                    for nodes in smoothing_groups(onnx.load(stage / "unsmoothed.onnx"), "layernorm").values()
+                    for q in nodes}
+            (stage / "unsmoothed.onnx").unlink()
+        smoothed = smooth_linears(student, calib, opts.alpha, only) if opts.smoothquant != "none" else 0
         base_onnx = stage / "base.onnx"  # the smoothed FP32 graph, before fine-tuning (removed at the end)
         write_onnx(student, base_onnx)
         base = calibrate(base_onnx, calib, methods=opts.method, default_method=opts.method, progress=progress,
@@ -202,13 +221,14 @@ def run_distill_qat(spec: Mapping, calib: list[Mapping], val: list[Mapping], out
         plan = create_plan(analysis, default="int8")
         if opts.keep_fp32:
             plan = edit_plan(plan, pattern=opts.keep_fp32, precision="fp32")
-        quantized = insert_quantizers(student, plan, base, base_onnx, analysis=analysis)
+        per_token = per_token_nodes(analysis, plan, opts.float_outputs, opts.per_token)
+        quantized = insert_quantizers(student, plan, base, base_onnx, analysis=analysis, per_token=per_token)
         if not quantized:
             raise WorkbenchError(f"graph {graph!r} has no Linear whose MatMul QAT can quantize")
         learned = []
         if opts.range_lr > 0:
             for q in quantizers(student).values():
-                if not q.dynamic:  # activation ranges (weights follow their own max)
+                if not q.dynamic and not q.per_token:  # calibrated input ranges (weights follow their own max)
                     q.learn_range()
                     learned.append(q)
 
@@ -227,7 +247,7 @@ def run_distill_qat(spec: Mapping, calib: list[Mapping], val: list[Mapping], out
         base_onnx.unlink()
         summary = {"format": FORMAT, "task": task, "graphs": {graph: f"{graph}.onnx"}, "model": dict(spec["info"]),
                    "data": dict(spec.get("data") or {}), "options": asdict(opts), "quantized_nodes": len(quantized), "smoothed_linears": smoothed,
-                   "learned_ranges": len(learned), "steps": step, "val_cosine_before": round(before, 6),
+                   "learned_ranges": len(learned), "per_token_inputs": len(per_token), "steps": step, "val_cosine_before": round(before, 6),
                    "val_cosine_after": round(after, 6), "loss_last20": round(last, 7),
                    "wall_s": round(time.time() - t0, 1)}
         write_json(stage / SUMMARY, summary)

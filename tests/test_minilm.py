@@ -373,3 +373,41 @@ def test_heldout_sentences_come_from_another_text_source(tmp_path):
         heldout_sentences(str(tmp_path), 4)
     with pytest.raises(WorkbenchError, match="heldout = 0"):
         heldout_sentences(str(tmp_path / "missing"), 1)
+
+
+def test_per_token_inputs_through_qat_and_search(tmp_path, monkeypatch, capsys):
+    """`ort_per_token_inputs` on the 2-layer MiniLM: `wb qat` fake-quantizes those inputs per token (nothing to
+    learn there) after smoothing only the LayerNorm outputs' readers, and the search's onnxruntime models compute
+    them per token (graph.per_token) while the tensorrt recipe's stay calibrated Q/DQ."""
+    import onnx
+
+    monkeypatch.setenv("WB_CACHE", str(tmp_path / "cache"))
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(QUICK.replace('methods = ["max", "percentile"]', 'methods = ["max"]\nsmoothquant = "layernorm"')
+                   + '[quantize]\nrecipe = "onnxruntime"\nextra_recipes = ["tensorrt"]\nort_float_outputs = "matmul"\n'
+                     'ort_per_token_inputs = "residual"\n')
+    qdir = tmp_path / "qat"
+    wb("qat", "--config", cfg, "--out", qdir, "--steps", 2, "--batch-size", 4)
+    capsys.readouterr()
+    s = json.loads((qdir / "qat.json").read_text())
+    # 2 layers: 4 residual MatMuls (attention output, FFN output) per token; the other 8 learn their ranges;
+    # query/key/value and the FFN input read a LayerNorm output: 8 smoothed
+    assert s["quantized_nodes"] == 12 and s["per_token_inputs"] == 4 and s["learned_ranges"] == 8
+    assert s["smoothed_linears"] == 8
+    (tmp_path / "q.toml").write_text(f'[qat]\ndir = "{qdir}"\n')
+    run_dir = tmp_path / "runs" / "pt"
+    wb("search", "--quick", "--config", cfg, "--config", tmp_path / "q.toml", "--run-dir", run_dir)
+    capsys.readouterr()
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["config"]["quantize"]["ort_per_token_inputs"] == "residual"
+    by_label = {b["label"]: b for b in run["baselines"]}
+    assert {"INT8 all (max)", "INT8 all (qat)"} <= set(by_label)
+    placed = [onnx.load(str(p)) for p in (run_dir / "models" / "minilm").glob("*.onnx")]
+    per_token = [m for m in placed if any(n.op_type == "MatMulIntegerToFloat" for n in m.graph.node)]
+    assert per_token, "no onnxruntime model computes its inputs per token"
+    for m in per_token:
+        rows = [n for n in m.graph.node if n.op_type == "QuantizeLinear" and any(a.name == "axis" and a.i == 0
+                                                                               for a in n.attribute)]
+        assert len(rows) == sum(n.op_type == "MatMulIntegerToFloat" for n in m.graph.node) <= 4
+    assert any(not any(n.op_type == "MatMulIntegerToFloat" for n in m.graph.node)
+               and any(n.op_type == "QuantizeLinear" for n in m.graph.node) for m in placed)  # the tensorrt recipe's

@@ -96,8 +96,8 @@ def test_per_token_on_a_block_shares_inputs_and_needs_no_range_for_them():
     assert np.abs(got - ref).max() < 0.05
     with pytest.raises(WorkbenchError, match="needs those MatMuls' outputs float"):
         quantize(m, table, plan, recipe="onnxruntime", ort_float_outputs="residual", ort_per_token_inputs="matmul")
-    with pytest.raises(WorkbenchError, match="unknown ort_per_token_inputs"):
-        quantize(m, table, plan, recipe="onnxruntime", ort_float_outputs="matmul", ort_per_token_inputs="rows")
+    with pytest.raises(WorkbenchError, match="nor a regex of node ids"):
+        quantize(m, table, plan, recipe="onnxruntime", ort_float_outputs="matmul", ort_per_token_inputs="rows[")
 
 
 def test_per_token_refuses_an_old_opset_and_a_config_without_float_outputs(tmp_path):
@@ -136,8 +136,35 @@ def test_cli_places_per_token_and_qat_refuses_it(tmp_path, capsys):
     wb("quantize", "--model", model, "--table", table, "--recipe", "onnxruntime", "--ort-float-outputs", "matmul",
        "--out", tmp_path / "calibrated.onnx", ok=False)  # calibrated inputs need x's range
     assert "x" in capsys.readouterr().err and not (tmp_path / "calibrated.onnx").exists()
-    cfg = tmp_path / "task.toml"
-    cfg.write_text('[task]\nkind = "sentence_embedding"\n[criterion]\nkind = "fixed"\nmetric = "criteria_margin"\n'
-                   '[quantize]\nort_float_outputs = "matmul"\nort_per_token_inputs = "matmul"\n')
-    wb("qat", "--config", cfg, "--out", tmp_path / "Q", ok=False)
-    assert "not per-token ones" in capsys.readouterr().err and not (tmp_path / "Q").exists()
+
+
+def test_per_token_fake_quant_matches_the_placement_and_passes_the_gradient():
+    import torch
+
+    from quant.qat import FakeQuant
+
+    w = RNG.normal(size=(K, N)).astype(np.float32)
+    x = (RNG.normal(size=(2, 6, K)) * np.geomspace(0.01, 10, 12).reshape(2, 6, 1)).astype(np.float32)
+    fq = FakeQuant(3.0, per_token=True)
+    wq = FakeQuant(torch.from_numpy(np.abs(w).max(0)), axis=1)
+    xt = torch.from_numpy(x).requires_grad_(True)
+    y = fq(xt) @ wq(torch.from_numpy(w))
+    assert np.abs(y.detach().numpy() - _per_token_reference(x, w)).max() <= 1e-4 * np.abs(y.detach().numpy()).max()
+    y.sum().backward()
+    assert torch.allclose(xt.grad, torch.from_numpy(wq(torch.from_numpy(w)).detach().numpy().sum(1)).expand_as(xt))
+    assert float(fq.amax) == 3.0  # the calibrated range is kept for the table, not used
+    with pytest.raises(WorkbenchError, match="only a fixed per-tensor range"):
+        fq.learn_range()
+
+
+def test_a_regex_picks_per_token_nodes_among_the_float_outputs():
+    m = block_model()
+    a = analyze(m)
+    plan = create_plan(a, "int8")
+    assert per_token_nodes(a, plan, "matmul", "w_1") == {"ff/w_1/MatMul"}
+    assert per_token_nodes(a, plan, "residual", "w_1") == set()  # w_1's output is not float under "residual"
+    assert per_token_nodes(a, plan, "matmul", r"ff/w_\d/MatMul$") == {"ff/w_1/MatMul", "ff/w_2/MatMul"}
+    with pytest.raises(WorkbenchError, match="nor a regex"):
+        per_token_nodes(a, plan, "matmul", "w_(")
+    with pytest.raises(WorkbenchError, match="searched among the float-output"):
+        per_token_nodes(a, plan, "none", "w_1")

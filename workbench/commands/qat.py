@@ -121,9 +121,6 @@ def run_task(args) -> None:
     cfg = load_config(*args.config)
     if is_wenet(cfg):
         raise WorkbenchError("the bundled ASR model's QAT reads a run's tables: use `wb qat --tables RUN --out DIR`")
-    if cfg["quantize"]["ort_per_token_inputs"] != "none":  # the fake quantizers are per tensor (quant.qat)
-        raise WorkbenchError("QAT by distillation models calibrated per-tensor inputs, not per-token ones: run "
-                             "`wb qat` with quantize.ort_per_token_inputs = \"none\"")
     check_writable_dir_target(args.out)
     task = load_task(cfg, base_dir=args.config[-1].parent)
     spec = task.qat_model()
@@ -135,8 +132,9 @@ def run_task(args) -> None:
                           batch_size=args.batch_size, method=args.method or "max",
                           smoothquant=c["smoothquant"], alpha=c["smoothquant_alpha"],
                           eval_every=args.eval_every, seed=args.seed, time_limit_s=args.time_limit,
-                          keep_fp32=args.keep_fp32,
-                          threads=args.threads)
+                          keep_fp32=args.keep_fp32, threads=args.threads,
+                          float_outputs=cfg["quantize"]["ort_float_outputs"],
+                          per_token=cfg["quantize"]["ort_per_token_inputs"])
     calib = list(task.calibration_feeds(spec["graph"]))
     val = list(task.ranking_feeds(spec["graph"]))
     summary = run_distill_qat(spec, calib, val, args.out, opts, task=task.name)

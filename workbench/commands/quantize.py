@@ -27,10 +27,10 @@ def register(subparsers) -> None:
                    help="onnxruntime recipe: int8 MatMuls whose output stays float (MatMulIntegerToFloat): none "
                         "(every output quantized, ORT's placement), residual (those feeding a residual Add: "
                         "attention-output/FFN-output projections), matmul (all)")
-    s.add_argument("--ort-per-token-inputs", choices=["none", "residual", "matmul"], default="none",
+    s.add_argument("--ort-per-token-inputs", default="none", metavar="{none,residual,matmul,REGEX}",
                    help="onnxruntime recipe: which float-output int8 MatMuls quantize their input per token (each "
-                        "row's scale computed at run time, not the table's): the --ort-float-outputs choices, "
-                        "at most what that option keeps float")
+                        "row's scale computed at run time, not the table's): the --ort-float-outputs choices "
+                        "(at most what that option keeps float), or a regex of node ids searched among them")
     s.add_argument("--out", type=Path, required=True, help="quantized ONNX to write")
     s.add_argument("--write-plan", type=Path, help="also write the resolved plan here")
     s.set_defaults(func=run)
