@@ -1,4 +1,4 @@
-"""Scratch: per-token activation scales for MiniLM's Linear inputs (fake quant, step 0)."""
+"""Scratch (run from /tmp/qat17 in session 9): per-token activation scales for MiniLM's Linear inputs (fake quant, step 0)."""
 import sys, time, json
 sys.path.insert(0, "/work/main")
 import numpy as np, torch
