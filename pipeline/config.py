@@ -228,8 +228,8 @@ def _check_distributed(d: dict) -> None:
 RESUME_SECTIONS = ("task", "model", "data", "calibration", "qat", "quantize", "backend", "latency")
 RESUME_FILE = "inputs.json"
 # keys added after runs were recorded, with the value an older run (whose inputs.json lacks them) had in effect
-RESUME_ADDED = {"quantize.ort_float_outputs": "none", "quantize.ort_per_token_inputs": "none", "calibration.smoothquant": "none",
-                "calibration.smoothquant_alpha": 0.5}
+RESUME_ADDED = {"quantize.ort_float_outputs": "none", "quantize.ort_per_token_inputs": "none",
+                "calibration.smoothquant": "none", "calibration.smoothquant_alpha": 0.5}
 
 
 def _flat(d, prefix: str = "") -> dict:

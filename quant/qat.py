@@ -206,6 +206,11 @@ def _resolve_module(path: str, modules: dict[str, nn.Module]) -> str:
     return hits[0] if len(hits) == 1 else path
 
 
+def module_of_node(node_id: str, modules: dict[str, nn.Module]) -> str:
+    """The module path of ONNX node `node_id` among `modules` (node_module_path, then _resolve_module)."""
+    return _resolve_module(node_module_path(node_id), modules)
+
+
 def _act_amax(table, tensor: str, node_id: str) -> float | None:
     if table is None:
         return None
@@ -245,7 +250,7 @@ def insert_quantizers(model: nn.Module, plan: dict, table, onnx_fp32_path: str |
     todo = []
     for nid in int8:
         q = qnodes[nid]
-        path = _resolve_module(node_module_path(nid), modules)
+        path = module_of_node(nid, modules)
         mod = modules.get(path)
         if mod is None or type(mod) not in _QUANT_CLASS or q.op not in _ONNX_OPS[type(mod)] \
                 or q.kind == "act_matmul":
@@ -356,7 +361,7 @@ def qat_table(model: nn.Module, base, onnx_fp32_path: str | Path, *, analysis=No
     modules = dict(model.named_modules())
     trained: dict[str, float] = {}
     for q in analysis.quantizable:
-        mod = modules.get(_resolve_module(node_module_path(q.id), modules))
+        mod = modules.get(module_of_node(q.id, modules))
         if mod is not None and type(mod) in _FLOAT_CLASS:
             trained.setdefault(q.act_inputs[0], float(mod.input_quantizer.amax))
     data = copy.deepcopy(base.data)

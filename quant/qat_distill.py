@@ -185,7 +185,7 @@ def run_distill_qat(spec: Mapping, calib: list[Mapping], val: list[Mapping], out
     from graph.plan import create_plan, edit_plan, save_plan
 
     from .calibrate import calibrate
-    from .qat import _resolve_module, insert_quantizers, node_module_path, qat_table, quantizers, remove_quantizers
+    from .qat import insert_quantizers, module_of_node, qat_table, quantizers, remove_quantizers
 
     from graph.placement import check_per_token, per_token_nodes
     from graph.smooth import TARGETS, smoothing_groups
@@ -208,7 +208,7 @@ def run_distill_qat(spec: Mapping, calib: list[Mapping], val: list[Mapping], out
         if opts.smoothquant == "layernorm":  # the LayerNorm outputs' readers, found on the graph as the pipeline does
             write_onnx(student, stage / "unsmoothed.onnx")
             modules = dict(student.named_modules())
-            only = {_resolve_module(node_module_path(q.id), modules)
+            only = {module_of_node(q.id, modules)
                     for nodes in smoothing_groups(onnx.load(stage / "unsmoothed.onnx"), "layernorm").values()
                     for q in nodes}
             (stage / "unsmoothed.onnx").unlink()
