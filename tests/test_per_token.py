@@ -117,7 +117,7 @@ def test_per_token_refuses_an_old_opset_and_a_config_without_float_outputs(tmp_p
     assert load_config()["quantize"]["ort_per_token_inputs"] == "none"
 
 
-def test_cli_places_per_token_and_qat_refuses_it(tmp_path, capsys):
+def test_cli_places_per_token_without_the_inputs_ranges(tmp_path, capsys):
     import json
 
     from cli_helpers import wb
