@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import queue
 import shutil
+import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -85,21 +87,7 @@ class RayExecutor:
         self._refs: dict[str, Any] = {}
         self.owns = not ray.is_initialized()  # a cluster this process joined (tests) is left running
         if self.owns:
-            kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
-            try:
-                if address == "local":
-                    ray.init(**kwargs)
-                else:
-                    ray.init(address=address, **kwargs)
-            except Exception as exc:  # ConnectionError and Ray's own errors: one line for the user
-                # one line, but the whole of it (Ray puts the cause on the lines after "...failure from server:")
-                why = " ".join(x.strip() for x in str(exc).splitlines() if x.strip())[:600] or type(exc).__name__
-                if address.startswith("ray://") and "timeout" in why.lower():
-                    # what a token-authenticated cluster (Ray's default since 2.5x) answers a client without one
-                    why += ("; if the cluster uses token authentication, set RAY_AUTH_MODE=token and give the "
-                            "token (RAY_AUTH_TOKEN, or the cluster's ~/.ray/auth_token on this machine)")
-                raise WorkbenchError(f"cannot start or reach the Ray cluster at distributed.address = {address!r}: "
-                                     f"{why}") from None
+            _connect(ray, address)
         cpus = int(ray.cluster_resources().get("CPU", 1))
         fits = max(1, cpus // threads)
         self.parallel = min(max_parallel, fits) if max_parallel > 0 else fits
@@ -227,6 +215,41 @@ class RayExecutor:
             shutil.rmtree(dest, ignore_errors=True)
             shutil.copytree(session / "logs", dest, ignore_dangling_symlinks=True,
                             ignore=shutil.ignore_patterns("*.sock"))
+
+# What a Ray client hears when the cluster's client server could not start the per-client server it runs for each
+# connection (Ray's proxier: the new process died or was not up within RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S).
+# It is transient on a busy head (seen in CI on 2 cores, the process gone before Ray read its command line), and
+# the next connection gets a new server on a new port, so a client connection is tried this many times.
+_CLIENT_START_FAILURE = "Initialization failure from server"
+CLIENT_ATTEMPTS = 3
+
+
+def _connect(ray, address: str, attempts: int = CLIENT_ATTEMPTS, wait_s: float = 2.0) -> None:
+    """`ray.init` for a local cluster, an existing one ("auto", host:port) or a client address ("ray://..."); any
+    failure becomes one WorkbenchError line, after retrying only Ray's transient client-server start failure."""
+    kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    for attempt in range(1, attempts + 1):
+        try:
+            if address == "local":
+                ray.init(**kwargs)
+            else:
+                ray.init(address=address, **kwargs)
+            return
+        except Exception as exc:  # ConnectionError and Ray's own errors: one line for the user
+            # one line, but the whole of it (Ray puts the cause on the lines after "...failure from server:")
+            why = " ".join(x.strip() for x in str(exc).splitlines() if x.strip())[:600] or type(exc).__name__
+            if address.startswith("ray://") and _CLIENT_START_FAILURE in why and attempt < attempts:
+                print(f"warning: the Ray client server at {address} failed to start this client's server "
+                      f"(attempt {attempt} of {attempts}); connecting again", file=sys.stderr)
+                ray.shutdown()  # no half-made client context left for the next ray.init
+                time.sleep(wait_s * attempt)
+                continue
+            if address.startswith("ray://") and "timeout" in why.lower():
+                # what a token-authenticated cluster (Ray's default since 2.5x) answers a client without one
+                why += ("; if the cluster uses token authentication, set RAY_AUTH_MODE=token and give the "
+                        "token (RAY_AUTH_TOKEN, or the cluster's ~/.ray/auth_token on this machine)")
+            raise WorkbenchError(f"cannot start or reach the Ray cluster at distributed.address = {address!r}: "
+                                 f"{why}") from None
 
 
 def import_ray():

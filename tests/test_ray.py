@@ -252,6 +252,45 @@ def test_ray_missing_names_the_extra(monkeypatch):
         import_ray()
 
 
+class _FlakyRay:
+    """Stands in for `ray` in `search.executor._connect`: the first `fails` calls of init raise `error`."""
+
+    def __init__(self, fails: int, error: str):
+        self.fails, self.error, self.inits, self.shutdowns = fails, error, 0, 0
+
+    def init(self, **kwargs):
+        self.inits += 1
+        if self.inits <= self.fails:
+            raise ConnectionError(self.error)
+
+    def shutdown(self):
+        self.shutdowns += 1
+
+
+def test_client_connection_retries_only_the_client_server_start_failure(capsys):
+    from core.errors import WorkbenchError
+    from search.executor import CLIENT_ATTEMPTS, _connect
+
+    start = ("Initialization failure from server:\nTraceback (most recent call last):\n  File proxier.py, in Datapath\n"
+             "RuntimeError: Starting Ray client server failed. See ray_client_server_23000.err for detailed logs.")
+    ray = _FlakyRay(CLIENT_ATTEMPTS - 1, start)  # fails on all attempts but the last: connected
+    _connect(ray, "ray://127.0.0.1:10001", wait_s=0)
+    assert (ray.inits, ray.shutdowns) == (CLIENT_ATTEMPTS, CLIENT_ATTEMPTS - 1)
+    assert capsys.readouterr().err.count("connecting again") == CLIENT_ATTEMPTS - 1
+
+    ray = _FlakyRay(CLIENT_ATTEMPTS, start)  # fails every time: one line naming the address and Ray's cause
+    with pytest.raises(WorkbenchError, match=r"ray://127\.0\.0\.1:10001.*Starting Ray client server failed") as e:
+        _connect(ray, "ray://127.0.0.1:10001", wait_s=0)
+    assert ray.inits == CLIENT_ATTEMPTS and "\n" not in str(e.value)
+
+    for address, error in (("ray://127.0.0.1:10001", "ConnectionError: ray client connection timeout"),
+                           ("127.0.0.1:6379", start)):  # another failure, or no client: refused at once
+        ray = _FlakyRay(1, error)
+        with pytest.raises(WorkbenchError, match="cannot start or reach the Ray cluster"):
+            _connect(ray, address, wait_s=0)
+        assert (ray.inits, ray.shutdowns) == (1, 0)
+
+
 class _PoolTask:
     """Mixed into the tiny model's onnx task: a ranking that picks its feeds from per-item scores (noise-to-signal
     of all-INT8 against FP32 on each eval feed), like wenet_asr's pool, recording which items each call scored."""

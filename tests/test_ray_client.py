@@ -83,12 +83,6 @@ def test_search_through_a_ray_client_address_gives_the_serial_result(project, he
     cmd = [sys.executable, "-m", "workbench.cli", "search", "--config", "client.toml", "--runs-root", "runs-client",
            "--run-dir", "runs-client/r"]  # relative paths: the workers run elsewhere and must get absolute ones
     res = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=600)
-    if res.returncode != 0 and "Starting Ray client server failed" in res.stderr:
-        # Ray's per-client server once never came up within 180 s in a full local suite on 2 cores (its logs
-        # empty; the test alone passed at once): one more connection, resuming the same run directory
-        first = res.stderr[-600:]
-        res = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=600)
-        assert res.returncode == 0, "twice: " + first + res.stderr[-1400:] + _head_log(head)
     assert res.returncode == 0, res.stderr[-2000:] + _head_log(head)
     run = json.loads((runs / "r" / "run.json").read_text())
     _same_results(serial_run, run)
