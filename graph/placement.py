@@ -69,6 +69,7 @@ from core.fsutil import atomic_path
 from .analysis import Analysis, GraphIndex, analyze, prepare_model
 from .calib import AMAX_FLOOR, QMAX, CalibTable, channel_amax, load_table
 from .fp16 import convert_fp16, toposort
+from .matmul_bias import fold_bias
 from .per_token import apply_per_token
 from .plan import create_plan, validate_plan
 
@@ -408,14 +409,15 @@ def _place_onnxruntime(model: onnx.ModelProto, analysis: Analysis, plan: dict, t
     floats = float_output_nodes(analysis, plan, float_outputs)
     removed = _unquantize_outputs(out, {q.output for q in int8 if q.id in floats}) if floats else 0
     per_token = apply_per_token(out, dynamic)
-    if per_token:
-        prune_weight_paths(out.graph)  # the scales and zero points of the static Q/DQ it replaced
+    biased = fold_bias(out, {q.id for q in int8 if q.id in floats and q.id not in dynamic})
+    if per_token or biased:
+        prune_weight_paths(out.graph)  # the scales and zero points of the static Q/DQ the rewrites replaced
     ordered = toposort(list(out.graph.node), out.graph)  # the quantizer appends its nodes at the end
     del out.graph.node[:]
     out.graph.node.extend(ordered)
     report = {"int8_nodes": len(int8), "ort_mode": mode}
     if float_outputs != "none":
-        report |= {"ort_float_outputs": float_outputs, "float_output_nodes": removed}
+        report |= {"ort_float_outputs": float_outputs, "float_output_nodes": removed, "bias_folded_nodes": biased}
     if per_token_inputs != "none":
         report |= {"ort_per_token_inputs": per_token_inputs, "per_token_nodes": per_token}
     return out, report

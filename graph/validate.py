@@ -15,8 +15,9 @@ Checked (recipe "tensorrt"; our checks, compared with TensorRT-RTX's parser and 
 Recipe "onnxruntime": the same, except that activation zero points may be 128 (uint8 activations),
 outputs of int8 nodes (LayerNorm inputs among them) may be quantized (ORT needs them for QLinear kernels), and
 Conv biases may be int32 behind a DequantizeLinear (ORT's quantizer; zero point 0, scale = input x weight scale),
-and an int8 MatMul may be in the per-token form (graph.per_token): a MatMulIntegerToFloat of that name reading
-a QuantizeLinear with a computed per-row scale (axis 0) and an INT8 weight initializer.
+and an int8 MatMul may be ONNX Runtime's MatMulIntegerToFloat of that name with an INT8 weight initializer, reading
+either a QuantizeLinear with a computed per-row scale (axis 0; the per-token form, graph.per_token) or one with
+the constant scale that is its a_scale (its bias folded in, graph.matmul_bias).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from onnx import TensorProto
 from core.errors import WorkbenchError
 
 from .analysis import GraphIndex, analyze, load_model
+from .matmul_bias import static_quantizer
 from .per_token import per_token_quantizer
 
 
@@ -54,8 +56,8 @@ def validate(model, plan: dict, recipe: str = "tensorrt", original=None) -> list
 
     per_token = {n.name: per_token_quantizer(idx, n) for n in model.graph.node if n.op_type == "MatMulIntegerToFloat"}
     if recipe == "tensorrt":
-        problems += [f"node {k!r}: MatMulIntegerToFloat (ONNX Runtime's op, per-token scales) is not in the tensorrt "
-                     "recipe" for k in per_token]
+        problems += [f"node {k!r}: MatMulIntegerToFloat (ONNX Runtime's op: per-token scales, folded bias) is not "
+                     "in the tensorrt recipe" for k in per_token]
     dynamic_q = {pt[0].name for pt in per_token.values() if pt is not None}
 
     # Q/DQ constraints
@@ -111,8 +113,9 @@ def validate(model, plan: dict, recipe: str = "tensorrt", original=None) -> list
         q = qn.get(nid)
         if prec == "int8" and recipe == "onnxruntime" and n.op_type == "MatMulIntegerToFloat":
             w = idx.const_value(n.input[1])
-            if per_token.get(nid) is None:
-                problems.append(f"int8 node {nid!r}: MatMulIntegerToFloat input A is not a per-row QuantizeLinear (axis 0)")
+            if per_token.get(nid) is None and static_quantizer(idx, n) is None:
+                problems.append(f"int8 node {nid!r}: MatMulIntegerToFloat input A is neither a per-row QuantizeLinear "
+                                "(axis 0) nor one whose constant scale is its a_scale")
             if w is None or w.dtype != np.int8 or w.ndim != 2:
                 problems.append(f"int8 node {nid!r}: MatMulIntegerToFloat weight is not an INT8 [K, N] initializer")
             continue

@@ -64,6 +64,7 @@ class DistillOptions:
     threads: int = 0            # torch threads (0: torch's default)
     float_outputs: str = "matmul"  # the onnxruntime recipe's ort_float_outputs and ort_per_token_inputs: which
     per_token: str = "none"        # MatMuls' inputs are quantized per token (graph.placement.per_token_nodes)
+    relation_weight: float = 0.0  # weight of the in-batch similarity loss (_relation_loss); 0: cosine only
 
 
 def smooth_linears(model, feeds: Iterable[Mapping], alpha: float, only: set[str] | None = None) -> int:
@@ -118,10 +119,21 @@ def _cosine_loss(student_out, teacher_out):
     return (1 - (s * t).sum(1)).mean()
 
 
+def _relation_loss(student_out, teacher_out):
+    """Mean squared difference of the batch's cosine-similarity matrices, student against teacher: what a
+    neighbour-ranking metric (recall@k) reads is how each pair's similarity moves, which 1 - cos per item does not
+    see (two embeddings can each keep cosine 0.999 to FP32 and still swap their order as neighbours)."""
+    import torch
+
+    s = torch.nn.functional.normalize(student_out.flatten(1), dim=1)
+    t = torch.nn.functional.normalize(teacher_out.flatten(1), dim=1)
+    return ((s @ s.T - t @ t.T) ** 2).mean()
+
+
 def _fine_tune(student, teacher, train, val: list[Mapping], opts: DistillOptions, learned: list, rng, log_path: Path,
                desc: str, progress: bool) -> tuple[float, float, int, float]:
     """The distillation loop: AdamW (weights at `lr`, learned log ranges at `range_lr`), linear warm-up then
-    cosine decay, loss 1 - cos(student, teacher) on `train(rng, batch_size)`; one JSON line per step in
+    cosine decay, loss 1 - cos(student, teacher) (+ relation_weight x _relation_loss) on `train(rng, batch_size)`; one JSON line per step in
     `log_path`. Returns (val cosine before, after, steps done, mean loss of the last 20 steps)."""
     import torch
     from tqdm import tqdm
@@ -156,12 +168,18 @@ def _fine_tune(student, teacher, train, val: list[Mapping], opts: DistillOptions
             batch = train(rng, opts.batch_size)
             with torch.no_grad():
                 target = teacher(*_inputs(batch))
-            loss = _cosine_loss(student(*_inputs(batch)), target)
+            out = student(*_inputs(batch))
+            loss = _cosine_loss(out, target)
+            if opts.relation_weight:
+                relation = _relation_loss(out, target)
+                loss = loss + opts.relation_weight * relation
             opt.zero_grad()
             loss.backward()
             opt.step()
             recent.append(loss.item())
             rec = {"step": step, "loss": round(recent[-1], 7), "time_s": round(time.time() - t0, 1)}
+            if opts.relation_weight:
+                rec["relation"] = round(relation.item(), 9)
             if step % opts.eval_every == 0 or step == opts.steps:
                 rec["val_cosine"] = round(val_cosine(), 6)
             log.write(json.dumps(rec) + "\n")

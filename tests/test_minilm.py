@@ -308,8 +308,12 @@ def test_qat_by_distillation_joins_the_search(tmp_path, monkeypatch, capsys):
              and e["amax"]["qat"] != e["amax"]["max"]]
     assert len(moved) == 12, moved  # the 12 learned input ranges left the max calibrator's
     # QAT for a mix: the nodes --keep-fp32 names get no quantizers (and are FP32 in the directory's plan)
+    # (with the in-batch similarity loss beside 1 - cos: logged per step and recorded in the options)
     wb("qat", "--config", cfg, "--out", tmp_path / "qk", "--steps", 2, "--batch-size", 4,
-       "--keep-fp32", r"/layer\.0/output/dense/MatMul")
+       "--keep-fp32", r"/layer\.0/output/dense/MatMul", "--relation-weight", 40)
+    rel = [json.loads(line) for line in (tmp_path / "qk" / "train_log.jsonl").read_text().splitlines()][1:]
+    assert len(rel) == 2 and all(r["relation"] > 0 for r in rel), rel
+    assert json.loads((tmp_path / "qk" / "qat.json").read_text())["options"]["relation_weight"] == 40
     kept = json.loads((tmp_path / "qk" / "minilm.plan.json").read_text())["nodes"]
     assert json.loads((tmp_path / "qk" / "qat.json").read_text())["quantized_nodes"] == 11
     base = json.loads((qdir / "minilm.plan.json").read_text())["nodes"]  # all-INT8 (attention MatMuls FP32)
@@ -406,8 +410,11 @@ def test_per_token_inputs_through_qat_and_search(tmp_path, monkeypatch, capsys):
     per_token = [m for m in placed if any(n.op_type == "MatMulIntegerToFloat" for n in m.graph.node)]
     assert per_token, "no onnxruntime model computes its inputs per token"
     for m in per_token:
-        rows = [n for n in m.graph.node if n.op_type == "QuantizeLinear" and any(a.name == "axis" and a.i == 0
-                                                                               for a in n.attribute)]
-        assert len(rows) == sum(n.op_type == "MatMulIntegerToFloat" for n in m.graph.node) <= 4
+        rows = {n.output[0] for n in m.graph.node if n.op_type == "QuantizeLinear" and any(a.name == "axis" and a.i == 0
+                                                                                     for a in n.attribute)}
+        fused = [n for n in m.graph.node if n.op_type == "MatMulIntegerToFloat"]
+        # the per-token ones read a per-row quantization; the others are calibrated, their bias folded in
+        assert 0 < len(rows) == sum(n.input[0] in rows for n in fused) <= 4
+        assert all(len(n.input) == 7 for n in fused if n.input[0] not in rows)
     assert any(not any(n.op_type == "MatMulIntegerToFloat" for n in m.graph.node)
                and any(n.op_type == "QuantizeLinear" for n in m.graph.node) for m in placed)  # the tensorrt recipe's

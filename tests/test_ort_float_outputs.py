@@ -77,6 +77,44 @@ def test_which_outputs_stay_float(block, tmp_path):
     assert float_output_nodes(a, create_plan(a, "fp32"), "matmul") == set()  # only int8 nodes
 
 
+def _unfold(m):
+    """The graph with each folded bias taken out of its MatMulIntegerToFloat into an Add after it (the form ORT's
+    own fusion leaves): the reference the fold must compute exactly."""
+    m = onnx.ModelProto.FromString(m.SerializeToString())
+    for n in [n for n in m.graph.node if n.op_type == "MatMulIntegerToFloat" and len(n.input) == 7]:
+        bias, out = n.input[6], n.output[0]
+        del n.input[6]
+        n.output[0] = f"{out}_unbiased"
+        m.graph.node.insert(list(m.graph.node).index(n) + 1,
+                            onnx.helper.make_node("Add", [n.output[0], bias], [out], name=f"{n.name}_bias"))
+    return m
+
+
+def test_bias_add_folds_into_the_integer_gemm(block):
+    """graph.matmul_bias: a float-output int8 MatMul and its bias Add become one MatMulIntegerToFloat with the bias
+    (named as the plan's node, a calibrated a_scale), computing what MatMulIntegerToFloat + Add computes; outputs
+    that stay quantized keep their Add; the tensorrt recipe's validator names the foreign op."""
+    m, table, feeds = block
+    a = analyze(m)
+    plan = create_plan(a, "int8")
+    for which, folded in (("none", set()), ("residual", {"ff/w_2/MatMul"}),
+                          ("matmul", {"ff/w_1/MatMul", "ff/w_2/MatMul"})):
+        res = quantize(m, table, plan, recipe="onnxruntime", ort_mode="u8s8", ort_float_outputs=which)
+        fused = {n.name: n for n in res.model.graph.node if n.op_type == "MatMulIntegerToFloat"}
+        assert set(fused) == folded and res.report.get("bias_folded_nodes", 0) == len(folded), (which, fused)
+        assert all(len(n.input) == 7 and n.input[6] in ("b1", "b2") for n in fused.values())
+        adds = {n.name for n in res.model.graph.node if n.op_type == "Add"}
+        assert {"ff/w_1/Add", "ff/w_2/Add"} & adds == {"ff/w_1/Add", "ff/w_2/Add"} - {
+            f.replace("MatMul", "Add") for f in folded}
+        assert validate(res.model, res.plan, recipe="onnxruntime", original=m) == []
+        if folded:
+            ref = _sess(_unfold(res.model), fused=False).run(None, feeds[0])
+            got = _sess(res.model, fused=False).run(None, feeds[0])
+            assert all(np.allclose(g, r, rtol=1e-6, atol=1e-6) for g, r in zip(got, ref)), which
+            problems = validate(res.model, res.plan, recipe="tensorrt", original=m)
+            assert sum("MatMulIntegerToFloat" in p for p in problems) == len(folded), problems
+
+
 def test_fp32_nodes_and_bad_values(block):
     m, table, _ = block
     a = analyze(m)

@@ -79,6 +79,18 @@ def test_fake_quant_basics():
     assert float(lazy.amax) == 2.0 and bool(lazy.initialized)
 
 
+def test_relation_loss_on_constructed_embeddings():
+    """quant.qat_distill's in-batch similarity loss: 0 for the teacher's own embeddings (also rescaled: it
+    compares directions), sin(a)^2 / 2 when one of two orthogonal embeddings turns by a towards the other."""
+    from quant.qat_distill import _relation_loss
+
+    teacher = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert float(_relation_loss(3 * teacher, teacher)) == 0.0
+    a = 0.3
+    student = torch.tensor([[1.0, 0.0], [math.sin(a), math.cos(a)]])  # the pair's cosine 0 -> sin(a)
+    assert float(_relation_loss(student, teacher)) == pytest.approx(math.sin(a) ** 2 / 2, rel=1e-6)
+
+
 def test_fake_quant_learned_range_gets_a_gradient_and_is_written_back():
     fq = FakeQuant(1.27)
     fq.learn_range()

@@ -37,6 +37,9 @@ def register(sub) -> None:
     s.add_argument("--keep-fp32", default="", metavar="REGEX",
                    help="--config: node ids (regex) fine-tuned without quantizers: QAT for a mix that keeps them "
                         "FP32 (e.g. the search's fallbacks); default all-INT8")
+    s.add_argument("--relation-weight", type=float, default=0.0,
+                   help="--config: weight of an in-batch similarity loss beside 1 - cos (the squared change of "
+                        "every pair's cosine; for neighbour-ranking metrics); default 0")
     s.add_argument("--kd-weight", type=float, default=0.5, help="distillation from the FP32 model (0: off)")
     s.add_argument("--kd-temperature", type=float, default=1.0)
     s.add_argument("--max-frames", type=int, default=60000, help="padded frames per batch")
@@ -132,7 +135,7 @@ def run_task(args) -> None:
                           batch_size=args.batch_size, method=args.method or "max",
                           smoothquant=c["smoothquant"], alpha=c["smoothquant_alpha"],
                           eval_every=args.eval_every, seed=args.seed, time_limit_s=args.time_limit,
-                          keep_fp32=args.keep_fp32, threads=args.threads,
+                          keep_fp32=args.keep_fp32, threads=args.threads, relation_weight=args.relation_weight,
                           float_outputs=cfg["quantize"]["ort_float_outputs"],
                           per_token=cfg["quantize"]["ort_per_token_inputs"])
     calib = list(task.calibration_feeds(spec["graph"]))
