@@ -47,6 +47,8 @@ Which int8 MatMuls keep a float output (`ort_float_outputs`, ORT_FLOAT_OUTPUTS; 
 Which of those float-output MatMuls quantize their input per token (`ort_per_token_inputs`, the same choices;
 `[quantize] ort_per_token_inputs`; graph.per_token): each row's scale is computed at run time, so their inputs need
 no calibrated range. "none" (the default): every input takes the table's per-tensor scale.
+A float-output MatMul with a calibrated input and a bias Add after it is written as one MatMulIntegerToFloat with
+that bias (graph.matmul_bias): ORT's fusion would leave the Add a separate pass over the output.
 Only MatMuls: ORT's CPU EP has no integer Conv/Gemm with a float output, so those keep their output Q/DQ.
 (Where a model's input shapes are fully static, ORT 1.32 first fuses MatMul + bias Add into a float Gemm, and
 such a MatMul then runs as DQ -> float Gemm: exports with dynamic batch/sequence axes, MiniLM's and WeNet's, fuse
