@@ -4,7 +4,8 @@
 write has no training recipe here, and its task judges it against its own FP32 outputs, so the fine-tune that
 serves that task needs no labels: the student (fake-quantized, `quant.qat`) learns to reproduce the FP32
 teacher's output on unlabelled task data, loss 1 - cos(student, teacher) per item (the output is an embedding;
-its cosine to FP32 is what the task's criterion reads).
+its cosine to FP32 is what the task's criterion reads; `relation_weight` adds an in-batch similarity term for
+neighbour-ranking metrics, off by default: it did not help all-MiniLM-L6-v2, experiments/results/minilm_pertoken/).
 
     model (FP32 torch) --[smooth_linears: SmoothQuant folded into the weights, a Mul on each input]--> export
     FP32 ONNX --[quant.calibrate]--> base table --[quant.qat.insert_quantizers, all Linear int8]--> fine-tune
@@ -133,8 +134,9 @@ def _relation_loss(student_out, teacher_out):
 def _fine_tune(student, teacher, train, val: list[Mapping], opts: DistillOptions, learned: list, rng, log_path: Path,
                desc: str, progress: bool) -> tuple[float, float, int, float]:
     """The distillation loop: AdamW (weights at `lr`, learned log ranges at `range_lr`), linear warm-up then
-    cosine decay, loss 1 - cos(student, teacher) (+ relation_weight x _relation_loss) on `train(rng, batch_size)`; one JSON line per step in
-    `log_path`. Returns (val cosine before, after, steps done, mean loss of the last 20 steps)."""
+    cosine decay, loss 1 - cos(student, teacher) (+ relation_weight x _relation_loss) on
+    `train(rng, batch_size)`; one JSON line per step in `log_path`. Returns (val cosine before, after, steps done,
+    mean loss of the last 20 steps)."""
     import torch
     from tqdm import tqdm
 
