@@ -18,7 +18,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from .per_token import MS_DOMAIN
+from .per_token import MS_DOMAIN, qdq_matmul_parts, remove_bypassed
 
 
 def static_quantizer(idx, node: onnx.NodeProto):
@@ -50,12 +50,10 @@ def fold_bias(model: onnx.ModelProto, node_ids: set[str]) -> int:
     dead: set[str] = set()
     done = 0
     for n in [n for n in g.node if n.name in node_ids and n.op_type == "MatMul"]:
-        a_dq, w_dq = producer.get(n.input[0]), producer.get(n.input[1])
-        if a_dq is None or a_dq.op_type != "DequantizeLinear" or w_dq is None or w_dq.op_type != "DequantizeLinear":
+        parts = qdq_matmul_parts(producer, inits, n)
+        if parts is None:
             continue
-        a_q = producer.get(a_dq.input[0])
-        if a_q is None or a_q.op_type != "QuantizeLinear" or w_dq.input[0] not in inits:
-            continue
+        _, a_dq, w_dq = parts
         add = readers.get(n.output[0], [])
         if len(add) != 1 or add[0].op_type != "Add" or n.output[0] in outputs:
             continue
@@ -74,10 +72,6 @@ def fold_bias(model: onnx.ModelProto, node_ids: set[str]) -> int:
         g.node.remove(add)
         dead.update((a_dq.name, w_dq.name))
         done += 1
-    used = {i for m in g.node for i in m.input} | outputs
-    for m in list(g.node):  # the DQs the rewrite bypassed, where nothing else reads them
-        if m.name in dead and m.output[0] not in used:
-            g.node.remove(m)
-    if done and not any(o.domain == MS_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    if done:
+        remove_bypassed(model, dead)  # the DQs the rewrite bypassed, where nothing else reads them
     return done

@@ -49,6 +49,32 @@ def per_token_quantizer(idx, node: onnx.NodeProto):
     return q, q.input[1]
 
 
+def qdq_matmul_parts(producer: dict, inits: dict, n: onnx.NodeProto):
+    """(Q of x, DQ of x, DQ of the weight) of a MatMul in ORT's QDQ form, DQ(Q(x)) x DQ(int8 weight initializer),
+    else None. The one matcher of that form for the rewrites that turn it into MatMulIntegerToFloat (here and
+    graph.matmul_bias)."""
+    a_dq, w_dq = producer.get(n.input[0]), producer.get(n.input[1])
+    if a_dq is None or a_dq.op_type != "DequantizeLinear" or w_dq is None or w_dq.op_type != "DequantizeLinear":
+        return None
+    a_q = producer.get(a_dq.input[0])
+    if a_q is None or a_q.op_type != "QuantizeLinear" or w_dq.input[0] not in inits:
+        return None
+    return a_q, a_dq, w_dq
+
+
+def remove_bypassed(model: onnx.ModelProto, names: set[str], pending: list[onnx.NodeProto] = ()) -> None:
+    """Remove the nodes of `names` (Q/DQ a rewrite bypassed) whose outputs nothing reads any more, a DQ before the Q
+    it reads (`pending`: nodes about to be added, whose inputs count as read); then declare ORT's domain, which the
+    rewrites' MatMulIntegerToFloat needs."""
+    g = model.graph
+    for op in ("DequantizeLinear", "QuantizeLinear"):
+        used = {i for m in list(g.node) + list(pending) for i in m.input} | {o.name for o in g.output}
+        for m in [m for m in g.node if m.name in names and m.op_type == op and m.output[0] not in used]:
+            g.node.remove(m)
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+
+
 def apply_per_token(model: onnx.ModelProto, node_ids: set[str]) -> int:
     """Rewrite each int8 MatMul of `node_ids` (ORT's QDQ form: DQ(Q(x)) and DQ(int8 weight) -> MatMul) to the
     per-token form above, in place. Returns the number rewritten."""
@@ -111,12 +137,11 @@ def apply_per_token(model: onnx.ModelProto, node_ids: set[str]) -> int:
             continue
         if n.op_type != "MatMul":
             raise WorkbenchError(f"per-token scales: node {n.name!r} is {n.op_type}, not a MatMul")
-        a_dq, w_dq = producer.get(n.input[0]), producer.get(n.input[1])
-        a_q = producer.get(a_dq.input[0]) if a_dq is not None and a_dq.op_type == "DequantizeLinear" else None
-        if (a_q is None or a_q.op_type != "QuantizeLinear" or w_dq is None or w_dq.op_type != "DequantizeLinear"
-                or w_dq.input[0] not in inits):
+        parts = qdq_matmul_parts(producer, inits, n)
+        if parts is None:
             raise WorkbenchError(f"per-token scales: int8 MatMul {n.name!r} is not in ORT's QDQ form "
                                  "(DQ(Q(x)) x DQ(int8 weight))")
+        a_q, a_dq, w_dq = parts
         w = numpy_helper.to_array(inits[w_dq.input[0]])
         if w.ndim != 2 or w.dtype != np.int8:
             raise WorkbenchError(f"per-token scales: MatMul {n.name!r} weight is {w.dtype} {w.shape}, not int8 [K, N]")
@@ -135,16 +160,8 @@ def apply_per_token(model: onnx.ModelProto, node_ids: set[str]) -> int:
         g.node.remove(n)
         dead.update((a_dq.name, a_q.name, w_dq.name))
         done += 1
-    used = {i for m in list(g.node) + added for i in m.input}
-    for m in list(g.node):  # the static Q/DQ the rewrite replaced, where nothing else reads them
-        if m.name in dead and m.op_type == "DequantizeLinear" and m.output[0] not in used:
-            g.node.remove(m)
-    used = {i for m in list(g.node) + added for i in m.input}
-    for m in list(g.node):
-        if m.name in dead and m.op_type == "QuantizeLinear" and m.output[0] not in used:
-            g.node.remove(m)
+    if done:
+        remove_bypassed(model, dead, added)  # the static Q/DQ the rewrite replaced, where nothing else reads them
     g.node.extend(added)
     g.initializer.extend(new_inits)
-    if done and not any(o.domain == MS_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return done

@@ -112,22 +112,22 @@ def _inputs(feeds: Mapping) -> tuple:
     return tuple(torch.from_numpy(np.asarray(v)) for v in feeds.values())
 
 
-def _cosine_loss(student_out, teacher_out):
+def _unit(out):
+    """Each item's output as one unit vector (the embedding's direction, which cosine reads)."""
     import torch
 
-    s = torch.nn.functional.normalize(student_out.flatten(1), dim=1)
-    t = torch.nn.functional.normalize(teacher_out.flatten(1), dim=1)
-    return (1 - (s * t).sum(1)).mean()
+    return torch.nn.functional.normalize(out.flatten(1), dim=1)
+
+
+def _cosine_loss(student_out, teacher_out):
+    return (1 - (_unit(student_out) * _unit(teacher_out)).sum(1)).mean()
 
 
 def _relation_loss(student_out, teacher_out):
     """Mean squared difference of the batch's cosine-similarity matrices, student against teacher: what a
     neighbour-ranking metric (recall@k) reads is how each pair's similarity moves, which 1 - cos per item does not
     see (two embeddings can each keep cosine 0.999 to FP32 and still swap their order as neighbours)."""
-    import torch
-
-    s = torch.nn.functional.normalize(student_out.flatten(1), dim=1)
-    t = torch.nn.functional.normalize(teacher_out.flatten(1), dim=1)
+    s, t = _unit(student_out), _unit(teacher_out)
     return ((s @ s.T - t @ t.T) ** 2).mean()
 
 
