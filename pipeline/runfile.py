@@ -5,6 +5,7 @@ check_run, so a run that is written is one that can be read back. Imports only c
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from core.errors import WorkbenchError
@@ -57,6 +58,29 @@ def load_run(run_dir: str | Path) -> dict:
         raise WorkbenchError(f"cannot read run file {path}: {exc}") from exc
     check_run(run, path)
     return run
+
+
+def selected_fallbacks(run: dict, graph: str, *, release: int = 0) -> tuple[list[str], list[str]]:
+    """The nodes of `graph` that the run's selected mix keeps off INT8 (its `fallback_nodes`, "graph:node"), less
+    the `release` least sensitive of them by the run's single-node sensitivity; returns (kept, released), plain
+    node ids, most sensitive first. What `wb qat --mix-of RUN` trains for: a fine-tune for the mix the PTQ search
+    found, with one or more of its fallbacks back in INT8 so that the search from "qat" can pass with fewer."""
+    if release < 0:
+        raise WorkbenchError(f"release must be >= 0, got {release}")
+    selected = run.get("selected")
+    if not isinstance(selected, dict) or not selected.get("passed"):
+        raise WorkbenchError(f"run {run.get('id')!r} has no selected mix that passed ({run.get('status')}): "
+                             f"there is no mix to train for")
+    prefix = f"{graph}:"
+    nodes = [n.removeprefix(prefix) for n in selected.get("fallback_nodes") or [] if n.startswith(prefix)]
+    sensitivity = run.get("sensitivity") or {}
+    missing = [n for n in nodes if prefix + n not in sensitivity]
+    if release and missing:
+        raise WorkbenchError(f"run {run.get('id')!r} has no sensitivity for {', '.join(missing)}: cannot tell which "
+                             f"fallbacks are the least sensitive")
+    nodes.sort(key=lambda n: -sensitivity.get(prefix + n, math.inf))
+    cut = max(len(nodes) - release, 0)
+    return nodes[:cut], nodes[cut:]
 
 
 def save_run(run_dir: str | Path, run: dict) -> Path:

@@ -194,11 +194,13 @@ def _fine_tune(student, teacher, train, val: list[Mapping], opts: DistillOptions
 
 
 def run_distill_qat(spec: Mapping, calib: list[Mapping], val: list[Mapping], out_dir: str | Path,
-                    opts: DistillOptions = DistillOptions(), task: str = "", progress: bool = True) -> dict:
+                    opts: DistillOptions = DistillOptions(), task: str = "", progress: bool = True,
+                    mix: Mapping | None = None) -> dict:
     """QAT of a task's model (`spec`: what `Task.qat_model()` returns: "graph", "build", "write_onnx", "train",
     "info", "data") written to `out_dir` as a QAT directory (module docstring). `calib`: calibration feeds
     (smoothing and the base ranges); `val`: feeds whose mean cosine to FP32 is logged every `eval_every` steps.
-    Returns the qat.json summary."""
+    `mix`: where `opts.keep_fp32` came from (e.g. a search run's fallbacks), recorded as is. Returns the qat.json
+    summary."""
     import torch
 
     from graph.analysis import analyze
@@ -266,7 +268,8 @@ def run_distill_qat(spec: Mapping, calib: list[Mapping], val: list[Mapping], out
         save_plan(plan, stage / f"{graph}.plan.json")
         base_onnx.unlink()
         summary = {"format": FORMAT, "task": task, "graphs": {graph: f"{graph}.onnx"}, "model": dict(spec["info"]),
-                   "data": dict(spec.get("data") or {}), "options": asdict(opts), "quantized_nodes": len(quantized), "smoothed_linears": smoothed,
+                   "data": dict(spec.get("data") or {}), "options": asdict(opts),
+                   **({"mix": dict(mix)} if mix else {}), "quantized_nodes": len(quantized), "smoothed_linears": smoothed,
                    "learned_ranges": len(learned), "per_token_inputs": len(per_token), "steps": step, "val_cosine_before": round(before, 6),
                    "val_cosine_after": round(after, 6), "loss_last20": round(last, 7),
                    "wall_s": round(time.time() - t0, 1)}

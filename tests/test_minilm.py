@@ -338,6 +338,30 @@ def test_qat_by_distillation_joins_the_search(tmp_path, monkeypatch, capsys):
     assert rows["INT8 all (qat)"]["onnx"] == "rtx/models/int8_all_qat.minilm.onnx", rows["INT8 all (qat)"]
     assert all(r["plan_bytes"] > 0 and "error" not in r for r in rows.values()), rows
     assert rows["INT8 all (qat)"]["validator_problems"] == 0
+    # QAT for a run's mix (--mix-of): that run's fallbacks stay FP32, less the --release least sensitive. The
+    # search above may pass at all-INT8 on this CPU, so its run is given a selected mix of two fallbacks here.
+    mixed = json.loads((runs / "q" / "run.json").read_text())
+    sens = mixed["sensitivity"]
+    two = sorted((k for k in sens if "/output/dense/" in k), key=sens.get)[-2:]  # least sensitive first
+    mixed["selected"].update(passed=True, fallback_nodes=two)
+    (tmp_path / "mix").mkdir()
+    (tmp_path / "mix" / "run.json").write_text(json.dumps(mixed))
+    wb("qat", "--config", cfg, "--out", tmp_path / "qm", "--steps", 1, "--batch-size", 4,
+       "--mix-of", tmp_path / "mix", "--release", 1)
+    node = lambda k: k.split(":", 1)[1]  # noqa: E731
+    assert f"back to INT8, the least sensitive: {node(two[0])}" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "qm" / "qat.json").read_text())
+    assert summary["mix"] == {"run": mixed["id"], "fp32": [node(two[1])], "released": [node(two[0])]}
+    assert summary["quantized_nodes"] == 11
+    plan = json.loads((tmp_path / "qm" / "minilm.plan.json").read_text())["nodes"]
+    assert {n for n, p in plan.items() if p != base[n]} == {node(two[1])}
+    for bad, message in ((["--mix-of", tmp_path / "mix", "--keep-fp32", "x"], "not both"),
+                         (["--release", 1], "--release needs --mix-of"),
+                         (["--mix-of", tmp_path / "nothing"], "missing run file")):
+        wb("qat", "--config", cfg, "--out", tmp_path / "qbad", "--steps", 1, *bad, ok=False)
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "qbad").exists()
     # refusals, one line each, before any work
     (tmp_path / "l1.toml").write_text(QUICK.replace("layers = 2", "layers = 1") + f'[qat]\ndir = "{qdir}"\n')
     wb("search", "--quick", "--config", tmp_path / "l1.toml", "--run-dir", runs / "bad", ok=False)

@@ -261,6 +261,32 @@ def test_runfile_save_load_roundtrip_and_validation(tmp_path):
         load_run(tmp_path / "no-id")
 
 
+def test_selected_fallbacks_less_the_least_sensitive():
+    """pipeline.runfile.selected_fallbacks (what `wb qat --mix-of` trains for): the selected mix's fallbacks of one
+    graph, most sensitive first, with the `release` least sensitive moved to the second list; a run without a
+    passing mix, or without the sensitivity to rank them, is refused."""
+    from pipeline.runfile import selected_fallbacks
+
+    run = {"id": "r", "status": "passed", "sensitivity": {"g:a": 0.1, "g:b": 0.3, "g:c": 0.2, "h:a": 9.0},
+           "selected": {"passed": True, "fallback_nodes": ["g:a", "g:b", "h:a", "g:c"]}}
+    assert selected_fallbacks(run, "g") == (["b", "c", "a"], [])
+    assert selected_fallbacks(run, "g", release=1) == (["b", "c"], ["a"])
+    assert selected_fallbacks(run, "g", release=5) == ([], ["b", "c", "a"])
+    assert selected_fallbacks(run, "h", release=1) == ([], ["a"])
+    assert selected_fallbacks(run, "x", release=1) == ([], [])
+    with pytest.raises(WorkbenchError, match="release must be >= 0"):
+        selected_fallbacks(run, "g", release=-1)
+    unranked = copy.deepcopy(run)
+    del unranked["sensitivity"]["g:c"]
+    assert selected_fallbacks(unranked, "g")[0] == ["c", "b", "a"]  # unranked first: nothing released, no harm
+    with pytest.raises(WorkbenchError, match="no sensitivity for c"):
+        selected_fallbacks(unranked, "g", release=1)
+    for failed in ({**run, "status": "failed", "selected": None},
+                   {**run, "status": "failed", "selected": {"passed": False, "fallback_nodes": []}}):
+        with pytest.raises(WorkbenchError, match="no selected mix that passed"):
+            selected_fallbacks(failed, "g")
+
+
 def test_qat_comparison_and_side_by_side(tmp_path):
     """A run with a QAT calibrator and two searches: the PTQ-vs-QAT table and the side-by-side timing, whose
     FP32 timing (not the sequential baseline's) gives the selected mix its speedup."""

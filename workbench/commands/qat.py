@@ -37,6 +37,12 @@ def register(sub) -> None:
     s.add_argument("--keep-fp32", default="", metavar="REGEX",
                    help="--config: node ids (regex) fine-tuned without quantizers: QAT for a mix that keeps them "
                         "FP32 (e.g. the search's fallbacks); default all-INT8")
+    s.add_argument("--mix-of", type=Path, default=None, metavar="RUN",
+                   help="--config: instead of --keep-fp32, the FP32 fallbacks of the mix a `wb search` run selected "
+                        "(its run directory)")
+    s.add_argument("--release", type=int, default=0, metavar="N",
+                   help="--mix-of: train with the N least sensitive of those fallbacks in INT8 (by the run's "
+                        "sensitivity), so that the search from \"qat\" may pass with fewer; default 0")
     s.add_argument("--relation-weight", type=float, default=0.0,
                    help="--config: weight of an in-batch similarity loss beside 1 - cos (the squared change of "
                         "every pair's cosine; for neighbour-ranking metrics); default 0")
@@ -113,6 +119,27 @@ def run(args) -> None:
           + f"; quantized nodes {summary['quantized_nodes']}; written to {args.out}")
 
 
+def _mix_of(args, graph: str) -> tuple[str, dict | None]:
+    """The keep_fp32 regex and, with --mix-of RUN, where it came from (qat.json's "mix"): the run's selected
+    fallbacks of `graph`, less --release."""
+    import re
+
+    from pipeline.runfile import load_run, selected_fallbacks
+
+    if args.mix_of is None:
+        if args.release:
+            raise WorkbenchError("--release needs --mix-of RUN")
+        return args.keep_fp32, None
+    if args.keep_fp32:
+        raise WorkbenchError("give --keep-fp32 or --mix-of, not both")
+    run = load_run(args.mix_of)
+    kept, released = selected_fallbacks(run, graph, release=args.release)
+    print(f"QAT for the mix of run {run['id']}: {len(kept)} FP32 ({', '.join(kept) or 'none'})"
+          + (f"; back to INT8, the least sensitive: {', '.join(released)}" if released else ""))
+    regex = "^(" + "|".join(map(re.escape, kept)) + ")$" if kept else ""
+    return regex, {"run": run["id"], "fp32": kept, "released": released}
+
+
 def run_task(args) -> None:
     """QAT by distillation of a task's model (quant.qat_distill): the task's calibration feeds give the starting
     ranges, its `qat_model()` the module and the training batches."""
@@ -129,19 +156,20 @@ def run_task(args) -> None:
     spec = task.qat_model()
     if spec is None:
         raise WorkbenchError(f"task {task.name!r} has no PyTorch model to fine-tune (Task.qat_model); QAT needs one")
+    keep_fp32, mix = _mix_of(args, spec["graph"])
     c = cfg["calibration"]
     opts = DistillOptions(steps=400 if args.steps is None else args.steps, lr=2e-5 if args.lr is None else args.lr,
                           warmup=30 if args.warmup is None else args.warmup, range_lr=args.range_lr,
                           batch_size=args.batch_size, method=args.method or "max",
                           smoothquant=c["smoothquant"], alpha=c["smoothquant_alpha"],
                           eval_every=args.eval_every, seed=args.seed, time_limit_s=args.time_limit,
-                          keep_fp32=args.keep_fp32, threads=args.threads, relation_weight=args.relation_weight,
+                          keep_fp32=keep_fp32, threads=args.threads, relation_weight=args.relation_weight,
                           float_outputs=cfg["quantize"]["ort_float_outputs"],
                           per_token=cfg["quantize"]["ort_per_token_inputs"])
     calib = list(task.calibration_feeds(spec["graph"]))
     val = list(task.ranking_feeds(spec["graph"]))
-    summary = run_distill_qat(spec, calib, val, args.out, opts, task=task.name)
+    summary = run_distill_qat(spec, calib, val, args.out, opts, task=task.name, mix=mix)
     print(f"QAT of {task.name} ({spec['graph']}): {summary['steps']} steps, {summary['quantized_nodes']} MatMuls "
-          f"int8{' (' + args.keep_fp32 + ' FP32)' if args.keep_fp32 else ''}, cosine to FP32 on {len(val)} calibration batches {summary['val_cosine_before']:.5f} before, "
+          f"int8{' (' + opts.keep_fp32 + ' FP32)' if opts.keep_fp32 else ''}, cosine to FP32 on {len(val)} calibration batches {summary['val_cosine_before']:.5f} before, "
           f"{summary['val_cosine_after']:.5f} after; {summary['wall_s']:.0f} s; written to {args.out} (use it with "
           f"[qat] dir = \"{args.out}\")")
