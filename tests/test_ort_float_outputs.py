@@ -10,12 +10,15 @@ import pytest
 from core.errors import WorkbenchError
 from graph.analysis import analyze
 from graph.calib import observe_amax
-from graph.placement import ORT_FLOAT_OUTPUTS, float_output_nodes, quantize, required_tensors
+from core.host import cpu_info
+from graph.placement import ORT_FLOAT_OUTPUTS, float_output_nodes, ort_mode_for, quantize, required_tensors
 from graph.plan import create_plan
 from graph.validate import validate
 from test_graph_rules import block_model
 
 RNG = np.random.default_rng(1)
+# the mode the workbench picks for this CPU: full 8-bit U8S8 saturates in int16 on an AVX2-only one (no VNNI)
+MODE = ort_mode_for(cpu_info())
 
 
 def _quantized_tensors(m):
@@ -57,7 +60,7 @@ def test_which_outputs_stay_float(block, tmp_path):
     ref = _sess(m).run(None, feeds[0])
     got = {}
     for which in ORT_FLOAT_OUTPUTS:
-        res = quantize(m, table, plan, recipe="onnxruntime", ort_mode="u8s8", ort_float_outputs=which)
+        res = quantize(m, table, plan, recipe="onnxruntime", ort_mode=MODE, ort_float_outputs=which)
         q = _quantized_tensors(res.model)
         assert ("o" in q) == (which == "none") and ("h" in q) == (which != "matmul")
         assert any(t.startswith("gm") for t in q)  # Gemm/Conv outputs keep their Q/DQ: ORT has no integer Gemm with a float output
@@ -99,7 +102,7 @@ def test_bias_add_folds_into_the_integer_gemm(block):
     plan = create_plan(a, "int8")
     for which, folded in (("none", set()), ("residual", {"ff/w_2/MatMul"}),
                           ("matmul", {"ff/w_1/MatMul", "ff/w_2/MatMul"})):
-        res = quantize(m, table, plan, recipe="onnxruntime", ort_mode="u8s8", ort_float_outputs=which)
+        res = quantize(m, table, plan, recipe="onnxruntime", ort_mode=MODE, ort_float_outputs=which)
         fused = {n.name: n for n in res.model.graph.node if n.op_type == "MatMulIntegerToFloat"}
         assert set(fused) == folded and res.report.get("bias_folded_nodes", 0) == len(folded), (which, fused)
         assert all(len(n.input) == 7 and n.input[6] in ("b1", "b2") for n in fused.values())
