@@ -84,8 +84,13 @@ def main() -> None:
     selected = run["selected"]
     if selected:
         models[f"selected mix ({selected['n_fallback']} layers FP32)"] = args.run / "final" / f"{GRAPH}.onnx"
-    # the TensorRT recipe's all-INT8 graph from the run's best calibrator: does it validate, what does it cost
-    method = (selected or {}).get("calibrator") or run["baselines"][2]["calibrator"]
+    # the TensorRT recipe's all-INT8 graph from the run's best calibrator: does it validate, what does it cost.
+    # A "qat" table belongs to the fine-tuned graph, not to this FP32 one: then the best PTQ calibrator by its
+    # all-INT8 baseline
+    method = (selected or {}).get("calibrator")
+    if method in (None, "qat"):
+        ptq = [b for b in run["baselines"] if b["calibrator"] not in (None, "qat") and not b.get("recipe")]
+        method = max(ptq, key=lambda b: b["accuracy"]["criteria_margin"])["calibrator"]
     loaded = prepare_model(fp32)
     analysis = analyze(loaded)
     plan = create_plan(analysis, "int8")

@@ -176,7 +176,7 @@ def _build_doc(run: dict, pngs: dict[str, bytes]) -> Doc:
             delta = None if fp32m is None or r["metric"] is None else r["metric"] - fp32m
             sbs = side_by_side_of(run, r["source_label"])
             crows.append([r["label"], fmt_metric(metric, r["metric"]),
-                          "—" if delta is None else f"{100 * delta:+.2f} pt", fmt_pass(r["passed"]),
+                          fmt_change(metric, delta), fmt_pass(r["passed"]),
                           fmt_ms(sbs["objective_ms"]) if sbs else "—", fmt_x(sbs["speedup_vs_fp32"]) if sbs else "—"])
         d.table(["label", metric_label(metric), "vs FP32", "passes", "objective (ms, side by side)",
                  "speedup vs FP32"], crows)

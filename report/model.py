@@ -129,6 +129,7 @@ def result_rows(run: dict) -> list[dict]:
             "kind": kind,
             "precision": e.get("precision"),
             "calibrator": e.get("calibrator"),
+            "recipe": e.get("recipe"),  # None: the run's own recipe
             "metrics": {m: metric_of(e, m) for m in metric_names(run)},
             "metric": metric_of(e, metric),
             "passed": passes(e, metric, thr, bool(run["criterion"].get("higher_is_better"))),
@@ -209,15 +210,17 @@ def side_by_side_of(run: dict, label: str) -> dict | None:
 
 def qat_comparison(run: dict, rows: list[dict] | None = None) -> list[dict] | None:
     """Issue 8's comparison, when the run has a QAT calibrator: FP32, the most accurate PTQ all-INT8, the
-    search from it, QAT all-INT8 and the search from QAT scales (`rows`: result_rows(run), relabelled)."""
+    search from it, QAT all-INT8 and the search from QAT scales (`rows`: result_rows(run), relabelled).
+    All of the run's own recipe: a second recipe's rows (`recipe` set) compare only among themselves."""
     rows = rows if rows is not None else result_rows(run)
-    qat = next((r for r in rows if r["kind"] == "baseline" and r["calibrator"] == "qat"), None)
+    qat = next((r for r in rows if r["kind"] == "baseline" and r["calibrator"] == "qat" and not r["recipe"]), None)
     if qat is None:
         return None
     ptq = [r for r in rows if r["kind"] == "baseline" and r["precision"] == "int8" and r["calibrator"] != "qat"
-           and r["metric"] is not None]
-    best_ptq = min(ptq, key=lambda r: r["metric"], default=None)
-    search = {r["label"].removeprefix("search from "): r for r in rows if r["kind"] == "search"}
+           and not r["recipe"] and r["metric"] is not None]
+    sign = 1.0 if run["criterion"].get("higher_is_better") else -1.0
+    best_ptq = max(ptq, key=lambda r: sign * r["metric"], default=None)
+    search = {r["calibrator"]: r for r in rows if r["kind"] == "search" and not r["recipe"]}
     picks = [("FP32", next((r for r in rows if r["precision"] == "fp32"), None)),
              (f"best PTQ all-INT8 ({best_ptq['calibrator']})" if best_ptq else "best PTQ all-INT8", best_ptq),
              ("PTQ selected mix (search from it)", search.get(best_ptq["calibrator"]) if best_ptq else None),

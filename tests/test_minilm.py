@@ -430,6 +430,10 @@ def test_per_token_inputs_through_qat_and_search(tmp_path, monkeypatch, capsys):
     assert run["config"]["quantize"]["ort_per_token_inputs"] == "residual"
     by_label = {b["label"]: b for b in run["baselines"]}
     assert {"INT8 all (max)", "INT8 all (qat)"} <= set(by_label)
+    # the QAT model's all-INT8 graph is its own (fine-tuned weights, its table): timed for itself
+    assert "timed_as" not in by_label["INT8 all (qat)"]["latency"]
+    assert all(by_label[lbl]["latency"].get("timed_as") == "INT8 all (max)" for lbl in by_label
+               if lbl.startswith("INT8 all (") and "qat" not in lbl and "recipe" not in lbl and lbl != "INT8 all (max)")
     placed = [onnx.load(str(p)) for p in (run_dir / "models" / "minilm").glob("*.onnx")]
     per_token = [m for m in placed if any(n.op_type == "MatMulIntegerToFloat" for n in m.graph.node)]
     assert per_token, "no onnxruntime model computes its inputs per token"

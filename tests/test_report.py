@@ -321,6 +321,32 @@ def test_qat_comparison_and_side_by_side(tmp_path):
     assert "| **INT8 all (qat)** | **INT8 all (max)** |" in sbs
 
 
+def test_qat_comparison_follows_the_metric_direction_and_the_run_recipe():
+    """A higher-is-better metric: the best PTQ row is the highest one, and the second recipe's rows (which may be
+    the lowest, or share a calibrator name) take no part: its search from qat is not the QAT + search row."""
+    from report.model import qat_comparison
+
+    def b(label, cal, m, recipe=None):
+        return {"label": label, "precision": "int8", "calibrator": cal, "accuracy": {"margin": m},
+                **({"recipe": recipe} if recipe else {})}
+
+    run = {"criterion": {"metric": "margin", "threshold": 0.0, "higher_is_better": True},
+           "baselines": [{"label": "FP32", "precision": "fp32", "calibrator": None, "accuracy": {"margin": 0.01}},
+                         b("INT8 all (max)", "max", -0.010), b("INT8 all (mse)", "mse", -0.025),
+                         b("INT8 all (qat)", "qat", -0.007),
+                         b("INT8 all (max, tensorrt recipe)", "max", -0.18, "tensorrt"),
+                         b("INT8 all (qat, tensorrt recipe)", "qat", -0.17, "tensorrt")],
+           "searches": [{"label": s, "best": {**b(s, cal, m, recipe), "precision": None}}
+                        for s, cal, m, recipe in (("search from max", "max", 0.002, None),
+                                                  ("search from qat", "qat", 0.003, None),
+                                                  ("search from qat (tensorrt recipe)", "qat", 0.004, "tensorrt"))]}
+    rows = {r["label"]: r for r in qat_comparison(run)}
+    assert rows["best PTQ all-INT8 (max)"]["source_label"] == "INT8 all (max)"
+    assert rows["PTQ selected mix (search from it)"]["source_label"] == "search from max"
+    assert rows["QAT all-INT8"]["source_label"] == "INT8 all (qat)"
+    assert rows["QAT + search"]["source_label"] == "search from qat"
+
+
 def test_runs_record_their_cpu_and_compare_warns_across_isas(tmp_path, capsys):
     """run.json's host record reaches the index and the report; `wb runs compare` warns when two runs were
     measured on different int8 ISAs (and when one of them did not record its CPU)."""
