@@ -85,12 +85,11 @@ def main() -> None:
     if selected:
         models[f"selected mix ({selected['n_fallback']} layers FP32)"] = args.run / "final" / f"{GRAPH}.onnx"
     # the TensorRT recipe's all-INT8 graph from the run's best calibrator: does it validate, what does it cost.
-    # A "qat" table belongs to the fine-tuned graph, not to this FP32 one: then the best PTQ calibrator by its
-    # all-INT8 baseline
+    # A "qat" table belongs to the fine-tuned graph, not to this FP32 one: then the PTQ calibrator the run's own
+    # search started from (the pipeline's pick of the most accurate one)
     method = (selected or {}).get("calibrator")
     if method in (None, "qat"):
-        ptq = [b for b in run["baselines"] if b["calibrator"] not in (None, "qat") and not b.get("recipe")]
-        method = max(ptq, key=lambda b: b["accuracy"]["criteria_margin"])["calibrator"]
+        method = next(s["calibrator"] for s in run["searches"] if s["calibrator"] != "qat" and not s.get("recipe"))
     loaded = prepare_model(fp32)
     analysis = analyze(loaded)
     plan = create_plan(analysis, "int8")
